@@ -1,0 +1,1 @@
+"""tern broker: arrives with its issue; the layout is fixed now."""

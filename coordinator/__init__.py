@@ -1,0 +1,1 @@
+"""tern coordinator: arrives with its issue; the layout is fixed now."""

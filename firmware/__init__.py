@@ -1,0 +1,1 @@
+"""tern firmware: arrives with its issue; the layout is fixed now."""

@@ -1,0 +1,1 @@
+"""tern gateway: arrives with its issue; the layout is fixed now."""

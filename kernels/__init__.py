@@ -1,0 +1,1 @@
+"""tern kernels: arrives with its issue; the layout is fixed now."""

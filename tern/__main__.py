@@ -1,0 +1,3 @@
+from tern.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""The protocol layer's errors: one base, one subclass per way a message can be wrong.
+
+Every decoder in `tern` raises only these. Each carries a `reason`, a short stable
+slug that components count in their metrics (``rejected_by_reason``), next to the
+human-readable message that they log.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadSignature",
+    "InvalidTrits",
+    "MalformedMessage",
+    "NonFiniteValue",
+    "PayloadTooLarge",
+    "ShapeMismatch",
+    "TernError",
+    "TopicError",
+    "UnexpectedMessage",
+    "UnknownCodec",
+    "UnknownSchemaVersion",
+]
+
+
+class TernError(Exception):
+    """Base of every error the protocol layer raises."""
+
+    reason: str = "invalid"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class TopicError(TernError):
+    """A topic or a topic segment (fleet, component id) is not valid."""
+
+    reason = "bad_topic"
+
+
+class PayloadTooLarge(TernError):
+    """The payload is larger than the receiver accepts."""
+
+    reason = "oversize"
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"payload of {size} bytes exceeds the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class MalformedMessage(TernError):
+    """The bytes are not CBOR, or the CBOR does not have the documented structure."""
+
+    reason = "malformed"
+
+
+class UnknownSchemaVersion(TernError):
+    """The envelope names a schema version this build does not speak."""
+
+    reason = "unknown_version"
+
+    def __init__(self, version: object, known: tuple[int, ...]) -> None:
+        super().__init__(f"schema version {version!r} is not one of {known}")
+        self.version = version
+
+
+class UnknownCodec(TernError):
+    """The update names a codec this build does not know."""
+
+    reason = "unknown_codec"
+
+
+class ShapeMismatch(TernError):
+    """A tensor's shape, or the list of tensors, differs from the model spec."""
+
+    reason = "wrong_shape"
+
+
+class NonFiniteValue(TernError):
+    """A tensor or scalar holds NaN or infinity."""
+
+    reason = "non_finite"
+
+
+class InvalidTrits(TernError):
+    """Packed ternary bytes are out of range (a byte above 242) or padding is not zero."""
+
+    reason = "invalid_trits"
+
+
+class BadSignature(TernError):
+    """The signature does not verify, or the sender's key is unknown."""
+
+    reason = "bad_signature"
+
+
+class UnexpectedMessage(TernError):
+    """A well-formed, signed message that is not for us: another fleet, kind or round."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

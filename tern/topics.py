@@ -1,0 +1,193 @@
+"""Every MQTT topic of a fleet, built and parsed here and nowhere else.
+
+A fleet's namespace is ``tern/<fleet>/...``; the full contract is in topics.md.
+The same names are used on every broker of the hierarchy: a gateway republishes the
+coordinator's model on its own broker under the same topic, so a device does not
+need to know how deep in the tree it sits.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from tern.errors import TopicError
+
+__all__ = [
+    "ROOT",
+    "Topic",
+    "TopicKind",
+    "global_model",
+    "mcu_model",
+    "metrics",
+    "parse",
+    "partial",
+    "partials_to",
+    "round_schedule",
+    "status",
+    "status_all",
+    "telemetry",
+    "telemetry_all",
+    "update",
+    "updates_to",
+    "validate_id",
+]
+
+ROOT = "tern"
+
+# Ids become single topic levels: no '/', no MQTT wildcards, nothing a shell or a
+# file name would trip over.
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class TopicKind(StrEnum):
+    GLOBAL_MODEL = "model"
+    ROUND_SCHEDULE = "schedule"
+    UPDATE = "update"
+    PARTIAL = "partial"
+    MCU_MODEL = "mcu"
+    TELEMETRY = "telemetry"
+    METRICS = "metrics"
+    STATUS = "status"
+
+
+# kind -> names of the id levels after "tern/<fleet>/<kind>"
+_LEVELS: dict[TopicKind, tuple[str, ...]] = {
+    TopicKind.GLOBAL_MODEL: (),
+    TopicKind.ROUND_SCHEDULE: (),
+    TopicKind.UPDATE: ("receiver", "sender"),
+    TopicKind.PARTIAL: ("receiver", "sender"),
+    TopicKind.MCU_MODEL: ("receiver",),
+    TopicKind.TELEMETRY: ("sender",),
+    TopicKind.METRICS: ("sender",),
+    TopicKind.STATUS: ("sender",),
+}
+
+
+def validate_id(value: str, what: str = "id") -> str:
+    """Return `value` if it is a valid fleet or component id, else raise TopicError."""
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise TopicError(
+            f"{what} {value!r} is not valid: 1-64 characters of letters, digits, '_', '.', '-',"
+            " starting with a letter or digit"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """One concrete topic, or a subscription filter when an id is ``None`` (``+``)."""
+
+    kind: TopicKind
+    fleet: str
+    receiver: str | None = None
+    sender: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_id(self.fleet, "fleet")
+        levels = _LEVELS[self.kind]
+        for name in ("receiver", "sender"):
+            value = getattr(self, name)
+            if name not in levels:
+                if value is not None:
+                    raise TopicError(f"a {self.kind} topic has no {name}")
+            elif value is not None:
+                validate_id(value, name)
+
+    @property
+    def is_filter(self) -> bool:
+        return any(getattr(self, name) is None for name in _LEVELS[self.kind])
+
+    @property
+    def path(self) -> str:
+        """The MQTT topic string (with ``+`` for the ids left open)."""
+        parts = [ROOT, self.fleet, str(self.kind)]
+        parts += [getattr(self, name) or "+" for name in _LEVELS[self.kind]]
+        return "/".join(parts)
+
+    def matches(self, topic: str | Topic) -> bool:
+        """True when the concrete `topic` falls under this topic (or filter)."""
+        try:
+            other = topic if isinstance(topic, Topic) else parse(topic)
+        except TopicError:
+            return False
+        if (other.kind, other.fleet) != (self.kind, self.fleet):
+            return False
+        return all(
+            getattr(self, name) is None or getattr(self, name) == getattr(other, name)
+            for name in _LEVELS[self.kind]
+        )
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def parse(topic: str) -> Topic:
+    """Parse a concrete topic string into a Topic; raise TopicError when it is not ours."""
+    parts = topic.split("/")
+    if len(parts) < 3 or parts[0] != ROOT:
+        raise TopicError(f"{topic!r} is not a tern topic (tern/<fleet>/<kind>/...)")
+    try:
+        kind = TopicKind(parts[2])
+    except ValueError:
+        raise TopicError(f"{topic!r}: unknown topic kind {parts[2]!r}") from None
+    levels = _LEVELS[kind]
+    if len(parts) != 3 + len(levels):
+        raise TopicError(f"{topic!r}: a {kind} topic has {3 + len(levels)} levels")
+    ids = dict(zip(levels, parts[3:], strict=True))
+    if "+" in ids.values() or "#" in ids.values():
+        raise TopicError(f"{topic!r} is a filter, not a concrete topic")
+    return Topic(kind, parts[1], **ids)
+
+
+def global_model(fleet: str) -> Topic:
+    return Topic(TopicKind.GLOBAL_MODEL, fleet)
+
+
+def round_schedule(fleet: str) -> Topic:
+    return Topic(TopicKind.ROUND_SCHEDULE, fleet)
+
+
+def update(fleet: str, gateway: str, device: str) -> Topic:
+    """Where `device` publishes its update for `gateway`."""
+    return Topic(TopicKind.UPDATE, fleet, receiver=gateway, sender=device)
+
+
+def updates_to(fleet: str, gateway: str) -> Topic:
+    """Filter for every device update addressed to `gateway`."""
+    return Topic(TopicKind.UPDATE, fleet, receiver=gateway)
+
+
+def partial(fleet: str, parent: str, gateway: str) -> Topic:
+    """Where `gateway` publishes its partial aggregate for `parent`."""
+    return Topic(TopicKind.PARTIAL, fleet, receiver=parent, sender=gateway)
+
+
+def partials_to(fleet: str, parent: str) -> Topic:
+    """Filter for every partial aggregate addressed to `parent`."""
+    return Topic(TopicKind.PARTIAL, fleet, receiver=parent)
+
+
+def mcu_model(fleet: str, device: str) -> Topic:
+    return Topic(TopicKind.MCU_MODEL, fleet, receiver=device)
+
+
+def telemetry(fleet: str, device: str) -> Topic:
+    return Topic(TopicKind.TELEMETRY, fleet, sender=device)
+
+
+def telemetry_all(fleet: str) -> Topic:
+    return Topic(TopicKind.TELEMETRY, fleet)
+
+
+def metrics(fleet: str, component: str) -> Topic:
+    return Topic(TopicKind.METRICS, fleet, sender=component)
+
+
+def status(fleet: str, component: str) -> Topic:
+    return Topic(TopicKind.STATUS, fleet, sender=component)
+
+
+def status_all(fleet: str) -> Topic:
+    return Topic(TopicKind.STATUS, fleet)
