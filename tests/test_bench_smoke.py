@@ -1,0 +1,23 @@
+"""Benchmarks keep running and keep their JSON contract (figures are not checked here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import codec
+
+
+def test_codec_benchmark_prints_table_and_json_last_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert codec.main(["--params", "20000", "--repeats", "1", "--json"]) == 0
+
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert set(result) == {"ternary", "float16", "float32"}
+    for figures in result.values():
+        assert {"bits_per_param", "encode_mparams_s", "decode_accumulate_mparams_s"} <= set(figures)
+    assert result["ternary"]["bits_per_param"] < result["float16"]["bits_per_param"]
+    assert any(line.startswith("codec ") for line in lines)
