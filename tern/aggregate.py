@@ -48,8 +48,12 @@ def fold(a: Partial, b: Partial) -> Partial:
 
 def fold_sorted(parts: Iterable[tuple[str, Partial]], size: int) -> Partial:
     """Fold (sender id, partial) pairs in ascending sender-id order from zero."""
+    ordered = sorted(parts, key=lambda item: item[0])
+    ids = [sender for sender, _ in ordered]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"sender ids repeat, so the fold order is ambiguous: {ids}")
     acc = Accumulator(size)
-    for _, p in sorted(parts, key=lambda item: item[0]):
+    for _, p in ordered:
         acc.add(p)
     return acc.result()
 

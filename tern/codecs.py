@@ -68,7 +68,8 @@ def decode(codec: Codec, wire: object, shape: tuple[int, ...], what: str = "tens
 
 
 def _finite(x: F32Array, what: str) -> F32Array:
-    a = np.asarray(x, dtype=np.float32)
+    with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf, caught below
+        a = np.asarray(x, dtype=np.float32)
     if not np.isfinite(a).all():
         raise NonFiniteValue(f"{what}: cannot encode NaN or infinity")
     return a
@@ -152,8 +153,11 @@ class TernaryCodec:
         scale = wire["scale"]
         if not isinstance(scale, float | int) or isinstance(scale, bool):
             raise MalformedMessage(f"{what}: scale is not a number")
-        with np.errstate(over="ignore"):
-            s32 = np.float32(scale)
+        try:
+            with np.errstate(over="ignore"):
+                s32 = np.float32(scale)
+        except OverflowError:  # a CBOR bignum beyond any float
+            raise NonFiniteValue(f"{what}: scale {scale!r} is not finite in float32") from None
         if not np.isfinite(s32):
             raise NonFiniteValue(f"{what}: scale {scale!r} is not finite in float32")
         if s32 < 0:

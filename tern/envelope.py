@@ -12,6 +12,7 @@ only has to sign its own canonical bytes.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -83,13 +84,17 @@ def canonical(value: object) -> bytes:
 
 
 def loads_bounded(data: bytes, max_bytes: int) -> Any:
-    """Decode CBOR with a size and depth bound; only MalformedMessage escapes."""
+    """Decode exactly one CBOR item, size and depth bounded; only TernErrors escape."""
     if len(data) > max_bytes:
         raise PayloadTooLarge(len(data), max_bytes)
+    fp = io.BytesIO(data)
     try:
-        return cbor2.loads(data, max_depth=_MAX_DEPTH, allow_duplicate_keys=False)
+        value = cbor2.CBORDecoder(fp, max_depth=_MAX_DEPTH, allow_duplicate_keys=False).decode()
     except Exception as exc:  # cbor2 raises several types, and RecursionError/ValueError
         raise MalformedMessage(f"not valid CBOR: {exc}") from exc
+    if fp.tell() != len(data):
+        raise MalformedMessage(f"{len(data) - fp.tell()} bytes after the CBOR item")
+    return value
 
 
 def seal(env: Envelope, key: SigningKey) -> bytes:

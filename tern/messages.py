@@ -42,7 +42,10 @@ def _map(value: object, keys: frozenset[str], what: str) -> Mapping[str, object]
 def _number(value: object, what: str, *, positive: bool = False) -> float:
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise MalformedMessage(f"{what} must be a number")
-    f = float(value)
+    try:
+        f = float(value)
+    except OverflowError:  # a CBOR bignum beyond any float
+        raise NonFiniteValue(f"{what} is not finite") from None
     if not np.isfinite(f):
         raise NonFiniteValue(f"{what} is not finite")
     if f < 0 or (positive and f == 0):
@@ -243,6 +246,10 @@ class CheckedUpdate:
 
     def add_to(self, acc: Accumulator) -> None:
         """Decode straight into `acc`: the same bits as ``acc.add(self.to_partial())``."""
+        if acc.sum.shape != (self.spec.size,):
+            raise ShapeMismatch(
+                f"accumulator of shape {acc.sum.shape}, spec needs ({self.spec.size},)"
+            )
         for t, o, checked in zip(self.spec.tensors, self.spec.offsets, self.tensors, strict=True):
             checked.add_to(acc.sum[o : o + t.size])
         acc.total_weight += self.weight
@@ -266,6 +273,10 @@ def encode_update(
     it carries over when the weight changes between rounds. Returns the update and
     the residual to pass in next time (zeros for a lossless codec).
     """
+    if partial.weighted_sum.shape != (spec.size,):
+        raise ShapeMismatch(
+            f"partial of shape {partial.weighted_sum.shape}, spec needs ({spec.size},)"
+        )
     if partial.total_weight <= 0 or partial.count < 1:
         raise ValueError("an update needs a positive weight and at least one contributor")
     weight = np.float32(partial.total_weight)

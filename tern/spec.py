@@ -102,8 +102,10 @@ def parse_shape(value: object) -> tuple[int, ...]:
     """A shape from CBOR: an array of at most 8 non-negative ints, product bounded."""
     if not isinstance(value, list | tuple) or len(value) > _MAX_DIMS:
         raise MalformedMessage(f"shape {value!r} is not an array of at most {_MAX_DIMS} dims")
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
-        raise MalformedMessage(f"shape {value!r} has a dimension that is not a natural number")
+    if not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_PARAMS for d in value
+    ):
+        raise MalformedMessage(f"shape {value!r} has a dimension outside [0, {MAX_PARAMS}]")
     shape = tuple(value)
     if math.prod(shape) > MAX_PARAMS:
         raise MalformedMessage(f"shape {shape} has more than {MAX_PARAMS} elements")

@@ -32,7 +32,7 @@ _DTYPES: dict[TypedArrayTag, np.dtype[np.generic]] = {
 
 def encode_array(a: npt.NDArray[np.generic], tag: TypedArrayTag) -> CBORTag:
     """Tag 40 [[dims...], tag(bytes)] for `a` stored as `tag`'s element type."""
-    data = np.ascontiguousarray(a, dtype=_DTYPES[tag])
+    data = np.asarray(a, dtype=_DTYPES[tag])  # not ascontiguousarray: it makes 0-d 1-d
     return CBORTag(TAG_MULTI_DIM, [list(data.shape), CBORTag(int(tag), data.tobytes())])
 
 

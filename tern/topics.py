@@ -141,6 +141,13 @@ def parse(topic: str) -> Topic:
     return Topic(kind, parts[1], **ids)
 
 
+def _concrete(topic: Topic) -> Topic:
+    """Builders of concrete topics refuse a missing id instead of making a filter."""
+    if topic.is_filter:
+        raise TopicError(f"{topic.path} needs every id; use the *_all / *_to filters to subscribe")
+    return topic
+
+
 def global_model(fleet: str) -> Topic:
     return Topic(TopicKind.GLOBAL_MODEL, fleet)
 
@@ -151,7 +158,7 @@ def round_schedule(fleet: str) -> Topic:
 
 def update(fleet: str, gateway: str, device: str) -> Topic:
     """Where `device` publishes its update for `gateway`."""
-    return Topic(TopicKind.UPDATE, fleet, receiver=gateway, sender=device)
+    return _concrete(Topic(TopicKind.UPDATE, fleet, receiver=gateway, sender=device))
 
 
 def updates_to(fleet: str, gateway: str) -> Topic:
@@ -161,7 +168,7 @@ def updates_to(fleet: str, gateway: str) -> Topic:
 
 def partial(fleet: str, parent: str, gateway: str) -> Topic:
     """Where `gateway` publishes its partial aggregate for `parent`."""
-    return Topic(TopicKind.PARTIAL, fleet, receiver=parent, sender=gateway)
+    return _concrete(Topic(TopicKind.PARTIAL, fleet, receiver=parent, sender=gateway))
 
 
 def partials_to(fleet: str, parent: str) -> Topic:
@@ -170,11 +177,11 @@ def partials_to(fleet: str, parent: str) -> Topic:
 
 
 def mcu_model(fleet: str, device: str) -> Topic:
-    return Topic(TopicKind.MCU_MODEL, fleet, receiver=device)
+    return _concrete(Topic(TopicKind.MCU_MODEL, fleet, receiver=device))
 
 
 def telemetry(fleet: str, device: str) -> Topic:
-    return Topic(TopicKind.TELEMETRY, fleet, sender=device)
+    return _concrete(Topic(TopicKind.TELEMETRY, fleet, sender=device))
 
 
 def telemetry_all(fleet: str) -> Topic:
@@ -182,11 +189,11 @@ def telemetry_all(fleet: str) -> Topic:
 
 
 def metrics(fleet: str, component: str) -> Topic:
-    return Topic(TopicKind.METRICS, fleet, sender=component)
+    return _concrete(Topic(TopicKind.METRICS, fleet, sender=component))
 
 
 def status(fleet: str, component: str) -> Topic:
-    return Topic(TopicKind.STATUS, fleet, sender=component)
+    return _concrete(Topic(TopicKind.STATUS, fleet, sender=component))
 
 
 def status_all(fleet: str) -> Topic:

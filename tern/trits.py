@@ -51,8 +51,8 @@ def packed_size(n: int) -> int:
 def pack(trits: npt.ArrayLike) -> bytes:
     """Pack a flat sequence of -1/0/+1 into bytes (layout in the module docstring)."""
     t = np.asarray(trits).reshape(-1)
-    if t.size and (t.min() < -1 or t.max() > 1):
-        raise ValueError("trits must be -1, 0 or +1")
+    if t.size and not np.isin(t, (-1, 0, 1)).all():  # also refuses NaN and fractions
+        raise ValueError("trits must be exactly -1, 0 or +1")
     nb = packed_size(t.size)
     digits = np.ones(5 * nb, dtype=np.uint8)  # digit 1 is trit 0: the padding
     digits[: t.size] = t + 1
