@@ -32,6 +32,7 @@ from tern.errors import (
 from tern.quantize import TernaryRule, ternarize
 from tern.tensors import TAG_MULTI_DIM, TypedArrayTag, encode_array
 from tern.trits import pack
+from tests.helpers import all_codecs, make_rng
 
 ALL_RULES = list(TernaryRule)
 DETERMINISTIC_RULES = [r for r in TernaryRule if r is not TernaryRule.STOCHASTIC]
@@ -69,18 +70,6 @@ def _l2_error(x: np.ndarray, trits: np.ndarray, scale: np.float32) -> float:
     return float(np.sum((x64 - float(scale) * trits.astype(np.float64)) ** 2))
 
 
-def _rng(seed: int = 0) -> np.random.Generator:
-    return np.random.default_rng(seed)
-
-
-def _codecs() -> list[Any]:
-    return [
-        pytest.param(Float32Codec(), id="float32"),
-        pytest.param(Float16Codec(), id="float16"),
-        *[pytest.param(TernaryCodec(rule=r, rng=_rng(7)), id=f"ternary-{r}") for r in TernaryRule],
-    ]
-
-
 # == tern.quantize ==================================================================
 
 
@@ -91,7 +80,7 @@ def test_ternarize_returns_trits_of_input_shape_and_finite_nonnegative_scale(
     rule: TernaryRule, x: np.ndarray
 ) -> None:
     # act
-    trits, scale = ternarize(x, rule, _rng())
+    trits, scale = ternarize(x, rule, make_rng())
 
     # assert
     assert trits.shape == x.shape
@@ -113,7 +102,7 @@ def test_ternarize_maps_zeros_to_zero_trits_and_zero_scale(
     x = np.zeros(shape, dtype=np.float32)
 
     # act
-    trits, scale = ternarize(x, rule, _rng())
+    trits, scale = ternarize(x, rule, make_rng())
 
     # assert
     assert trits.shape == shape
@@ -127,7 +116,7 @@ def test_ternarize_keeps_the_largest_magnitude(rule: TernaryRule) -> None:
     x = np.array([0.1, -3.0, 0.2, 0.05], dtype=np.float32)
 
     # act
-    trits, scale = ternarize(x, rule, _rng())
+    trits, scale = ternarize(x, rule, make_rng())
 
     # assert
     assert trits[1] == -1
@@ -155,7 +144,7 @@ def test_optimal_rule_error_is_at_most_threshold_and_max_round_on_random_tensors
     seed: int,
 ) -> None:
     # prepare: heavy-tailed, like real gradient deltas
-    rng = _rng(seed)
+    rng = make_rng(seed)
     x = (rng.standard_t(df=3, size=int(rng.integers(1, 2000))) * 1e-3).astype(np.float32)
 
     # act
@@ -204,8 +193,8 @@ def test_stochastic_rule_requires_a_generator() -> None:
 @given(x=f32_arrays(), seed=st.integers(min_value=0, max_value=2**32 - 1))
 def test_stochastic_rule_is_deterministic_for_the_same_seed(x: np.ndarray, seed: int) -> None:
     # act
-    first = ternarize(x, TernaryRule.STOCHASTIC, _rng(seed))
-    second = ternarize(x, TernaryRule.STOCHASTIC, _rng(seed))
+    first = ternarize(x, TernaryRule.STOCHASTIC, make_rng(seed))
+    second = ternarize(x, TernaryRule.STOCHASTIC, make_rng(seed))
 
     # assert
     np.testing.assert_array_equal(first[0], second[0])
@@ -217,7 +206,7 @@ def test_stochastic_rule_differs_across_seeds() -> None:
     x = np.linspace(-1, 1, 200, dtype=np.float32)
 
     # act
-    draws = {ternarize(x, TernaryRule.STOCHASTIC, _rng(s))[0].tobytes() for s in range(5)}
+    draws = {ternarize(x, TernaryRule.STOCHASTIC, make_rng(s))[0].tobytes() for s in range(5)}
 
     # assert
     assert len(draws) > 1
@@ -226,7 +215,7 @@ def test_stochastic_rule_differs_across_seeds() -> None:
 def test_stochastic_rule_is_unbiased_on_average() -> None:
     # prepare
     x = np.array([1.0, -0.5, 0.25, -0.1, 0.0, 0.75], dtype=np.float32)
-    rng = _rng(3)
+    rng = make_rng(3)
     draws = 4000
 
     # act
@@ -242,11 +231,11 @@ def test_stochastic_rule_is_unbiased_on_average() -> None:
 @pytest.mark.parametrize("rule", DETERMINISTIC_RULES)
 def test_deterministic_rules_ignore_the_generator(rule: TernaryRule) -> None:
     # prepare
-    x = _rng(5).standard_normal(64).astype(np.float32)
+    x = make_rng(5).standard_normal(64).astype(np.float32)
 
     # act
     without = ternarize(x, rule)
-    with_rng = ternarize(x, rule, _rng(99))
+    with_rng = ternarize(x, rule, make_rng(99))
 
     # assert
     np.testing.assert_array_equal(without[0], with_rng[0])
@@ -256,7 +245,7 @@ def test_deterministic_rules_ignore_the_generator(rule: TernaryRule) -> None:
 # == tern.codecs: round trips ========================================================
 
 
-@pytest.mark.parametrize("codec", _codecs())
+@pytest.mark.parametrize("codec", all_codecs())
 @settings(max_examples=60, deadline=None)
 @given(x=f32_arrays(st.floats(min_value=-65504, max_value=65504, width=32), scalars=False))
 def test_codec_roundtrip_through_cbor_adds_exactly_the_decoded_value(
@@ -308,13 +297,13 @@ def test_float16_codec_is_within_half_a_float16_ulp(x: np.ndarray) -> None:
     assert np.all(np.abs(got.astype(np.float64) - x64) <= tolerance)
 
 
-@pytest.mark.parametrize("codec", _codecs())
+@pytest.mark.parametrize("codec", all_codecs())
 @pytest.mark.parametrize(
     "shape", [(), (0,), (1,), (5,), (6,), (2, 3, 4), (3, 0, 2)], ids=lambda s: f"shape{list(s)}"
 )
 def test_codec_roundtrip_keeps_shape(codec: Codec, shape: tuple[int, ...]) -> None:
     # prepare
-    x = _rng(11).standard_normal(shape).astype(np.float32)
+    x = make_rng(11).standard_normal(shape).astype(np.float32)
     wire, decoded = codec.encode(x)
 
     # act
@@ -329,7 +318,7 @@ def test_codec_roundtrip_keeps_shape(codec: Codec, shape: tuple[int, ...]) -> No
 def test_ternary_wire_is_the_documented_map(rule: TernaryRule) -> None:
     # prepare
     x = np.array([[0.0, 2.0, -2.0], [2.0, 0.0, 0.0]], dtype=np.float32)
-    codec = TernaryCodec(rule=rule, rng=_rng(1))
+    codec = TernaryCodec(rule=rule, rng=make_rng(1))
 
     # act
     wire = codec.encode(x)[0]
@@ -344,7 +333,7 @@ def test_ternary_wire_is_the_documented_map(rule: TernaryRule) -> None:
 
 def test_ternary_codec_compresses_to_a_fifth_byte_per_value() -> None:
     # prepare
-    x = _rng(2).standard_normal(10_000).astype(np.float32)
+    x = make_rng(2).standard_normal(10_000).astype(np.float32)
 
     # act
     wire = TernaryCodec(rule=TernaryRule.OPTIMAL).encode(x)[0]
@@ -357,7 +346,7 @@ def test_ternary_codec_compresses_to_a_fifth_byte_per_value() -> None:
 # == tern.codecs: encode rejects ====================================================
 
 
-@pytest.mark.parametrize("codec", _codecs())
+@pytest.mark.parametrize("codec", all_codecs())
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_codec_encode_rejects_non_finite_values(codec: Codec, bad: float) -> None:
     # prepare
@@ -369,7 +358,7 @@ def test_codec_encode_rejects_non_finite_values(codec: Codec, bad: float) -> Non
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
-@pytest.mark.parametrize("codec", _codecs())
+@pytest.mark.parametrize("codec", all_codecs())
 def test_codec_encode_rejects_float64_that_overflows_float32(codec: Codec) -> None:
     # prepare
     x = np.array([1.0, 1e39], dtype=np.float64)
@@ -656,7 +645,7 @@ def test_ternary_check_rejects_malformed_shape(shape: object) -> None:
         _ternary().check(wire, (2, 3), "t")
 
 
-@pytest.mark.parametrize("codec", _codecs())
+@pytest.mark.parametrize("codec", all_codecs())
 @settings(max_examples=150, deadline=None)
 @given(
     wire=st.recursive(
@@ -707,7 +696,7 @@ def test_codec_for_rejects_unknown_name(name: str) -> None:
 
 def test_codec_for_passes_the_generator_to_the_ternary_codec() -> None:
     # prepare
-    rng = _rng(4)
+    rng = make_rng(4)
 
     # act
     codec = codec_for("ternary", rng)

@@ -34,6 +34,7 @@ from tern.messages import (
 from tern.quantize import TernaryRule
 from tern.spec import ModelSpec
 from tern.tensors import TypedArrayTag, encode_array
+from tests.helpers import all_codecs, make_rng
 
 SPEC = ModelSpec.of({"conv": (2, 3, 2), "dense": (4, 5), "bias": (7,)})  # 12 + 20 + 7
 
@@ -47,20 +48,8 @@ def _canonical(value: object) -> bytes:
     return cbor2.dumps(value, canonical=True)
 
 
-def _rng(seed: int = 0) -> np.random.Generator:
-    return np.random.default_rng(seed)
-
-
-def _codecs() -> list[Any]:
-    return [
-        pytest.param(Float32Codec(), id="float32"),
-        pytest.param(Float16Codec(), id="float16"),
-        *[pytest.param(TernaryCodec(rule=r, rng=_rng(7)), id=f"ternary-{r}") for r in TernaryRule],
-    ]
-
-
 def _partial(seed: int = 0, spec: ModelSpec = SPEC, weight: float = 3.0) -> Partial:
-    values = (_rng(seed).standard_normal(spec.size) * weight).astype(np.float32)
+    values = (make_rng(seed).standard_normal(spec.size) * weight).astype(np.float32)
     return Partial(values, weight, 3)
 
 
@@ -74,7 +63,7 @@ def _received(update: Update) -> Update:
 
 def _filled_accumulator(size: int = SPEC.size) -> Accumulator:
     acc = Accumulator(size)
-    acc.add(Partial(_rng(99).standard_normal(size).astype(np.float32), 5.0, 4))
+    acc.add(Partial(make_rng(99).standard_normal(size).astype(np.float32), 5.0, 4))
     return acc
 
 
@@ -343,7 +332,7 @@ def test_round_schedule_accepts_null_participants_as_everyone() -> None:
 # == Update: body ===================================================================
 
 
-@pytest.mark.parametrize("codec", _codecs())
+@pytest.mark.parametrize("codec", all_codecs())
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(min_value=0, max_value=2**32 - 1), weight=st.floats(0.01, 1e4))
 def test_update_roundtrips_through_canonical_cbor(codec: Codec, seed: int, weight: float) -> None:
@@ -416,7 +405,7 @@ def test_update_from_body_accepts_an_integer_weight() -> None:
 # == Update.check ===================================================================
 
 
-@pytest.mark.parametrize("codec", _codecs())
+@pytest.mark.parametrize("codec", all_codecs())
 @pytest.mark.parametrize("keep", [0, 2, 4], ids=["none", "fewer", "more"])
 def test_update_check_rejects_a_tensor_count_unlike_the_spec(codec: Codec, keep: int) -> None:
     # prepare
@@ -526,7 +515,7 @@ def test_update_with_bad_last_tensor_leaves_the_accumulator_untouched(
     assert _state(acc) == before
 
 
-@pytest.mark.parametrize("codec", _codecs())
+@pytest.mark.parametrize("codec", all_codecs())
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(min_value=0, max_value=2**32 - 1))
 def test_checked_update_add_to_is_bit_identical_to_adding_its_partial(
@@ -544,7 +533,7 @@ def test_checked_update_add_to_is_bit_identical_to_adding_its_partial(
     assert _state(direct) == _state(via_partial)
 
 
-@pytest.mark.parametrize("codec", _codecs())
+@pytest.mark.parametrize("codec", all_codecs())
 def test_checked_update_to_partial_carries_weight_count_and_decoded_values(codec: Codec) -> None:
     # prepare
     partial = _partial(5)
@@ -667,17 +656,20 @@ def _contraction_bound(targets: list[np.ndarray]) -> float:
     return math.sqrt(total)
 
 
-def _error_feedback_codecs() -> list[Any]:
+def _error_feedbackall_codecs() -> list[Any]:
     return [
         pytest.param(Float16Codec(), id="float16"),
-        *[pytest.param(TernaryCodec(rule=r, rng=_rng(11)), id=f"ternary-{r}") for r in TernaryRule],
+        *[
+            pytest.param(TernaryCodec(rule=r, rng=make_rng(11)), id=f"ternary-{r}")
+            for r in TernaryRule
+        ],
     ]
 
 
-@pytest.mark.parametrize("codec", _error_feedback_codecs())
+@pytest.mark.parametrize("codec", _error_feedbackall_codecs())
 def test_error_feedback_sent_plus_final_residual_equals_the_sum_of_targets(codec: Codec) -> None:
     # prepare
-    rng = _rng(21)
+    rng = make_rng(21)
     targets = [(rng.standard_normal(SPEC.size) * WEIGHT).astype(np.float32) for _ in range(ROUNDS)]
     residual = np.zeros(SPEC.size, dtype=np.float32)
     total_sent = np.zeros(SPEC.size, dtype=np.float64)
@@ -697,7 +689,7 @@ def test_error_feedback_sent_plus_final_residual_equals_the_sum_of_targets(codec
 def test_error_feedback_residual_stays_within_the_contraction_bound(rule: TernaryRule) -> None:
     # prepare
     codec = TernaryCodec(rule=rule)
-    rng = _rng(22)
+    rng = make_rng(22)
     targets = [(rng.standard_normal(SPEC.size) * WEIGHT).astype(np.float32) for _ in range(ROUNDS)]
     bound = _contraction_bound(targets)
     residual = np.zeros(SPEC.size, dtype=np.float32)
@@ -716,7 +708,7 @@ def test_error_feedback_residual_stays_within_the_contraction_bound(rule: Ternar
 def test_without_error_feedback_the_tracking_error_grows(rule: TernaryRule) -> None:
     # prepare: the same delta every round, so quantization error adds up coherently
     codec = TernaryCodec(rule=rule)
-    target = (_rng(23).standard_normal(SPEC.size) * WEIGHT).astype(np.float32)
+    target = (make_rng(23).standard_normal(SPEC.size) * WEIGHT).astype(np.float32)
     bound = _contraction_bound([target])
     with_feedback = np.zeros(SPEC.size, dtype=np.float64)
     without_feedback = np.zeros(SPEC.size, dtype=np.float64)
