@@ -19,6 +19,8 @@ from tern.envelope import Envelope, Kind, seal
 from tern.messages import GlobalModel, RoundSchedule, Update, encode_update
 from tern.spec import ModelSpec
 
+pytest_plugins = ["tests.mqtt_fixtures"]
+
 
 @dataclass(frozen=True)
 class ProtocolKit:

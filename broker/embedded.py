@@ -1,0 +1,302 @@
+"""The embedded MQTT broker: amqtt on its own event loop thread, driven synchronously.
+
+`EmbeddedBroker` is what `tern broker`, the demo and the tests run. Its asyncio loop
+lives in a daemon thread so the coordinator, gateways and tests stay plain synchronous
+code; `start()` and `stop()` each wait with a deadline. Any MQTT 3.1.1 broker
+(Mosquitto, EMQX) can stand in for it: components only ever see a URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import copy
+import json
+import logging
+import os
+import signal
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Any
+
+import yaml  # type: ignore[import-untyped]  # amqtt depends on PyYAML; no stubs
+
+from broker.errors import BrokerConfigError, BrokerError, BrokerStartError, BrokerStopError
+from broker.transport import format_url
+
+if TYPE_CHECKING:
+    from amqtt.broker import Broker
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "EmbeddedBroker",
+    "add_arguments",
+    "load_config",
+    "main",
+    "merge_config",
+    "quiet_third_party_logs",
+    "run",
+]
+
+log = logging.getLogger(__name__)
+
+ANONYMOUS = "amqtt.plugins.authentication.AnonymousAuthPlugin"
+
+# amqtt's own defaults add the $SYS plugin and two loggers that write one line per
+# packet; an explicit plugin map replaces them. Anonymous access until the auth/ACL
+# plugins land (they merge in under `plugins:` from the config file).
+DEFAULT_CONFIG: Mapping[str, Any] = {
+    "listeners": {"default": {"type": "tcp"}},
+    "plugins": {ANONYMOUS: {"allow_anonymous": True}},
+}
+
+
+def merge_config(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """`override` merged over `base`: mappings merge key by key, anything else replaces."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if key == "plugins":
+            value = _plugins_as_mapping(value)
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_config(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _plugins_as_mapping(plugins: object) -> object:
+    """amqtt also takes `plugins:` as a YAML list; make it a mapping so it merges."""
+    if not isinstance(plugins, list):
+        return plugins
+    mapping: dict[str, Any] = {}
+    for item in plugins:
+        mapping.update({item: {}} if isinstance(item, str) else item)
+    return mapping
+
+
+def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read an amqtt config file: JSON for ``.json``, YAML (a superset) for anything else."""
+    source = os.fspath(path)
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+        value = json.loads(text) if source.endswith(".json") else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise BrokerConfigError(str(exc), source) from exc
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BrokerConfigError("the top level must be a mapping", source)
+    return value
+
+
+class EmbeddedBroker:
+    """An amqtt broker on `host`:`port` (port 0: a free port, read back from `.port`).
+
+    `config` (a path to a YAML/JSON file, or a mapping) is merged over DEFAULT_CONFIG;
+    the default listener's address always comes from `host` and `port`. One instance
+    runs once: to restart on the same port, make a new one with ``port=old.port``.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        *,
+        config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    ) -> None:
+        if not 0 <= port <= 65535:
+            raise BrokerConfigError(f"port {port} is not in 0..65535")
+        override = load_config(config) if isinstance(config, str | os.PathLike) else config or {}
+        bind = {"listeners": {"default": {"bind": f"{_bind_host(host)}:{port}"}}}
+        self.config = merge_config(merge_config(DEFAULT_CONFIG, override), bind)
+        self.host = host
+        self._requested_port = port
+        self._port: int | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_requested: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+
+    @property
+    def port(self) -> int:
+        """The port the default listener is bound to (known once started)."""
+        if self._port is None:
+            raise BrokerError("the broker has not started: its port is not known yet")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """What clients connect to: ``mqtt://host:port`` (loopback for a wildcard host)."""
+        return format_url(self.host, self.port)
+
+    @property
+    def running(self) -> bool:
+        return self._port is not None and self._thread is not None and self._thread.is_alive()
+
+    def start(self, timeout: float = 10.0) -> EmbeddedBroker:
+        """Start serving; return once the listener accepts connections."""
+        if self._thread is not None:
+            raise BrokerError("an EmbeddedBroker starts once; make a new one to restart")
+        self._thread = threading.Thread(
+            target=self._thread_main, name=f"amqtt-{self.host}:{self._requested_port}", daemon=True
+        )
+        self._thread.start()
+        if not self._started.wait(timeout):
+            self._request_stop()
+            raise BrokerStartError(
+                f"not accepting connections within {timeout:g} s", self.host, self._requested_port
+            )
+        if self._start_error is not None:
+            self._thread.join(timeout)
+            raise BrokerStartError(
+                _describe(self._start_error), self.host, self._requested_port
+            ) from self._start_error
+        log.info("broker listening on %s", self.url)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Shut down: close client sessions and the listeners, end the loop thread."""
+        if self._thread is None or not self._thread.is_alive():
+            return
+        self._request_stop()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise BrokerStopError(f"the broker on {self.url} did not stop within {timeout:g} s")
+        log.info("broker on %s stopped", self.url)
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _request_stop(self) -> None:
+        loop, stop = self._loop, self._stop_requested
+        if loop is not None and stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already closed
+                loop.call_soon_threadsafe(stop.set)
+
+    def _thread_main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # reported to start(); a daemon thread has no one else
+            if not self._started.is_set():
+                self._start_error = exc
+                self._started.set()
+            else:
+                log.exception("the broker loop failed")
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop_requested = asyncio.Event()
+        # Imported here so that `tern` commands other than `broker` do not load amqtt.
+        from amqtt.broker import Broker
+
+        try:
+            broker = Broker(self.config)
+            await broker.start()
+            self._port = _bound_port(broker)
+        except Exception as exc:
+            self._start_error = exc
+            self._started.set()
+            return
+        self._started.set()
+        await self._stop_requested.wait()
+        await broker.shutdown()
+
+
+def _describe(exc: BaseException) -> str:
+    """The error and its causes: amqtt wraps the useful message (dacite's) in bare ones."""
+    parts: list[str] = []
+    cause: BaseException | None = exc
+    while cause is not None and len(parts) < 5:
+        parts.append(str(cause) or type(cause).__name__)
+        cause = cause.__cause__ or cause.__context__
+    return ": ".join(dict.fromkeys(parts))
+
+
+def _bind_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _bound_port(broker: Broker) -> int:
+    """The default listener's real port.
+
+    amqtt has no public accessor for its listening sockets, so this is the one place
+    we read its internals (`Broker._servers`); the port-0 test fails loudly if an
+    amqtt upgrade moves them.
+    """
+    try:
+        sockets = broker._servers["default"].instance.sockets
+        ports = {sock.getsockname()[1] for sock in sockets}
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise BrokerError("cannot read the bound port from amqtt (internals changed?)") from exc
+    if len(ports) != 1:
+        # asyncio binds one socket per address a host name resolves to, and port 0
+        # gives each its own port: there would be no one port to report.
+        raise BrokerError(f"the listener got several ports {sorted(ports)}; bind one address")
+    return int(ports.pop())
+
+
+# -- command line ----------------------------------------------------------------------
+
+
+def quiet_third_party_logs(level: int = logging.WARNING) -> None:
+    """amqtt logs every connection and `transitions` every state change at INFO."""
+    for name in ("amqtt", "transitions"):
+        logging.getLogger(name).setLevel(level)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=1883, help="port; 0 picks a free one (1883)")
+    parser.add_argument("--config", help="amqtt config (YAML or JSON) merged over the defaults")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log amqtt's own messages")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT or SIGTERM, then shut down cleanly (exit status 0)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not args.verbose:
+        quiet_third_party_logs()
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("%s received, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    try:
+        embedded = EmbeddedBroker(args.host, args.port, config=args.config).start()
+    except BrokerError as exc:
+        log.error("%s", exc)
+        return 1
+    # Wake up now and then to notice a broker thread that died on its own.
+    while not stop.wait(0.5):
+        if not embedded.running:
+            log.error("the broker stopped unexpectedly")
+            return 1
+    try:
+        embedded.stop()
+    except BrokerStopError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m broker", description="Run tern's embedded MQTT broker (amqtt)."
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

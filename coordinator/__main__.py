@@ -1,0 +1,161 @@
+"""`tern coordinator` / `python -m coordinator`: run a fleet's rounds until done or signalled."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+import numpy as np
+
+from coordinator.config import CoordinatorConfig, CoordinatorError
+from coordinator.service import Coordinator, TestSet
+from tern.codecs import CodecName
+from tern.errors import TernError
+from tern.fleet import Fleet
+from tern.keys import signing_key_from_text
+from tern.messages import TrainConfig
+
+__all__ = ["add_arguments", "build_parser", "command", "main", "run"]
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list like 40,100,100,10") from None
+
+
+_TRAIN = TrainConfig()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The coordinator's flags, shared by `python -m coordinator` and `tern coordinator`."""
+    p.add_argument("--broker", required=True, help="broker URL, mqtt://host:port")
+    p.add_argument("--fleet-file", required=True, type=Path, help="the fleet's JSON file")
+    p.add_argument("--key", required=True, type=Path, help="the coordinator's secret key file")
+    p.add_argument("--state-dir", required=True, type=Path, help="models and round records")
+    p.add_argument(
+        "--layers",
+        type=_layers,
+        default=(40, 100, 100, 10),
+        help="MLP layer sizes, input first (default: 40,100,100,10)",
+    )
+    p.add_argument("--init-seed", type=int, default=0, help="seed of the initial weights")
+    p.add_argument(
+        "--codec",
+        choices=[str(c) for c in CodecName],
+        default=str(CodecName.TERNARY),
+        help="how devices encode their updates (default: ternary)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="stop after this round (default: run until stopped)",
+    )
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=0.0,
+        help="seconds between round openings (default 0: back to back)",
+    )
+    p.add_argument("--round-timeout", type=float, default=30.0, help="seconds per round")
+    p.add_argument(
+        "--min-contributors", type=int, default=1, help="devices a round needs to produce a model"
+    )
+    p.add_argument("--fraction", type=float, default=1.0, help="fraction of devices sampled")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling and local training")
+    p.add_argument("--server-lr", type=float, default=1.0)
+    p.add_argument("--server-momentum", type=float, default=0.0)
+    p.add_argument("--epochs", type=int, default=_TRAIN.epochs)
+    p.add_argument("--batch-size", type=int, default=_TRAIN.batch_size)
+    p.add_argument("--lr", type=float, default=_TRAIN.lr, help="devices' learning rate")
+    p.add_argument(
+        "--test-set",
+        type=Path,
+        default=None,
+        help=".npz with x_test, y_test (or x, y) to evaluate every model on",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tern coordinator", description=__doc__)
+    add_arguments(p)
+    return p
+
+
+def load_test_set(path: Path) -> TestSet:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            names = ("x_test", "y_test") if "x_test" in data else ("x", "y")
+            x, y = (np.asarray(data[n]) for n in names)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CoordinatorError(f"cannot read the test set {path}: {exc!r}") from exc
+    if x.ndim != 2 or y.shape != (x.shape[0],):
+        raise CoordinatorError(f"test set {path}: x must be (n, features) and y (n,)")
+    return TestSet(x.astype(np.float32), y.astype(np.int64))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run with parsed arguments; SIGINT/SIGTERM stop cleanly."""
+    config = CoordinatorConfig(
+        broker_url=args.broker,
+        state_dir=args.state_dir,
+        layers=args.layers,
+        init_seed=args.init_seed,
+        codec=CodecName(args.codec),
+        rounds=args.rounds,
+        interval=args.interval,
+        round_timeout=args.round_timeout,
+        min_contributors=args.min_contributors,
+        fraction=args.fraction,
+        seed=args.seed,
+        server_lr=args.server_lr,
+        server_momentum=args.server_momentum,
+        train=TrainConfig(args.epochs, args.batch_size, args.lr),
+    )
+    fleet = Fleet.from_json(args.fleet_file.read_text(encoding="utf-8"))
+    key = signing_key_from_text(args.key.read_text(encoding="utf-8"))
+    test_set = load_test_set(args.test_set) if args.test_set is not None else None
+    coordinator = Coordinator(config, fleet, key, test_set=test_set)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        coordinator.start()
+        # wake up now and then: signal handlers run on the main thread between waits
+        while not stop.is_set() and not coordinator.wait_finished(0.2):
+            pass
+    finally:
+        coordinator.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0
+
+
+def command(args: argparse.Namespace) -> int:
+    """`run` with logging set up and errors reported as exit code 2 (for `tern coordinator`)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line a job otherwise
+    try:
+        return run(args)
+    except (CoordinatorError, TernError, OSError) as exc:
+        print(f"tern coordinator: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return command(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

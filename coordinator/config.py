@@ -1,0 +1,87 @@
+"""The coordinator's configuration and its errors: one frozen value, checked once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tern.codecs import CodecName
+from tern.fleet import COORDINATOR
+from tern.messages import TrainConfig
+
+__all__ = ["ConfigError", "CoordinatorConfig", "CoordinatorError", "RoundTimeout"]
+
+
+class CoordinatorError(Exception):
+    """Base of every error the coordinator raises."""
+
+
+class ConfigError(CoordinatorError):
+    """A configuration value is not valid; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class RoundTimeout(CoordinatorError):
+    """A wait for round `round` passed its deadline of `timeout` seconds."""
+
+    def __init__(self, round: int, timeout: float) -> None:
+        super().__init__(f"round {round} did not close within {timeout} s")
+        self.round = round
+        self.timeout = timeout
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorConfig:
+    """Everything a coordinator needs besides the fleet file, its key and a test set.
+
+    `rounds` is the last round number to run (None: run until stopped); a coordinator
+    resumed past it finishes at once. `interval` is the least time between two round
+    openings (0: back to back).
+    """
+
+    broker_url: str
+    state_dir: Path
+    layers: tuple[int, ...] = (40, 100, 100, 10)
+    init_seed: int = 0
+    codec: CodecName = CodecName.TERNARY
+    rounds: int | None = None
+    interval: float = 0.0
+    round_timeout: float = 30.0
+    min_contributors: int = 1
+    fraction: float = 1.0
+    seed: int = 0
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    client_id: str = COORDINATOR
+    connect_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (
+                "layers",
+                len(self.layers) >= 2 and all(n >= 1 for n in self.layers),
+                "at least two positive layer sizes",
+            ),
+            ("init_seed", self.init_seed >= 0, "must be >= 0"),
+            ("rounds", self.rounds is None or self.rounds >= 1, "must be >= 1"),
+            ("interval", math.isfinite(self.interval) and self.interval >= 0, "must be >= 0"),
+            (
+                "round_timeout",
+                math.isfinite(self.round_timeout) and self.round_timeout > 0,
+                "must be > 0",
+            ),
+            ("min_contributors", self.min_contributors >= 1, "must be >= 1"),
+            ("fraction", 0 < self.fraction <= 1, "must be in (0, 1]"),
+            ("seed", 0 <= self.seed < 2**32, "must be in [0, 2**32)"),
+            ("server_lr", math.isfinite(self.server_lr) and self.server_lr > 0, "must be > 0"),
+            ("server_momentum", 0 <= self.server_momentum < 1, "must be in [0, 1)"),
+            ("connect_timeout", self.connect_timeout > 0, "must be > 0"),
+        ]
+        for name, ok, message in checks:
+            if not ok:
+                raise ConfigError(name, f"{message}, got {getattr(self, name)!r}")

@@ -1,0 +1,398 @@
+"""The coordinator: opens rounds, collects the gateways' partials, folds, persists.
+
+Threads: APScheduler's BackgroundScheduler runs round openings and deadlines;
+MqttTransport's thread delivers partials. One lock guards the state; publishing
+under it never waits for an acknowledgement (the transport thread may be waiting for
+the same lock), and heavy work (fold, evaluate, persist) runs on scheduler threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import numpy.typing as npt
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import SchedulerNotRunningError
+from nacl.signing import SigningKey
+
+from broker.errors import BrokerError
+from broker.transport import Message, MqttTransport
+from coordinator.config import CoordinatorConfig, CoordinatorError, RoundTimeout
+from coordinator.store import RoundRecord, StateStore
+from coordinator.strategy import FedAvg, sample_participants
+from kernels.reference import evaluate, init_weights, mlp_spec
+from tern import __version__, topics
+from tern.collect import Collector
+from tern.envelope import Envelope, Kind, seal
+from tern.errors import TopicError
+from tern.fleet import COORDINATOR, Fleet
+from tern.messages import GlobalModel, RoundSchedule
+from tern.reports import State, Status
+
+__all__ = ["Coordinator", "TestSet"]
+
+log = logging.getLogger(__name__)
+
+F32Array = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class TestSet:
+    """A held-out set the coordinator evaluates every new model on."""
+
+    __test__ = False  # not a pytest class
+
+    x: F32Array
+    y: npt.NDArray[np.integer]
+
+
+@dataclass(slots=True)
+class _OpenRound:
+    round: int
+    schedule: RoundSchedule
+    collector: Collector
+    opened_at: float
+    bytes_down: int
+    expected_devices: int
+
+
+class Coordinator:
+    """One fleet's coordinator. `start()`, then `wait_for_round(n)` or `wait_finished()`,
+    then `stop()`. `clock` (unix seconds) stamps deadlines and round times."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        fleet: Fleet,
+        key: SigningKey,
+        *,
+        test_set: TestSet | None = None,
+        clock: Callable[[], float] = time.time,
+        on_round: Callable[[RoundRecord], None] | None = None,
+    ) -> None:
+        if bytes(key.verify_key) != bytes(fleet.coordinator_key):
+            raise CoordinatorError("the key does not match the fleet file's coordinator key")
+        self.config = config
+        self.fleet = fleet
+        self.spec = mlp_spec(config.layers)
+        self.strategy = FedAvg(config.server_lr, config.server_momentum)
+        self.store = StateStore(config.state_dir)
+        self._key = key
+        self._test_set = test_set
+        self._clock = clock
+        self._on_round = on_round
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._finished = threading.Event()
+        self._in_job = threading.local()
+        self._stopping = False
+        self._open: _OpenRound | None = None
+        self._records: dict[int, RoundRecord] = {}
+        self._last_open_at: float | None = None
+        self._keys = {g: fleet.gateways[g].key for g in fleet.children(COORDINATOR)}
+
+        snapshot = self.store.latest(self.spec.size)
+        if snapshot is None:
+            weights = init_weights(self.spec, np.random.default_rng(config.init_seed))
+            momentum = np.zeros(self.spec.size, dtype=np.float32)
+            self.store.save_model(0, weights, momentum)
+            self._version, self._weights, self._momentum, self._next = 0, weights, momentum, 1
+        else:
+            self._version = snapshot.model_version
+            self._weights, self._momentum = snapshot.weights, snapshot.momentum
+            self._next = snapshot.last_round + 1
+            log.info("resuming at round %d on model v%d", self._next, self._version)
+
+        self._scheduler = BackgroundScheduler(timezone=UTC)
+        status_topic = topics.status(fleet.fleet, config.client_id)
+        self._transport = MqttTransport(
+            config.broker_url,
+            config.client_id,
+            will=(status_topic, self._status(State.OFFLINE, "connection lost")),
+        )
+
+    # -- public -------------------------------------------------------------------------
+
+    @property
+    def model_version(self) -> int:
+        with self._lock:
+            return self._version
+
+    @property
+    def weights(self) -> F32Array:
+        """A copy of the current global model."""
+        with self._lock:
+            return self._weights.copy()
+
+    @property
+    def next_round(self) -> int:
+        """The round that is open, or the next one to open."""
+        with self._lock:
+            return self._open.round if self._open is not None else self._next
+
+    @property
+    def records(self) -> dict[int, RoundRecord]:
+        """Rounds closed by this process, by number."""
+        with self._lock:
+            return dict(self._records)
+
+    def start(self) -> Coordinator:
+        """Connect, announce, and open the first round (unless `rounds` is already done)."""
+        self._transport.subscribe(
+            topics.partials_to(self.fleet.fleet, COORDINATOR), self._on_partial
+        )
+        try:
+            self._transport.connect(self.config.connect_timeout)
+        except BrokerError as exc:
+            raise CoordinatorError(f"cannot reach {self.config.broker_url}: {exc}") from exc
+        self._transport.publish(
+            topics.status(self.fleet.fleet, self.config.client_id),
+            self._status(State.ONLINE),
+            retain=True,
+        )
+        self._scheduler.start()
+        with self._lock:
+            if self._done(self._next - 1):
+                self._finished.set()
+            else:
+                self._schedule_open(self._clock())
+        return self
+
+    def wait_for_round(self, round: int, timeout: float) -> RoundRecord:
+        """The record of `round` once it closes here; RoundTimeout after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while round not in self._records:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RoundTimeout(round, timeout)
+                self._changed.wait(remaining)
+            return self._records[round]
+
+    def wait_finished(self, timeout: float | None = None) -> bool:
+        """True once the last configured round has closed."""
+        return self._finished.wait(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop scheduling, publish offline, disconnect. An open round is abandoned
+        (not recorded), so a restarted coordinator runs it again."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+        # from an on_round callback (a scheduler thread) waiting for jobs would wait for itself
+        in_job = bool(getattr(self._in_job, "active", False))
+        # Empty the job store first: it takes APScheduler's lock, so a job being
+        # dispatched finishes dispatching, and shutdown() then has nothing in flight
+        # (shutting down mid-dispatch makes APScheduler raise JobLookupError on its thread).
+        self._scheduler.remove_all_jobs()
+        with contextlib.suppress(SchedulerNotRunningError):
+            self._scheduler.shutdown(wait=not in_job)
+        with self._lock:
+            if self._open is not None:
+                log.info("stopping with round %d open; it re-runs on restart", self._open.round)
+            self._open = None
+        try:
+            if self._transport.connected:
+                self._transport.publish(
+                    topics.status(self.fleet.fleet, self.config.client_id),
+                    self._status(State.OFFLINE, "shutdown"),
+                    retain=True,
+                    wait=True,
+                    timeout=timeout,
+                )
+        except BrokerError as exc:
+            log.warning("could not publish the offline status: %s", exc)
+        finally:
+            self._transport.close(timeout)
+            self._finished.set()
+
+    def __enter__(self) -> Coordinator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- rounds -------------------------------------------------------------------------
+
+    def _status(self, state: State, detail: str = "") -> bytes:
+        return Status(self.config.client_id, "coordinator", state, __version__, detail).to_json()
+
+    def _done(self, closed_round: int) -> bool:
+        return self.config.rounds is not None and closed_round >= self.config.rounds
+
+    def _add_job(self, func: Callable[..., None], when: datetime | None, *args: object) -> None:
+        try:
+            self._scheduler.add_job(func, "date", run_date=when, args=args, misfire_grace_time=None)
+        except SchedulerNotRunningError:
+            log.debug("scheduler stopped; %s not scheduled", func.__name__)
+
+    def _schedule_open(self, now: float) -> None:
+        delay = 0.0
+        if self.config.interval > 0 and self._last_open_at is not None:
+            delay = max(0.0, self._last_open_at + self.config.interval - now)
+        when = datetime.now(UTC) + timedelta(seconds=delay) if delay else None
+        self._add_job(self._open_round, when)
+
+    def _open_round(self) -> None:
+        with self._lock:
+            if self._stopping or self._open is not None:
+                return
+            r, v = self._next, self._version
+            now = self._clock()
+            participants = sample_participants(
+                self.fleet.devices,
+                self.config.fraction,
+                np.random.default_rng([self.config.seed, r]),
+            )
+            chosen = set(self.fleet.devices if participants is None else participants)
+            expected = [
+                g
+                for g in self.fleet.children(COORDINATOR)
+                if chosen & set(self.fleet.devices_below(g))
+            ]
+            schedule = RoundSchedule(
+                round=r,
+                model_version=v,
+                codec=self.config.codec,
+                deadline=now + self.config.round_timeout,
+                min_contributors=self.config.min_contributors,
+                participants=participants,
+                seed=self.config.seed,
+                train=self.config.train,
+            )
+            model = GlobalModel(self.spec, self._weights)
+            fleet = self.fleet.fleet
+            sealed_model = seal(
+                Envelope(Kind.MODEL, fleet, r, v, COORDINATOR, model.to_body()), self._key
+            )
+            sealed_schedule = seal(
+                Envelope(Kind.SCHEDULE, fleet, r, v, COORDINATOR, schedule.to_body()), self._key
+            )
+            collector = Collector(
+                fleet=fleet,
+                round=r,
+                spec=self.spec,
+                keys=self._keys,
+                expected=expected,
+                kinds=(Kind.PARTIAL,),
+            )
+            self._open = _OpenRound(
+                r,
+                schedule,
+                collector,
+                now,
+                len(sealed_model) + len(sealed_schedule),
+                len(chosen),
+            )
+            self._last_open_at = now
+            try:
+                self._transport.publish(topics.global_model(fleet), sealed_model, retain=True)
+                self._transport.publish(topics.round_schedule(fleet), sealed_schedule, retain=True)
+            except BrokerError as exc:  # queued QoS 1 rarely fails; the deadline still closes
+                log.warning("round %d: publishing the model or schedule failed: %s", r, exc)
+            log.info("round %d open on v%d, expecting %s", r, v, expected)
+            if not expected:
+                self._add_job(self._close_round, None, r)
+            else:
+                when = datetime.now(UTC) + timedelta(seconds=self.config.round_timeout)
+                self._add_job(self._close_round, when, r)
+
+    def _on_partial(self, message: Message) -> None:
+        try:
+            sender = topics.parse(message.topic).sender
+        except TopicError:
+            return
+        with self._lock:
+            current = self._open
+            if current is None or self._stopping:
+                log.info("partial from %s with no round open: ignored", sender)
+                return
+            offer = current.collector.offer(message.payload, sender)
+            if offer.reason:
+                log.info(
+                    "round %d: rejected %s from %s: %s",
+                    current.round,
+                    offer.reason,
+                    sender,
+                    offer.message,
+                )
+            if current.collector.complete:
+                self._add_job(self._close_round, None, current.round)
+
+    def _close_round(self, r: int) -> None:
+        with self._lock:
+            current = self._open
+            if self._stopping or current is None or current.round != r:
+                return  # already closed early, or a stale deadline job
+            collector = current.collector
+            partial = collector.result()
+            ok = partial.count >= self.config.min_contributors and partial.total_weight > 0
+            base = self._version
+            if ok:
+                weights, momentum = self.strategy.apply(self._weights, self._momentum, partial)
+                version = base + 1
+                self.store.save_model(version, weights, momentum)
+                self._weights, self._momentum, self._version = weights, momentum, version
+            loss = accuracy = None
+            if self._test_set is not None:
+                loss, accuracy = evaluate(
+                    self.spec, self._weights, self._test_set.x, self._test_set.y
+                )
+            record = RoundRecord(
+                round=r,
+                ok=ok,
+                base_version=base,
+                model_version=self._version,
+                contributors=partial.count,
+                dropped=max(0, current.expected_devices - partial.count),
+                rejected=dict(sorted(collector.rejected.items())),
+                bytes_up=collector.bytes_in,
+                bytes_down=current.bytes_down,
+                accuracy=accuracy,
+                loss=loss,
+                round_seconds=round(max(0.0, self._clock() - current.opened_at), 3),
+                participants=current.schedule.participants,
+                expected=tuple(sorted(collector.expected)),
+                accepted=tuple(sorted(collector.accepted)),
+            )
+            self.store.save_round(record)
+            self._open = None
+            self._next = r + 1
+            self._records[r] = record
+            self._changed.notify_all()
+            try:
+                self._transport.publish(
+                    topics.metrics(self.fleet.fleet, self.config.client_id),
+                    record.metrics(self.config.client_id).to_json(),
+                    retain=True,
+                )
+            except BrokerError as exc:
+                log.warning("round %d: publishing metrics failed: %s", r, exc)
+            log.info(
+                "round %d %s: v%d, %d contributors, rejected %s",
+                r,
+                "closed" if ok else "failed",
+                self._version,
+                partial.count,
+                record.rejected,
+            )
+            if self._done(r):
+                self._finished.set()
+            else:
+                self._schedule_open(self._clock())
+        if self._on_round is not None:
+            self._in_job.active = True
+            try:
+                self._on_round(record)
+            except Exception:
+                log.exception("on_round callback failed for round %d", r)
+            finally:
+                self._in_job.active = False

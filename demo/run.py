@@ -1,0 +1,221 @@
+"""The demo: a broker for the coordinator, a coordinator, gateways each with its own
+embedded broker, and devices on MNIST-1D non-IID partitions, all over real MQTT on
+loopback, in one process (each component on its own connections and threads, exactly
+as when they run on separate machines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+from nacl.signing import SigningKey
+
+from broker.embedded import EmbeddedBroker
+from coordinator.config import CoordinatorConfig
+from coordinator.service import Coordinator, TestSet
+from coordinator.store import RoundRecord
+from device.agent import DeviceAgent
+from gateway.config import GatewayConfig
+from gateway.service import Gateway
+from kernels.partition import dirichlet_partition, load_mnist1d
+from tern.codecs import CodecName
+from tern.fleet import COORDINATOR, Fleet, GatewayEntry
+from tern.messages import TrainConfig
+
+__all__ = ["DemoResult", "main", "run_demo"]
+
+LAYERS = (40, 100, 100, 10)
+
+
+@dataclass
+class DemoResult:
+    codec: str
+    params: int
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def final_accuracy(self) -> float | None:
+        return self.rounds[-1]["accuracy"] if self.rounds else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "codec": self.codec,
+            "params": self.params,
+            "final_accuracy": self.final_accuracy,
+            "rounds": self.rounds,
+        }
+
+
+def _bar(done: int, total: int, width: int = 24) -> str:
+    filled = int(width * done / max(total, 1))
+    return "#" * filled + "." * (width - filled)
+
+
+def run_demo(
+    *,
+    devices: int = 20,
+    gateways: int = 2,
+    rounds: int = 50,
+    codec: CodecName = CodecName.TERNARY,
+    seed: int = 0,
+    alpha: float = 0.5,
+    round_timeout: float = 20.0,
+    out: TextIO | None = sys.stderr,
+) -> DemoResult:
+    if gateways < 1 or devices < gateways:
+        raise ValueError("need at least one gateway and at least one device per gateway")
+    data = load_mnist1d(seed=42)
+    parts = dirichlet_partition(data.y, devices, alpha, np.random.default_rng(seed))
+    dev_ids = [f"dev-{i + 1:02d}" for i in range(devices)]
+    gw_ids = [f"gw-{g + 1}" for g in range(gateways)]
+    keys = {cid: SigningKey.generate() for cid in [COORDINATOR, *gw_ids, *dev_ids]}
+    fleet = Fleet(
+        "demo",
+        keys[COORDINATOR].verify_key,
+        {
+            gw: GatewayEntry(
+                keys[gw].verify_key,
+                COORDINATOR,
+                {d: keys[d].verify_key for d in dev_ids[g::gateways]},
+            )
+            for g, gw in enumerate(gw_ids)
+        },
+    )
+    result = DemoResult(str(codec), 0)
+    with tempfile.TemporaryDirectory(prefix="tern-demo-") as state, EmbeddedBroker(port=0) as top:
+        gws = [
+            Gateway(GatewayConfig(gw, top.url, listen_port=0), fleet, keys[gw]).start()
+            for gw in gw_ids
+        ]
+        by_id = {g.id: g for g in gws}
+        agents = [
+            DeviceAgent(
+                d,
+                fleet,
+                keys[d],
+                by_id[fleet.gateway_of(d)].downstream_url,
+                data.x[idx],
+                data.y[idx],
+            ).start()
+            for d, idx in zip(dev_ids, parts, strict=True)
+        ]
+        config = CoordinatorConfig(
+            broker_url=top.url,
+            state_dir=Path(state),
+            layers=LAYERS,
+            init_seed=seed,
+            codec=codec,
+            rounds=rounds,
+            round_timeout=round_timeout,
+            min_contributors=max(1, devices // 2),
+            seed=seed,
+            train=TrainConfig(epochs=1, batch_size=32, lr=0.5),
+        )
+        started = time.monotonic()
+
+        def progress(rec: RoundRecord) -> None:
+            gw_metrics = [g.wait_for_round(rec.round, timeout=5.0) for g in gws]
+            up = sum(m.bytes_up for m in gw_metrics)
+            row: dict[str, Any] = {
+                "round": rec.round,
+                "accuracy": rec.accuracy,
+                "contributors": rec.contributors,
+                "bytes_device_to_gateway": up,
+                "bytes_gateway_to_coordinator": rec.bytes_up,
+                "bytes_downlink": rec.bytes_down + sum(m.bytes_down for m in gw_metrics),
+                "seconds": round(rec.round_seconds, 3),
+            }
+            result.rounds.append(row)
+            if out is not None:
+                acc = "  n/a" if rec.accuracy is None else f"{100 * rec.accuracy:5.1f}%"
+                print(
+                    f"\rround {rec.round:>4}/{rounds} [{_bar(rec.round, rounds)}] acc {acc} "
+                    f"up {up / 1024:7.1f} KiB "
+                    f"{time.monotonic() - started:6.1f}s",
+                    end="",
+                    file=out,
+                    flush=True,
+                )
+
+        coordinator = Coordinator(
+            config,
+            fleet,
+            keys[COORDINATOR],
+            test_set=TestSet(data.x_test, data.y_test),
+            on_round=progress,
+        )
+        result.params = coordinator.spec.size
+        try:
+            coordinator.start()
+            if not coordinator.wait_finished(timeout=rounds * (round_timeout + 5)):
+                raise TimeoutError(f"the demo did not finish {rounds} rounds in time")
+        finally:
+            coordinator.stop()
+            for a in agents:
+                a.stop()
+            for g in gws:
+                g.stop()
+        if out is not None:
+            print(file=out)
+    return result
+
+
+def _summary(result: DemoResult, out: TextIO) -> None:
+    rows = result.rounds
+    print(
+        f"\ntern demo: {len(rows)} rounds, codec {result.codec}, {result.params:,} params", file=out
+    )
+    print(
+        f"{'round':>5} {'accuracy':>9} {'devices':>8} {'dev->gw B':>11} "
+        f"{'gw->coord B':>12} {'down B':>10} {'s':>6}",
+        file=out,
+    )
+    step = max(1, len(rows) // 10)
+    for r in rows[step - 1 :: step] if len(rows) > 10 else rows:
+        acc = "n/a" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
+        print(
+            f"{r['round']:>5} {acc:>9} {r['contributors']:>8} {r['bytes_device_to_gateway']:>11,} "
+            f"{r['bytes_gateway_to_coordinator']:>12,} {r['bytes_downlink']:>10,} "
+            f"{r['seconds']:>6.2f}",
+            file=out,
+        )
+    if rows:
+        per_dev = sum(r["bytes_device_to_gateway"] for r in rows) / max(
+            1, sum(r["contributors"] for r in rows)
+        )
+        print(
+            f"final accuracy {100 * (result.final_accuracy or 0):.1f}%; "
+            f"{per_dev:,.0f} bytes per device update "
+            f"({8 * per_dev / result.params:.2f} bits/param)",
+            file=out,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tern demo", description=__doc__)
+    ap.add_argument("--devices", type=int, default=20)
+    ap.add_argument("--gateways", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=50)
+    ap.add_argument("--codec", choices=[str(c) for c in CodecName], default="ternary")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    args = ap.parse_args(argv)
+    result = run_demo(
+        devices=args.devices,
+        gateways=args.gateways,
+        rounds=args.rounds,
+        codec=CodecName(args.codec),
+        seed=args.seed,
+    )
+    _summary(result, sys.stdout)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    return 0

@@ -1,0 +1,76 @@
+"""`tern device` / `python -m device`: run one device agent until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+import numpy as np
+
+from broker.errors import TransportError
+from device.agent import DeviceAgent, DeviceError
+from device.trainer import TRAINERS, trainer_for
+from tern.errors import TernError
+from tern.fleet import Fleet
+from tern.keys import signing_key_from_text
+
+__all__ = ["add_arguments", "build_parser", "main", "run"]
+
+log = logging.getLogger("device")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--id", required=True, help="this device's id in the fleet file")
+    p.add_argument("--fleet-file", required=True, help="the fleet's public JSON file")
+    p.add_argument("--key", required=True, help="this device's secret key file (tern keygen)")
+    p.add_argument("--gateway-url", required=True, help="its gateway's broker, mqtt://host:port")
+    p.add_argument("--data", required=True, help=".npz file with x (n, features) and y (n,)")
+    p.add_argument("--trainer", default="numpy", choices=sorted(TRAINERS))
+    p.add_argument("--connect-timeout", type=float, default=30.0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tern device", description="Run a tern device agent.")
+    add_arguments(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    try:
+        fleet = Fleet.from_json(Path(args.fleet_file).read_text())
+        key = signing_key_from_text(Path(args.key).read_text())
+        with np.load(args.data) as data:
+            x, y = np.asarray(data["x"], np.float32), np.asarray(data["y"], np.int64)
+        agent = DeviceAgent(
+            args.id, fleet, key, args.gateway_url, x, y, trainer=trainer_for(args.trainer)
+        )
+        agent.start(args.connect_timeout)
+    except (OSError, KeyError, ValueError, TernError, TransportError, DeviceError) as exc:
+        print(f"tern device: {exc}", file=sys.stderr)
+        return 1
+    log.info("device %s: %d samples, gateway %s", args.id, x.shape[0], args.gateway_url)
+    stop.wait()
+    agent.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,289 @@
+"""The Pi-class device agent: receive model and schedule, train locally, send an update.
+
+MQTT handlers run on paho's thread and only record what arrived; training, encoding
+and publishing happen on the agent's own worker thread, so a long local epoch never
+stalls the network loop. The error-feedback residual lives as long as the agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from nacl.signing import SigningKey
+
+from broker.errors import TransportError
+from broker.transport import Message, MqttTransport
+from device.trainer import NumpyTrainer, Trainer
+from tern import __version__, topics
+from tern.aggregate import Partial
+from tern.codecs import codec_for
+from tern.envelope import Envelope, Kind, open_envelope, seal
+from tern.errors import TernError
+from tern.fleet import COORDINATOR, Fleet
+from tern.messages import GlobalModel, RoundSchedule, Update, encode_update
+from tern.reports import State, Status
+
+__all__ = ["DeviceAgent", "DeviceError", "RoundOutcome", "local_update", "training_rng"]
+
+log = logging.getLogger(__name__)
+
+F32Array = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.integer]
+
+
+class DeviceError(Exception):
+    """Base of the device agent's errors."""
+
+
+@dataclass(frozen=True, slots=True)
+class RoundOutcome:
+    """What this device did in one round: sent an update, or why not (`error`)."""
+
+    round: int
+    model_version: int
+    samples: int
+    update_bytes: int = 0
+    train_seconds: float = 0.0
+    error: str = ""
+
+
+def training_rng(seed: int, device: str) -> np.random.Generator:
+    """The generator a device trains with in a round (docs/rounds.md, Determinism)."""
+    return np.random.default_rng([seed, zlib.crc32(device.encode())])
+
+
+def local_update(
+    trainer: Trainer,
+    model: GlobalModel,
+    x: F32Array,
+    y: IntArray,
+    schedule: RoundSchedule,
+    device: str,
+    residual: F32Array | None,
+) -> tuple[Update, F32Array]:
+    """Train on (x, y) and encode the weighted delta; returns (update, next residual)."""
+    rng = training_rng(schedule.seed, device)
+    new = trainer.train(model.spec, model.weights, x, y, schedule.train, rng)
+    w = np.float32(x.shape[0])
+    delta = (new - model.weights).astype(np.float32)
+    partial = Partial((delta * w).astype(np.float32), float(x.shape[0]), 1)
+    if residual is not None and residual.shape != delta.shape:
+        residual = None  # a new model shape: old error feedback means nothing
+    return encode_update(codec_for(schedule.codec), model.spec, partial, residual)
+
+
+class DeviceAgent:
+    """One device: its id in `fleet`, its secret `key`, its gateway's broker URL and data."""
+
+    def __init__(
+        self,
+        device_id: str,
+        fleet: Fleet,
+        key: SigningKey,
+        gateway_url: str,
+        x: F32Array,
+        y: IntArray,
+        *,
+        trainer: Trainer | None = None,
+        clock: Callable[[], float] = time.time,
+        join_current_round: bool = False,
+        backoff_min: float = 0.5,
+        backoff_max: float = 30.0,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        self.id = device_id
+        self.fleet = fleet
+        self.gateway = fleet.gateway_of(device_id)
+        self.key = key
+        if x.ndim != 2 or y.shape != (x.shape[0],) or x.shape[0] == 0:
+            shapes = f"{x.shape}, {y.shape}"
+            raise DeviceError(f"data must be x (n, features) and y (n,), n > 0: {shapes}")
+        self.x = np.asarray(x, dtype=np.float32)
+        self.y = np.asarray(y, dtype=np.int64)
+        self.trainer: Trainer = trainer if trainer is not None else NumpyTrainer()
+        self.clock = clock
+        # A device that comes back mid-round joins from the next schedule (docs/rounds.md):
+        # a retained schedule is one it missed the start of.
+        self.join_current_round = join_current_round
+        self._keys = {COORDINATOR: fleet.coordinator_key}
+        self._lock = threading.Condition()
+        self._model: GlobalModel | None = None
+        self._model_version = -1
+        self._schedule: RoundSchedule | None = None
+        self._residual: F32Array | None = None
+        self._last_round = -1
+        self.outcomes: dict[int, RoundOutcome] = {}
+        self.rejected: dict[str, int] = {}
+        self._wake: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._worker: threading.Thread | None = None
+        offline = Status(self.id, "device", State.OFFLINE, __version__)
+        self.transport = MqttTransport(
+            gateway_url,
+            f"tern-{fleet.fleet}-{device_id}",
+            will=(topics.status(fleet.fleet, device_id), offline.to_json()),
+            backoff_min=backoff_min,
+            backoff_max=backoff_max,
+            rng=rng,
+        )
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> DeviceAgent:
+        """Connect, subscribe to model and schedule, start the worker thread."""
+        f = self.fleet.fleet
+        self._worker = threading.Thread(target=self._work, name=f"device-{self.id}", daemon=True)
+        self._worker.start()
+        self.transport.subscribe(topics.global_model(f), self._on_model)
+        self.transport.subscribe(topics.round_schedule(f), self._on_schedule)
+        try:
+            self.transport.connect(timeout)
+            online = Status(self.id, "device", State.ONLINE, __version__)
+            self.transport.publish(topics.status(f, self.id), online.to_json(), retain=True)
+        except TransportError:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop training, publish offline, disconnect. Safe to call twice."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._wake.put(True)
+        if self._worker is not None and self._worker is not threading.current_thread():
+            self._worker.join(timeout)
+        offline = Status(self.id, "device", State.OFFLINE, __version__)
+        try:
+            if self.transport.connected:
+                self.transport.publish(
+                    topics.status(self.fleet.fleet, self.id),
+                    offline.to_json(),
+                    retain=True,
+                    wait=True,
+                    timeout=timeout,
+                )
+        except TransportError as exc:
+            log.warning("%s: offline status not sent: %s", self.id, exc)
+        self.transport.close(timeout)
+
+    def __enter__(self) -> DeviceAgent:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait_for_round(self, round: int, timeout: float) -> RoundOutcome:
+        """The outcome of `round` once this device has handled it; TimeoutError after `timeout`."""
+        with self._lock:
+            if not self._lock.wait_for(lambda: round in self.outcomes, timeout):
+                raise TimeoutError(f"{self.id}: round {round} not handled within {timeout} s")
+            return self.outcomes[round]
+
+    # -- paho's thread: record and wake the worker ----------------------------------------
+
+    def _open(self, message: Message, kind: Kind) -> Envelope | None:
+        try:
+            return open_envelope(message.payload, self._keys, fleet=self.fleet.fleet, kinds=(kind,))
+        except TernError as exc:
+            with self._lock:
+                self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
+            log.warning("%s: rejected %s on %s: %s", self.id, kind, message.topic, exc)
+            return None
+
+    def _on_model(self, message: Message) -> None:
+        env = self._open(message, Kind.MODEL)
+        if env is None:
+            return
+        try:
+            model = GlobalModel.from_body(env.body)
+        except TernError as exc:
+            log.warning("%s: bad model: %s", self.id, exc)
+            return
+        with self._lock:
+            self._model_version = env.model_version
+            self._model = model
+        self._wake.put(True)
+
+    def _on_schedule(self, message: Message) -> None:
+        env = self._open(message, Kind.SCHEDULE)
+        if env is None:
+            return
+        try:
+            schedule = RoundSchedule.from_body(env.body)
+        except TernError as exc:
+            log.warning("%s: bad schedule: %s", self.id, exc)
+            return
+        with self._lock:
+            if schedule.round <= self._last_round:
+                return  # a retained copy after a reconnect, or an old round
+            if message.retain and not self.join_current_round:
+                # Joined mid-round: skip it, take part from the next schedule.
+                self._last_round = schedule.round
+                return
+            self._schedule = schedule
+        self._wake.put(True)
+
+    # -- the worker thread ----------------------------------------------------------------
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._wake.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if self._stopping.is_set():
+                return
+            job = self._take_job()
+            if job is not None:
+                self._run_round(*job)
+
+    def _take_job(self) -> tuple[GlobalModel, RoundSchedule] | None:
+        with self._lock:
+            s, m = self._schedule, self._model
+            if s is None or s.round <= self._last_round:
+                return None
+            if s.participants is not None and self.id not in s.participants:
+                self._last_round = s.round
+                return None
+            if m is None or self._model_version != s.model_version:
+                return None  # wait for the model the schedule names
+            self._last_round = s.round
+            return m, s
+
+    def _run_round(self, model: GlobalModel, schedule: RoundSchedule) -> None:
+        n = int(self.x.shape[0])
+        start = time.monotonic()
+        try:
+            if self.clock() >= schedule.deadline:
+                raise DeviceError(f"round {schedule.round} is past its deadline")
+            update, residual = local_update(
+                self.trainer, model, self.x, self.y, schedule, self.id, self._residual
+            )
+            env = Envelope(
+                Kind.UPDATE,
+                self.fleet.fleet,
+                schedule.round,
+                schedule.model_version,
+                self.id,
+                update.to_body(),
+            )
+            data = seal(env, self.key)
+            seconds = time.monotonic() - start
+            self.transport.publish(topics.update(self.fleet.fleet, self.gateway, self.id), data)
+            outcome = RoundOutcome(schedule.round, schedule.model_version, n, len(data), seconds)
+            self._residual = residual
+        except Exception as exc:  # a failed round is data, and the worker must live on
+            log.warning("%s: round %d failed: %r", self.id, schedule.round, exc)
+            outcome = RoundOutcome(schedule.round, schedule.model_version, n, error=str(exc))
+        with self._lock:
+            self.outcomes[schedule.round] = outcome
+            self._lock.notify_all()

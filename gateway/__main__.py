@@ -1,0 +1,102 @@
+"""`tern gateway` / `python -m gateway`: run one gateway until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from broker.embedded import quiet_third_party_logs
+from gateway.config import DEFAULT_LISTEN_PORT, DEFAULT_MARGIN, GatewayConfig, GatewayError
+from gateway.service import Gateway
+from tern.errors import TernError
+from tern.fleet import Fleet
+from tern.keys import signing_key_from_text
+
+__all__ = ["add_arguments", "build_parser", "main", "parse_listen", "run"]
+
+log = logging.getLogger("gateway")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT (or [v6]:PORT, or :PORT for loopback) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--id", required=True, help="this gateway's id in the fleet file")
+    p.add_argument("--fleet-file", required=True, help="the fleet's public JSON file")
+    p.add_argument("--key", required=True, help="this gateway's secret key file (tern keygen)")
+    p.add_argument("--upstream", required=True, help="its parent's broker, mqtt://host:port")
+    down = p.add_mutually_exclusive_group()
+    down.add_argument(
+        "--listen",
+        type=parse_listen,
+        default=("127.0.0.1", DEFAULT_LISTEN_PORT),
+        help=f"serve devices on an embedded broker at HOST:PORT (127.0.0.1:{DEFAULT_LISTEN_PORT})",
+    )
+    down.add_argument("--downstream", help="serve devices on this external broker instead")
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=DEFAULT_MARGIN,
+        help=f"seconds closed before the deadline per tree level ({DEFAULT_MARGIN})",
+    )
+    p.add_argument("--verbose", "-v", action="store_true", help="log amqtt's own messages")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tern gateway", description="Run a tern gateway.")
+    add_arguments(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not args.verbose:
+        quiet_third_party_logs()
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("%s received, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    try:
+        fleet = Fleet.from_json(Path(args.fleet_file).read_text())
+        key = signing_key_from_text(Path(args.key).read_text())
+        host, port = args.listen
+        config = GatewayConfig(
+            args.id,
+            args.upstream,
+            downstream_url=args.downstream,
+            listen_host=host,
+            listen_port=port,
+            margin=args.margin,
+        )
+        gateway = Gateway(config, fleet, key).start()
+    except (OSError, TernError, GatewayError) as exc:
+        print(f"tern gateway: {exc}", file=sys.stderr)
+        return 1
+    # The line a supervisor or a test reads to find the downstream broker.
+    print(f"gateway {args.id} serving on {gateway.downstream_url}", flush=True)
+    stop.wait()
+    gateway.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""A gateway's settings and its errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from broker.errors import TransportError
+from broker.transport import parse_url
+from tern.fleet import Fleet
+from tern.topics import validate_id
+
+__all__ = ["DEFAULT_LISTEN_PORT", "DEFAULT_MARGIN", "GatewayConfig", "GatewayError"]
+
+DEFAULT_MARGIN = 0.5  # seconds per level of the tree below a gateway (docs/rounds.md)
+DEFAULT_LISTEN_PORT = 1884
+
+
+class GatewayError(Exception):
+    """Base of the gateway's errors."""
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """Where a gateway connects and serves.
+
+    `downstream_url` None: serve devices on an embedded broker on
+    `listen_host`:`listen_port` (port 0 picks a free one); otherwise use that
+    external broker.
+    """
+
+    id: str
+    upstream_url: str
+    downstream_url: str | None = None
+    listen_host: str = "127.0.0.1"
+    listen_port: int = DEFAULT_LISTEN_PORT
+    margin: float = DEFAULT_MARGIN
+    backoff_min: float = 0.5
+    backoff_max: float = 30.0
+
+    def __post_init__(self) -> None:
+        validate_id(self.id, "gateway")
+        try:
+            parse_url(self.upstream_url)
+            if self.downstream_url is not None:
+                parse_url(self.downstream_url)
+        except TransportError as exc:
+            raise GatewayError(str(exc)) from exc
+        if self.margin < 0:
+            raise GatewayError("margin must be non-negative")
+
+    def check(self, fleet: Fleet) -> None:
+        if self.id not in fleet.gateways:
+            raise GatewayError(f"gateway {self.id!r} is not in fleet {fleet.fleet!r}")

@@ -1,0 +1,423 @@
+"""The gateway: relays model and schedule down, folds its subtree's updates, sends one partial up.
+
+Upstream it is a client of its parent's broker; downstream it serves its devices (and
+child gateways) on an embedded broker or an external one. MQTT handlers run on
+paho's threads and the close timer on its own, so all round state sits behind one
+lock. A bad message is counted by reason and never ends the round or the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from nacl.signing import SigningKey, VerifyKey
+
+from broker.embedded import EmbeddedBroker
+from broker.errors import BrokerError, TransportError
+from broker.transport import Message, MqttTransport
+from gateway.config import GatewayConfig, GatewayError
+from tern import __version__, topics
+from tern.codecs import Float32Codec
+from tern.collect import Collector
+from tern.envelope import Envelope, Kind, open_envelope, seal
+from tern.errors import TernError
+from tern.fleet import COORDINATOR, Fleet
+from tern.messages import GlobalModel, RoundSchedule, encode_update
+from tern.reports import RoundMetrics, State, Status
+
+__all__ = ["Gateway", "depth", "expected_contributors"]
+
+log = logging.getLogger(__name__)
+
+_MONITOR_INTERVAL = 0.25
+
+
+def expected_contributors(fleet: Fleet, gateway: str, schedule: RoundSchedule) -> dict[str, int]:
+    """Who `gateway` waits for in a round -> how many participating devices each stands for.
+
+    Its own participating devices (1 each) and its child gateways with at least one
+    participant below them (their participant count).
+    """
+
+    def takes_part(device: str) -> bool:
+        return schedule.participants is None or device in schedule.participants
+
+    out = {d: 1 for d in sorted(fleet.gateways[gateway].devices) if takes_part(d)}
+    for child in fleet.children(gateway):
+        below = sum(1 for d in fleet.devices_below(child) if takes_part(d))
+        if below:
+            out[child] = below
+    return out
+
+
+def depth(fleet: Fleet, gateway: str) -> int:
+    """1 for a gateway whose parent is the coordinator, 1 + its parent's depth otherwise.
+
+    A gateway closes `margin * depth` before the deadline: the deeper, the earlier, so
+    each partial reaches its parent before the parent closes.
+    """
+    n, node = 1, fleet.gateways[gateway].parent
+    while node != COORDINATOR:
+        n, node = n + 1, fleet.gateways[node].parent
+    return n
+
+
+@dataclass
+class _Round:
+    schedule: RoundSchedule
+    collector: Collector
+    stands_for: dict[str, int]
+    opened_at: float
+    close_at: float
+    timer: threading.Timer | None = None
+    extra_rejected: Counter[str] = field(default_factory=Counter)
+
+
+class Gateway:
+    """One gateway of `fleet`, signing with `key`; see GatewayConfig for where it connects."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        fleet: Fleet,
+        key: SigningKey,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        config.check(fleet)
+        self.config = config
+        self.id = config.id
+        self.fleet = fleet
+        self.key = key
+        self.clock = clock
+        entry = fleet.gateways[self.id]
+        self.parent = entry.parent
+        self.depth = depth(fleet, self.id)
+        self._coordinator_keys = {COORDINATOR: fleet.coordinator_key}
+        keys: dict[str, VerifyKey] = dict(entry.devices)
+        keys.update({c: fleet.gateways[c].key for c in fleet.children(self.id)})
+        self._keys = keys
+        self._lock = threading.Condition(threading.RLock())
+        self._models: dict[int, GlobalModel] = {}
+        self._model_bytes: bytes | None = None
+        self._schedule_bytes: bytes | None = None
+        self._pending: RoundSchedule | None = None
+        self._latest_round = -1
+        self._last_opened = -1
+        self._round: _Round | None = None
+        self._outside: Counter[str] = Counter()  # rejected while no round was open
+        self._bytes_down = 0
+        self.metrics: dict[int, RoundMetrics] = {}
+        self.partials: dict[int, bytes] = {}  # round -> sealed partial sent upstream
+        self._stopping = threading.Event()
+        self._broker: EmbeddedBroker | None = None
+        self._monitor: threading.Thread | None = None
+        self._rng = rng if rng is not None else np.random.default_rng()
+        self.upstream: MqttTransport | None = None
+        self.downstream: MqttTransport | None = None
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    @property
+    def downstream_url(self) -> str:
+        """The URL devices and child gateways connect to."""
+        if self.config.downstream_url is not None:
+            return self.config.downstream_url
+        if self._broker is None:
+            raise GatewayError("the gateway has not started: no downstream broker yet")
+        return self._broker.url
+
+    def _status(self, state: State) -> bytes:
+        return Status(self.id, "gateway", state, __version__).to_json()
+
+    def start(self, timeout: float = 10.0) -> Gateway:
+        """Serve downstream, connect both ways, announce online; GatewayError on failure."""
+        f, cfg = self.fleet.fleet, self.config
+        try:
+            if cfg.downstream_url is None:
+                self._broker = EmbeddedBroker(cfg.listen_host, cfg.listen_port).start(timeout)
+            jitter = self._rng.spawn(2)
+            down = MqttTransport(
+                self.downstream_url,
+                f"tern-{f}-{self.id}-down",
+                backoff_min=cfg.backoff_min,
+                backoff_max=cfg.backoff_max,
+                rng=jitter[0],
+            )
+            self.downstream = down
+            down.subscribe(topics.updates_to(f, self.id), self._on_contribution)
+            down.subscribe(topics.partials_to(f, self.id), self._on_contribution)
+            down.connect(timeout)
+            up = MqttTransport(
+                cfg.upstream_url,
+                f"tern-{f}-{self.id}-up",
+                will=(topics.status(f, self.id), self._status(State.OFFLINE)),
+                backoff_min=cfg.backoff_min,
+                backoff_max=cfg.backoff_max,
+                rng=jitter[1],
+            )
+            self.upstream = up
+            up.subscribe(topics.global_model(f), self._on_model)
+            up.subscribe(topics.round_schedule(f), self._on_schedule)
+            up.connect(timeout)
+            up.publish(topics.status(f, self.id), self._status(State.ONLINE), retain=True)
+        except (BrokerError, TransportError) as exc:
+            self.stop()
+            raise GatewayError(f"gateway {self.id} cannot start: {exc}") from exc
+        self._monitor = threading.Thread(
+            target=self._watch_downstream, name=f"gateway-{self.id}-monitor", daemon=True
+        )
+        self._monitor.start()
+        log.info(
+            "gateway %s: upstream %s, downstream %s", self.id, cfg.upstream_url, self.downstream_url
+        )
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel the open round's timer, announce offline, disconnect, stop the broker."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        with self._lock:
+            if self._round is not None and self._round.timer is not None:
+                self._round.timer.cancel()
+            self._round = None
+        if self._monitor is not None:
+            self._monitor.join(timeout)
+        if self.upstream is not None:
+            try:
+                if self.upstream.connected:
+                    self.upstream.publish(
+                        topics.status(self.fleet.fleet, self.id),
+                        self._status(State.OFFLINE),
+                        retain=True,
+                        wait=True,
+                        timeout=timeout,
+                    )
+            except TransportError as exc:
+                log.warning("gateway %s: offline status not sent: %s", self.id, exc)
+            self.upstream.close(timeout)
+        if self.downstream is not None:
+            self.downstream.close(timeout)
+        if self._broker is not None:
+            try:
+                self._broker.stop(timeout)
+            except BrokerError as exc:
+                log.warning("gateway %s: %s", self.id, exc)
+
+    def __enter__(self) -> Gateway:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def open_round(self) -> int | None:
+        """The round being collected now, if any."""
+        with self._lock:
+            return None if self._round is None else self._round.schedule.round
+
+    def wait_for_round(self, round: int, timeout: float) -> RoundMetrics:
+        """The metrics of `round` once it has closed here; TimeoutError after `timeout`."""
+        with self._lock:
+            if not self._lock.wait_for(lambda: round in self.metrics, timeout):
+                raise TimeoutError(f"gateway {self.id}: round {round} not closed in {timeout} s")
+            return self.metrics[round]
+
+    # -- upstream: model and schedule ---------------------------------------------------
+
+    def _open(self, message: Message, kind: Kind) -> Envelope | None:
+        try:
+            return open_envelope(
+                message.payload, self._coordinator_keys, fleet=self.fleet.fleet, kinds=(kind,)
+            )
+        except TernError as exc:
+            log.warning("gateway %s: rejected %s (%s): %s", self.id, kind, exc.reason, exc)
+            return None
+
+    def _relay(self, topic: topics.Topic, data: bytes) -> None:
+        if self.downstream is None:
+            return
+        try:
+            self.downstream.publish(topic, data, retain=True)
+            self._bytes_down += len(data)
+        except TransportError as exc:
+            log.warning("gateway %s: relay of %s failed: %s", self.id, topic, exc)
+
+    def _on_model(self, message: Message) -> None:
+        env = self._open(message, Kind.MODEL)
+        if env is None:
+            return
+        try:
+            model = GlobalModel.from_body(env.body)
+        except TernError as exc:
+            log.warning("gateway %s: bad model (%s): %s", self.id, exc.reason, exc)
+            return
+        with self._lock:
+            self._models[env.model_version] = model
+            for old in sorted(self._models)[:-2]:  # the current and the previous are enough
+                del self._models[old]
+            self._model_bytes = message.payload
+            self._relay(topics.global_model(self.fleet.fleet), message.payload)
+            self._maybe_open()
+
+    def _on_schedule(self, message: Message) -> None:
+        env = self._open(message, Kind.SCHEDULE)
+        if env is None:
+            return
+        try:
+            schedule = RoundSchedule.from_body(env.body)
+        except TernError as exc:
+            log.warning("gateway %s: bad schedule (%s): %s", self.id, exc.reason, exc)
+            return
+        with self._lock:
+            if schedule.round < self._latest_round:
+                return
+            self._latest_round = schedule.round
+            self._schedule_bytes = message.payload
+            self._relay(topics.round_schedule(self.fleet.fleet), message.payload)
+            self._pending = schedule
+            self._maybe_open()
+
+    def _maybe_open(self) -> None:
+        """Open the pending schedule's round once its model is here (caller holds the lock)."""
+        s = self._pending
+        if s is None or s.round <= self._last_opened or self._stopping.is_set():
+            return
+        model = self._models.get(s.model_version)
+        if model is None:
+            return  # the schedule overtook its model: open when the model arrives
+        self._pending = None
+        self._last_opened = s.round
+        if self._round is not None:
+            self._close(self._round)  # superseded by a newer round
+        stands_for = expected_contributors(self.fleet, self.id, s)
+        close_at = s.deadline - self.config.margin * self.depth
+        now = self.clock()
+        if not stands_for:
+            log.info("gateway %s: no participant below for round %d", self.id, s.round)
+            return
+        if now >= close_at:
+            log.warning("gateway %s: round %d closed before it reached us", self.id, s.round)
+            return
+        collector = Collector(
+            fleet=self.fleet.fleet,
+            round=s.round,
+            spec=model.spec,
+            keys=self._keys,
+            expected=stands_for.keys(),
+        )
+        rnd = _Round(s, collector, stands_for, now, close_at, extra_rejected=self._outside)
+        self._outside = Counter()
+        rnd.timer = threading.Timer(close_at - now, self._on_timer, args=(rnd,))
+        rnd.timer.daemon = True
+        self._round = rnd
+        rnd.timer.start()
+        log.info("gateway %s: round %d open, expecting %s", self.id, s.round, sorted(stands_for))
+
+    # -- downstream: updates and partials -------------------------------------------------
+
+    def _on_contribution(self, message: Message) -> None:
+        try:
+            topic = topics.parse(message.topic)
+        except TernError:
+            return  # our filters only deliver our topics
+        sender = topic.sender
+        own = self.fleet.gateways[self.id].devices
+        right_topic = (topic.kind is topics.TopicKind.UPDATE and sender in own) or (
+            topic.kind is topics.TopicKind.PARTIAL and sender in self.fleet.children(self.id)
+        )
+        with self._lock:
+            rnd = self._round
+            if rnd is None:
+                self._outside["no_open_round"] += 1
+                return
+            if not right_topic:
+                rnd.extra_rejected["wrong_topic"] += 1
+                rnd.collector.bytes_in += len(message.payload)
+                return
+            offer = rnd.collector.offer(message.payload, sender)
+            if offer.reason:
+                log.warning(
+                    "gateway %s: rejected from %s (%s): %s",
+                    self.id,
+                    sender,
+                    offer.reason,
+                    offer.message,
+                )
+            if rnd.collector.complete:
+                self._close(rnd)
+
+    def _on_timer(self, rnd: _Round) -> None:
+        with self._lock:
+            self._close(rnd)
+
+    def _close(self, rnd: _Round) -> None:
+        """Fold, send the partial and the metrics (caller holds the lock)."""
+        if self._round is not rnd:
+            return
+        self._round = None
+        if rnd.timer is not None:
+            rnd.timer.cancel()
+        s, collector, f = rnd.schedule, rnd.collector, self.fleet.fleet
+        result = collector.result()
+        if result.count > 0:
+            update, _ = encode_update(Float32Codec(), collector.spec, result)
+            env = Envelope(Kind.PARTIAL, f, s.round, s.model_version, self.id, update.to_body())
+            data = seal(env, self.key)
+            self.partials[s.round] = data
+            self._publish_up(topics.partial(f, self.parent, self.id), data, retain=False)
+        dropped = sum(
+            max(n - (collector.accepted[c].count if c in collector.accepted else 0), 0)
+            for c, n in rnd.stands_for.items()
+        )
+        metrics = RoundMetrics(
+            component=self.id,
+            round=s.round,
+            model_version=s.model_version,
+            contributors=result.count,
+            dropped=dropped,
+            rejected=dict(collector.rejected + rnd.extra_rejected),
+            bytes_up=collector.bytes_in,  # received from below (topics.md "Metrics")
+            bytes_down=self._bytes_down,
+            round_seconds=max(self.clock() - rnd.opened_at, 0.0),
+        )
+        self._bytes_down = 0
+        self._publish_up(topics.metrics(f, self.id), metrics.to_json(), retain=True, qos=0)
+        self.metrics[s.round] = metrics
+        self._lock.notify_all()
+        log.info("gateway %s: round %d closed: %s", self.id, s.round, metrics)
+
+    def _publish_up(self, topic: topics.Topic, data: bytes, *, retain: bool, qos: int = 1) -> None:
+        if self.upstream is None:
+            return
+        try:
+            self.upstream.publish(topic, data, qos=qos, retain=retain)
+        except TransportError as exc:
+            log.warning("gateway %s: publish to %s failed: %s", self.id, topic, exc)
+
+    # -- a restarted downstream broker has lost the retained model and schedule -------------
+
+    def _watch_downstream(self) -> None:
+        seen = 0
+        while not self._stopping.wait(_MONITOR_INTERVAL):
+            down = self.downstream
+            if down is None:
+                continue
+            reconnects = down.stats.reconnects
+            if reconnects == seen or not down.connected:
+                continue
+            seen = reconnects
+            with self._lock:
+                f = self.fleet.fleet
+                if self._model_bytes is not None:
+                    self._relay(topics.global_model(f), self._model_bytes)
+                if self._schedule_bytes is not None:
+                    self._relay(topics.round_schedule(f), self._schedule_bytes)

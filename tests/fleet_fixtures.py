@@ -1,0 +1,73 @@
+"""Fleets with generated keys for tests: any number of gateways, any depth.
+
+`build_fleet({"gw-1": ("coordinator", ["dev-01", "dev-02"]), "gw-1a": ("gw-1", [...])})`
+returns the public `Fleet` and every secret key (coordinator, gateways, devices).
+Keys come from a seeded generator, so a test run is reproducible; `write_fleet`
+puts the fleet file and one key file per component on disk for the command lines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from nacl.signing import SigningKey
+
+from tern.fleet import COORDINATOR, Fleet, GatewayEntry
+from tern.keys import signing_key_to_text
+
+__all__ = ["FleetKit", "build_fleet", "simple_layout", "write_fleet"]
+
+Layout = Mapping[str, tuple[str, Sequence[str]]]  # gateway -> (parent, its devices)
+
+
+@dataclass(frozen=True)
+class FleetKit:
+    fleet: Fleet
+    keys: Mapping[str, SigningKey]  # component id (and "coordinator") -> secret key
+
+    @property
+    def coordinator_key(self) -> SigningKey:
+        return self.keys[COORDINATOR]
+
+
+def build_fleet(layout: Layout, fleet_id: str = "test-fleet", seed: int = 0) -> FleetKit:
+    """A Fleet for `layout`, with a fresh deterministic key for every component."""
+    rng = np.random.default_rng(seed)
+    ids = [COORDINATOR]
+    for gw, (_, devices) in layout.items():
+        ids += [gw, *devices]
+    keys = {i: SigningKey(rng.bytes(32)) for i in ids}
+    gateways = {
+        gw: GatewayEntry(keys[gw].verify_key, parent, {d: keys[d].verify_key for d in devices})
+        for gw, (parent, devices) in layout.items()
+    }
+    return FleetKit(Fleet(fleet_id, keys[COORDINATOR].verify_key, gateways), keys)
+
+
+def simple_layout(gateways: int, devices: int, depth: int = 1) -> dict[str, tuple[str, list[str]]]:
+    """`gateways` chains of `depth` gateways each, `devices` devices on every gateway.
+
+    Chain i is gw-i (parent coordinator), gw-i-2 (parent gw-i), ...; devices are
+    named dev-<gateway>-NN so ids never repeat.
+    """
+    layout: dict[str, tuple[str, list[str]]] = {}
+    for i in range(1, gateways + 1):
+        parent = COORDINATOR
+        for level in range(1, depth + 1):
+            gw = f"gw-{i}" if level == 1 else f"gw-{i}-{level}"
+            layout[gw] = (parent, [f"dev-{gw[3:]}-{d:02d}" for d in range(1, devices + 1)])
+            parent = gw
+    return layout
+
+
+def write_fleet(kit: FleetKit, directory: Path) -> Path:
+    """Write fleet.json and <id>.key for every component; return the fleet file's path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "fleet.json"
+    path.write_text(kit.fleet.to_json())
+    for component, key in kit.keys.items():
+        (directory / f"{component}.key").write_text(signing_key_to_text(key) + "\n")
+    return path

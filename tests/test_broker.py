@@ -1,0 +1,176 @@
+"""The embedded amqtt broker: start, stop, config, and `python -m broker`."""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from broker.embedded import ANONYMOUS, DEFAULT_CONFIG, EmbeddedBroker, load_config, merge_config
+from broker.errors import BrokerConfigError, BrokerError, BrokerStartError, ConnectRefused
+from broker.transport import MqttTransport, format_url
+from tern import topics
+from tests.mqtt_fixtures import Inbox
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def test_embedded_broker_on_port_0_reports_its_real_port() -> None:
+    embedded = EmbeddedBroker("127.0.0.1", 0)
+
+    with embedded:
+        port = embedded.port
+        assert port != 0 and accepts(port)
+        assert embedded.url == f"mqtt://127.0.0.1:{port}"
+
+    assert not accepts(port)
+    assert not embedded.running
+
+
+def test_embedded_broker_port_is_unknown_before_start() -> None:
+    with pytest.raises(BrokerError, match="not started"):
+        _ = EmbeddedBroker("127.0.0.1", 0).port
+
+
+def test_embedded_broker_refuses_to_start_on_a_port_in_use() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+
+        with pytest.raises(BrokerStartError) as caught:
+            EmbeddedBroker("127.0.0.1", port).start(timeout=5)
+
+    assert caught.value.port == port
+
+
+def test_embedded_broker_restarts_on_the_same_port_as_a_new_instance() -> None:
+    first = EmbeddedBroker("127.0.0.1", 0).start()
+    port = first.port
+    first.stop()
+
+    with EmbeddedBroker("127.0.0.1", port) as second:
+        assert second.port == port and accepts(port)
+        with pytest.raises(BrokerError, match="starts once"):
+            second.start()
+
+
+def test_config_file_is_merged_over_the_defaults(tmp_path: Path) -> None:
+    config = tmp_path / "broker.yaml"
+    config.write_text(
+        f"timeout_disconnect_delay: 2\nplugins:\n  - {ANONYMOUS}:\n      allow_anonymous: false\n"
+    )
+
+    embedded = EmbeddedBroker("127.0.0.1", 0, config=config)
+
+    assert embedded.config["timeout_disconnect_delay"] == 2
+    assert embedded.config["plugins"] == {ANONYMOUS: {"allow_anonymous": False}}
+    assert embedded.config["listeners"]["default"] == {"type": "tcp", "bind": "127.0.0.1:0"}
+    with embedded, pytest.raises(ConnectRefused):
+        MqttTransport(embedded.url, "dev-1").connect(timeout=5)
+
+
+def test_json_config_file_is_read(tmp_path: Path) -> None:
+    config = tmp_path / "broker.json"
+    config.write_text(json.dumps({"listeners": {"default": {"max_connections": 5}}}))
+
+    assert load_config(config) == {"listeners": {"default": {"max_connections": 5}}}
+
+
+@pytest.mark.parametrize(
+    ("name", "text"), [("bad.json", "{"), ("bad.yaml", "a: [1"), ("list.yaml", "- 1\n")]
+)
+def test_unreadable_config_raises_a_config_error(tmp_path: Path, name: str, text: str) -> None:
+    (tmp_path / name).write_text(text)
+
+    with pytest.raises(BrokerConfigError, match=name):
+        EmbeddedBroker(config=tmp_path / name)
+
+
+def test_config_amqtt_rejects_fails_the_start() -> None:
+    with pytest.raises(BrokerStartError, match="no_such_option"):
+        EmbeddedBroker("127.0.0.1", 0, config={"no_such_option": 1}).start(timeout=5)
+
+
+def test_merge_config_merges_mappings_and_replaces_the_rest() -> None:
+    base = {"a": {"x": 1, "y": [1]}, "b": 1}
+
+    merged = merge_config(base, {"a": {"y": [2], "z": 3}, "c": 4})
+
+    assert merged == {"a": {"x": 1, "y": [2], "z": 3}, "b": 1, "c": 4}
+    assert base == {"a": {"x": 1, "y": [1]}, "b": 1}
+
+
+def test_merge_config_keeps_default_plugins_when_a_list_adds_one() -> None:
+    merged = merge_config(DEFAULT_CONFIG, {"plugins": ["my.Plugin", {"other.Plugin": {"k": 1}}]})
+
+    assert merged["plugins"] == {
+        ANONYMOUS: {"allow_anonymous": True},
+        "my.Plugin": {},
+        "other.Plugin": {"k": 1},
+    }
+
+
+def test_default_config_has_no_sys_topics_or_packet_logging() -> None:
+    assert list(DEFAULT_CONFIG["plugins"]) == [ANONYMOUS]
+
+
+def _lines(stream: object, into: queue.Queue[str]) -> None:
+    for line in stream:  # type: ignore[attr-defined]
+        into.put(line)
+
+
+def test_python_m_broker_serves_until_sigterm_and_exits_0() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "broker", "--host", "127.0.0.1", "--port", "0"],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_lines, args=(process.stderr, lines), daemon=True).start()
+    try:
+        port = 0
+        while not port:  # the log line says where it listens (port 0: chosen by the OS)
+            found = re.search(r"listening on mqtt://127\.0\.0\.1:(\d+)", lines.get(timeout=10))
+            port = int(found.group(1)) if found else 0
+        inbox = Inbox()
+        with MqttTransport(format_url("127.0.0.1", port), "dev-1").connect(timeout=5) as client:
+            client.subscribe(topics.status_all("plant-7"), inbox)
+
+        process.send_signal(signal.SIGTERM)
+
+        assert process.wait(timeout=10) == 0
+    finally:
+        process.kill()
+        process.wait(timeout=5)
+
+
+def test_python_m_broker_exits_1_when_its_port_is_taken() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+
+        result = subprocess.run(
+            [sys.executable, "-m", "broker", "--port", str(port)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+
+    assert result.returncode == 1
+    assert str(port) in result.stderr

@@ -1,0 +1,483 @@
+"""Gateways against real brokers: the test plays the coordinator upstream, real devices below."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nacl.signing import SigningKey
+
+from broker.transport import Message, MqttTransport
+from device.agent import DeviceAgent
+from gateway import Gateway, GatewayConfig, depth, expected_contributors
+from kernels.reference import init_weights, mlp_spec, train_local
+from tern import topics
+from tern.aggregate import Accumulator, Partial
+from tern.codecs import CodecName, Float32Codec, codec_for
+from tern.envelope import Envelope, Kind, open_envelope, seal
+from tern.fleet import COORDINATOR
+from tern.messages import GlobalModel, RoundSchedule, TrainConfig, Update, encode_update
+from tern.reports import RoundMetrics, State, Status
+from tern.spec import ModelSpec
+from tern.tensors import TypedArrayTag, encode_array
+from tests.fleet_fixtures import FleetKit, build_fleet, simple_layout, write_fleet
+from tests.mqtt_fixtures import AmqttBroker, Inbox, MakeTransport, MosquittoBroker, RunningBroker
+
+SPEC = mlp_spec([8, 6, 3])
+TRAIN = TrainConfig(epochs=1, batch_size=8, lr=0.1)
+SEED = 7
+WAIT = 10.0
+REPO = Path(__file__).resolve().parents[1]
+
+
+def device_data(device: str) -> tuple[np.ndarray, np.ndarray]:
+    """A small synthetic data set, different per device, the same every run."""
+    rng = np.random.default_rng(zlib.crc32(device.encode()))
+    n = 20 + zlib.crc32(device.encode()) % 13
+    x = rng.standard_normal((n, 8), dtype=np.float32)
+    return x, (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1).astype(np.int64)
+
+
+def model_weights(version: int) -> np.ndarray:
+    return init_weights(SPEC, np.random.default_rng(version))
+
+
+class Coordinator:
+    """The test's stand-in coordinator: seals model and schedule, publishes them retained."""
+
+    def __init__(self, kit: FleetKit, transport: MqttTransport) -> None:
+        self.kit, self.transport = kit, transport
+        self.partials = Inbox()
+        self.metrics = Inbox()
+        f = kit.fleet.fleet
+        transport.subscribe(topics.partials_to(f, COORDINATOR), self.partials)
+        transport.subscribe(topics.metrics(f, "gw-1"), self.metrics)
+
+    def open_round(
+        self,
+        round: int,
+        version: int,
+        *,
+        participants: Sequence[str] | None = None,
+        seconds: float = 3.0,
+        codec: CodecName = CodecName.TERNARY,
+    ) -> RoundSchedule:
+        f, key = self.kit.fleet.fleet, self.kit.coordinator_key
+        model = GlobalModel(SPEC, model_weights(version))
+        env = Envelope(Kind.MODEL, f, round, version, COORDINATOR, model.to_body())
+        self.transport.publish(topics.global_model(f), seal(env, key), retain=True, wait=True)
+        schedule = RoundSchedule(
+            round=round,
+            model_version=version,
+            codec=codec,
+            deadline=time.time() + seconds,
+            min_contributors=1,
+            participants=None if participants is None else tuple(sorted(participants)),
+            seed=SEED,
+            train=TRAIN,
+        )
+        env = Envelope(Kind.SCHEDULE, f, round, version, COORDINATOR, schedule.to_body())
+        self.transport.publish(topics.round_schedule(f), seal(env, key), retain=True, wait=True)
+        return schedule
+
+    def partial_from(self, gateway: str, round: int) -> Partial:
+        def sent(m: Message) -> bool:
+            return topics.parse(m.topic).sender == gateway
+
+        data = self.partials.wait_for(sent, WAIT).payload
+        keys = {gateway: self.kit.fleet.gateways[gateway].key}
+        env = open_envelope(data, keys, fleet=self.kit.fleet.fleet, kinds=(Kind.PARTIAL,))
+        assert env.round == round
+        return Update.from_body(env.body).check(SPEC).to_partial()
+
+
+def expected_update(
+    device: str, version: int, codec: CodecName, residual: np.ndarray | None = None
+) -> tuple[Partial, np.ndarray]:
+    """Re-derive a device's update in-process: the same training, seeds and encoding."""
+    x, y = device_data(device)
+    w = model_weights(version)
+    rng = np.random.default_rng([SEED, zlib.crc32(device.encode())])
+    delta = train_local(SPEC, w, x, y, TRAIN, rng) - w
+    n = x.shape[0]
+    partial = Partial((delta * np.float32(n)).astype(np.float32), float(n), 1)
+    update, new_residual = encode_update(codec_for(codec), SPEC, partial, residual)
+    return update.check(SPEC).to_partial(), new_residual
+
+
+def fold(parts: dict[str, Partial]) -> Partial:
+    acc = Accumulator(SPEC.size)
+    for sender in sorted(parts):
+        acc.add(parts[sender])
+    return acc.result()
+
+
+def assert_same_bits(got: Partial, want: Partial) -> None:
+    assert got.weighted_sum.tobytes() == want.weighted_sum.tobytes()
+    assert (got.total_weight, got.count) == (want.total_weight, want.count)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.02)
+
+
+class Rig:
+    """Gateways and devices of one fleet under one upstream broker, stopped at the end."""
+
+    def __init__(self, kit: FleetKit, upstream_url: str, stack: ExitStack) -> None:
+        self.kit, self.upstream_url, self.stack = kit, upstream_url, stack
+        self.gateways: dict[str, Gateway] = {}
+        self.devices: dict[str, DeviceAgent] = {}
+
+    def gateway(self, gw: str, *, downstream_url: str | None = None) -> Gateway:
+        parent = self.kit.fleet.gateways[gw].parent
+        upstream = self.upstream_url if parent == COORDINATOR else self.gateways[parent]
+        url = upstream if isinstance(upstream, str) else upstream.downstream_url
+        config = GatewayConfig(
+            gw,
+            url,
+            downstream_url=downstream_url,
+            listen_port=0,
+            margin=0.3,
+            backoff_min=0.05,
+            backoff_max=0.3,
+        )
+        gateway = Gateway(config, self.kit.fleet, self.kit.keys[gw], rng=np.random.default_rng(1))
+        self.stack.callback(gateway.stop)
+        self.gateways[gw] = gateway.start()
+        return gateway
+
+    def device(self, dev: str) -> DeviceAgent:
+        gw = self.kit.fleet.gateway_of(dev)
+        x, y = device_data(dev)
+        agent = DeviceAgent(
+            dev,
+            self.kit.fleet,
+            self.kit.keys[dev],
+            self.gateways[gw].downstream_url,
+            x,
+            y,
+            backoff_min=0.05,
+            backoff_max=0.3,
+            rng=np.random.default_rng(2),
+        )
+        self.stack.callback(agent.stop)
+        self.devices[dev] = agent.start()
+        return agent
+
+
+@pytest.fixture
+def stack() -> Iterator[ExitStack]:
+    with ExitStack() as s:
+        yield s
+
+
+ONE = {"gw-1": (COORDINATOR, ["dev-01", "dev-02", "dev-03"])}
+
+
+def test_gateway_partial_is_the_fold_of_its_devices_updates(
+    any_broker: RunningBroker, make_transport: MakeTransport, stack: ExitStack
+) -> None:
+    kit = build_fleet(ONE)
+    coordinator = Coordinator(kit, make_transport(any_broker.url, "coord"))
+    rig = Rig(kit, any_broker.url, stack)
+    gateway = rig.gateway("gw-1")
+    for dev in ONE["gw-1"][1]:
+        rig.device(dev)
+
+    coordinator.open_round(1, 1, seconds=5.0)
+    metrics = gateway.wait_for_round(1, WAIT)
+    got = coordinator.partial_from("gw-1", 1)
+
+    want, residuals = {}, {}
+    for dev in ONE["gw-1"][1]:
+        want[dev], residuals[dev] = expected_update(dev, 1, CodecName.TERNARY)
+    assert_same_bits(got, fold(want))
+    assert (metrics.contributors, metrics.dropped, metrics.rejected) == (3, 0, {})
+    published = RoundMetrics.from_json(coordinator.metrics.wait_for(timeout=WAIT).payload)
+    assert published == metrics
+
+    # Round 2: every device carries its error-feedback residual over.
+    coordinator.partials.messages.clear()
+    coordinator.open_round(2, 2, seconds=5.0)
+    gateway.wait_for_round(2, WAIT)
+    got = coordinator.partial_from("gw-1", 2)
+    want = {d: expected_update(d, 2, CodecName.TERNARY, residuals[d])[0] for d in residuals}
+    assert_same_bits(got, fold(want))
+
+
+def test_gateway_folds_a_child_gateway_as_a_heavier_contributor(
+    amqtt_broker: AmqttBroker, make_transport: MakeTransport, stack: ExitStack
+) -> None:
+    layout = simple_layout(1, 2, depth=2)  # gw-1 (dev-1-01, dev-1-02) > gw-1-2 (dev-1-2-..)
+    kit = build_fleet(layout)
+    coordinator = Coordinator(kit, make_transport(amqtt_broker.url, "coord"))
+    rig = Rig(kit, amqtt_broker.url, stack)
+    rig.gateway("gw-1")
+    child = rig.gateway("gw-1-2")
+    for dev in kit.fleet.devices:
+        rig.device(dev)
+
+    coordinator.open_round(1, 1, seconds=5.0, codec=CodecName.FLOAT16)
+    parent_metrics = rig.gateways["gw-1"].wait_for_round(1, WAIT)
+    got = coordinator.partial_from("gw-1", 1)
+
+    child_part = fold({d: expected_update(d, 1, CodecName.FLOAT16)[0] for d in layout["gw-1-2"][1]})
+    sealed = child.partials[1]
+    assert (
+        open_envelope(
+            sealed,
+            {"gw-1-2": kit.keys["gw-1-2"].verify_key},
+            fleet=kit.fleet.fleet,
+            kinds=(Kind.PARTIAL,),
+        ).sender
+        == "gw-1-2"
+    )
+    parts = {d: expected_update(d, 1, CodecName.FLOAT16)[0] for d in layout["gw-1"][1]}
+    parts["gw-1-2"] = child_part
+    assert_same_bits(got, fold(parts))
+    assert got.count == 4
+    assert (parent_metrics.contributors, parent_metrics.dropped) == (4, 0)
+    assert depth(kit.fleet, "gw-1-2") == 2
+
+
+def test_gateway_closes_at_its_deadline_without_a_killed_device(
+    amqtt_broker: AmqttBroker, make_transport: MakeTransport, stack: ExitStack
+) -> None:
+    kit = build_fleet(ONE)
+    coordinator = Coordinator(kit, make_transport(amqtt_broker.url, "coord"))
+    rig = Rig(kit, amqtt_broker.url, stack)
+    gateway = rig.gateway("gw-1")
+    for dev in ONE["gw-1"][1]:
+        rig.device(dev)
+    rig.devices["dev-03"].stop()
+
+    start = time.monotonic()
+    coordinator.open_round(1, 1, seconds=1.5)
+    metrics = gateway.wait_for_round(1, WAIT)
+    elapsed = time.monotonic() - start
+
+    assert (metrics.contributors, metrics.dropped) == (2, 1)
+    assert 1.0 <= elapsed < 1.5 + 2.0  # closes at deadline - margin, not before
+    got = coordinator.partial_from("gw-1", 1)
+    want = {d: expected_update(d, 1, CodecName.TERNARY)[0] for d in ("dev-01", "dev-02")}
+    assert_same_bits(got, fold(want))
+
+    # The device comes back and takes part in the next round.
+    rig.device("dev-03")
+    coordinator.open_round(2, 2, seconds=5.0)
+    metrics = gateway.wait_for_round(2, WAIT)
+    assert (metrics.contributors, metrics.dropped) == (3, 0)
+
+
+def _sealed(kit: FleetKit, sender: str, round: int, body: object, **kw: object) -> bytes:
+    env = Envelope(Kind.UPDATE, str(kw.get("fleet", kit.fleet.fleet)), round, 1, sender, body)
+    key = kw.get("key", kit.keys[sender])
+    assert isinstance(key, SigningKey)
+    return seal(env, key)
+
+
+def _valid_body(seed: int) -> object:
+    delta = np.random.default_rng(seed).standard_normal(SPEC.size).astype(np.float32)
+    update, _ = encode_update(codec_for(CodecName.TERNARY), SPEC, Partial(delta, 10.0, 1))
+    return update.to_body()
+
+
+def test_gateway_counts_bad_input_by_reason_and_completes_the_round(
+    amqtt_broker: AmqttBroker, make_transport: MakeTransport, stack: ExitStack
+) -> None:
+    kit = build_fleet(ONE)
+    f = kit.fleet.fleet
+    coordinator = Coordinator(kit, make_transport(amqtt_broker.url, "coord"))
+    rig = Rig(kit, amqtt_broker.url, stack)
+    gateway = rig.gateway("gw-1")
+    rig.device("dev-01")
+    rig.device("dev-02")
+    attacker = make_transport(gateway.downstream_url, "attacker")  # plays dev-03 and worse
+    own_topic = topics.update(f, "gw-1", "dev-03")
+
+    wrong_shape, _ = encode_update(
+        Float32Codec(), ModelSpec.of({"w0": (2, 2)}), Partial(np.ones(4, np.float32), 1.0, 1)
+    )
+    nan = np.full(1, np.nan, dtype=np.float32)
+    nan_body = Update(
+        CodecName.FLOAT32,
+        10.0,
+        1,
+        tuple(
+            encode_array(np.resize(nan, t.shape), TypedArrayTag.FLOAT32_LE) for t in SPEC.tensors
+        ),
+    ).to_body()
+    bad_input = [
+        (own_topic, b"\xff\x00 not an envelope"),
+        (own_topic, _sealed(kit, "dev-03", 1, wrong_shape.to_body())),
+        (own_topic, _sealed(kit, "dev-03", 1, nan_body)),
+        (own_topic, _sealed(kit, "dev-03", 0, _valid_body(1))),
+        (own_topic, _sealed(kit, "dev-03", 1, _valid_body(2), fleet="other-fleet")),
+        (own_topic, _sealed(kit, "dev-03", 1, _valid_body(3), key=SigningKey(bytes(32)))),
+        (topics.update(f, "gw-1", "dev-01"), _sealed(kit, "dev-03", 1, _valid_body(4))),
+    ]
+
+    coordinator.open_round(1, 1, seconds=5.0)
+    wait_until(lambda: gateway.open_round == 1)
+    for topic, data in bad_input:
+        attacker.publish(topic, data, wait=True)
+    attacker.publish(own_topic, _sealed(kit, "dev-03", 1, _valid_body(5)), wait=True)
+    metrics = gateway.wait_for_round(1, WAIT)
+
+    assert metrics.rejected == {
+        "malformed": 1,
+        "wrong_shape": 1,
+        "non_finite": 1,
+        "stale_round": 1,
+        "wrong_fleet": 1,
+        "bad_signature": 1,
+        "wrong_sender": 1,
+    }
+    assert (metrics.contributors, metrics.dropped) == (3, 0)
+    published = RoundMetrics.from_json(coordinator.metrics.wait_for(timeout=WAIT).payload)
+    assert published.rejected == metrics.rejected
+
+    # Still running: the next round completes with the good devices alone.
+    coordinator.open_round(2, 2, participants=["dev-01", "dev-02"], seconds=5.0)
+    assert gateway.wait_for_round(2, WAIT).contributors == 2
+
+
+def test_gateway_rejects_an_update_on_a_partial_topic(
+    amqtt_broker: AmqttBroker, make_transport: MakeTransport, stack: ExitStack
+) -> None:
+    kit = build_fleet(ONE)
+    coordinator = Coordinator(kit, make_transport(amqtt_broker.url, "coord"))
+    rig = Rig(kit, amqtt_broker.url, stack)
+    gateway = rig.gateway("gw-1")
+    attacker = make_transport(gateway.downstream_url, "attacker")
+
+    coordinator.open_round(1, 1, participants=["dev-03"], seconds=1.5)
+    wait_until(lambda: gateway.open_round == 1)
+    wrong = topics.partial(kit.fleet.fleet, "gw-1", "dev-03")
+    attacker.publish(wrong, _sealed(kit, "dev-03", 1, _valid_body(1)), wait=True)
+    metrics = gateway.wait_for_round(1, WAIT)
+
+    assert metrics.rejected == {"wrong_topic": 1}
+    assert (metrics.contributors, metrics.dropped) == (0, 1)
+    assert 1 not in gateway.partials  # nothing accepted: no partial
+
+
+def test_device_rejoins_after_the_downstream_broker_restarts(
+    amqtt_broker: AmqttBroker,
+    mosquitto_broker: MosquittoBroker,
+    make_transport: MakeTransport,
+    stack: ExitStack,
+) -> None:
+    # Downstream on mosquitto: the gateway here uses an external broker, and stopping
+    # amqtt with clients attached sometimes hung past 10 s here (a broker issue, reported).
+    kit = build_fleet({"gw-1": (COORDINATOR, ["dev-01"])})
+    coordinator = Coordinator(kit, make_transport(amqtt_broker.url, "coord"))
+    downstream = mosquitto_broker
+    rig = Rig(kit, amqtt_broker.url, stack)
+    gateway = rig.gateway("gw-1", downstream_url=downstream.url)
+    device = rig.device("dev-01")
+    coordinator.open_round(1, 1, seconds=5.0)
+    assert gateway.wait_for_round(1, WAIT).contributors == 1
+
+    downstream.restart()
+    assert gateway.downstream is not None
+    down = gateway.downstream
+    wait_until(lambda: down.stats.reconnects >= 1 and down.connected)
+    wait_until(lambda: device.transport.stats.reconnects >= 1 and device.transport.connected)
+    coordinator.open_round(2, 2, seconds=5.0)
+
+    assert gateway.wait_for_round(2, WAIT).contributors == 1
+    assert device.wait_for_round(2, WAIT).error == ""
+
+
+def test_expected_contributors_counts_participants_below_each_child() -> None:
+    kit = build_fleet(simple_layout(1, 2, depth=3))
+    schedule = RoundSchedule(1, 1, CodecName.TERNARY, 0.0, 1, ("dev-1-01", "dev-1-3-02"))
+    assert expected_contributors(kit.fleet, "gw-1", schedule) == {"dev-1-01": 1, "gw-1-2": 1}
+    assert expected_contributors(kit.fleet, "gw-1-2", schedule) == {"gw-1-3": 1}
+    everyone = RoundSchedule(1, 1, CodecName.TERNARY, 0.0, 1, None)
+    assert expected_contributors(kit.fleet, "gw-1", everyone) == {
+        "dev-1-01": 1,
+        "dev-1-02": 1,
+        "gw-1-2": 4,
+    }
+    assert [depth(kit.fleet, g) for g in ("gw-1", "gw-1-2", "gw-1-3")] == [1, 2, 3]
+
+
+def test_gateway_command_serves_and_shuts_down_cleanly_on_sigterm(
+    amqtt_broker: AmqttBroker, make_transport: MakeTransport, tmp_path: Path
+) -> None:
+    kit = build_fleet(ONE)
+    fleet_file = write_fleet(kit, tmp_path)
+    status = Inbox()
+    watcher = make_transport(amqtt_broker.url, "watcher")
+    watcher.subscribe(topics.status(kit.fleet.fleet, "gw-1"), status)
+    argv = [
+        sys.executable,
+        "-m",
+        "gateway",
+        "--id",
+        "gw-1",
+        "--fleet-file",
+        str(fleet_file),
+        "--key",
+        str(tmp_path / "gw-1.key"),
+        "--upstream",
+        amqtt_broker.url,
+        "--listen",
+        "127.0.0.1:0",
+        "--margin",
+        "0.2",
+    ]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO)
+    try:
+        lines: list[bytes] = []
+        reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()))  # type: ignore[union-attr]
+        reader.start()
+        reader.join(WAIT)
+        assert lines and b"serving on mqtt://127.0.0.1:" in lines[0], lines
+        status.wait_for(lambda m: Status.from_json(m.payload).state is State.ONLINE, WAIT)
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT) == 0
+        status.wait_for(lambda m: Status.from_json(m.payload).state is State.OFFLINE, WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_child_gateway_closes_before_its_parent_when_a_device_is_missing(
+    amqtt_broker: AmqttBroker, make_transport: MakeTransport, stack: ExitStack
+) -> None:
+    layout = simple_layout(1, 2, depth=2)
+    kit = build_fleet(layout)
+    coordinator = Coordinator(kit, make_transport(amqtt_broker.url, "coord"))
+    rig = Rig(kit, amqtt_broker.url, stack)
+    parent = rig.gateway("gw-1")
+    child = rig.gateway("gw-1-2")
+    for dev in kit.fleet.devices:
+        rig.device(dev)
+    rig.devices["dev-1-2-02"].stop()
+
+    coordinator.open_round(1, 1, seconds=1.5)
+    child_metrics = child.wait_for_round(1, WAIT)
+    parent_metrics = parent.wait_for_round(1, WAIT)
+
+    assert (child_metrics.contributors, child_metrics.dropped) == (1, 1)
+    assert (parent_metrics.contributors, parent_metrics.dropped) == (3, 1)
+    assert coordinator.partial_from("gw-1", 1).count == 3
