@@ -119,6 +119,7 @@ class EmbeddedBroker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_requested: asyncio.Event | None = None
         self._started = threading.Event()
+        self._abandoned = threading.Event()
         self._start_error: BaseException | None = None
 
     @property
@@ -146,6 +147,7 @@ class EmbeddedBroker:
         )
         self._thread.start()
         if not self._started.wait(timeout):
+            self._abandoned.set()
             self._request_stop()
             raise BrokerStartError(
                 f"not accepting connections within {timeout:g} s", self.host, self._requested_port
@@ -201,16 +203,21 @@ class EmbeddedBroker:
         # Imported here so that `tern` commands other than `broker` do not load amqtt.
         from amqtt.broker import Broker
 
+        listening = False
         try:
             broker = Broker(self.config)
             await broker.start()
+            listening = True
             self._port = _bound_port(broker)
         except Exception as exc:
             self._start_error = exc
             self._started.set()
+            if listening:
+                await broker.shutdown()
             return
         self._started.set()
-        await self._stop_requested.wait()
+        if not self._abandoned.is_set():  # start() gave up waiting: do not serve anyway
+            await self._stop_requested.wait()
         await broker.shutdown()
 
 

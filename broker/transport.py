@@ -17,16 +17,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
-from urllib.parse import urlsplit
 
 import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
+from broker.acks import Ack, Acks
 from broker.errors import (
     ConnectRefused,
     ConnectTimeout,
@@ -36,6 +36,7 @@ from broker.errors import (
     SubscribeTimeout,
     TransportError,
 )
+from broker.urls import DEFAULT_PORT, format_url, parse_url
 from tern.topics import Topic
 
 __all__ = [
@@ -51,8 +52,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PORT = 1883
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,24 +103,6 @@ class TransportStats:
     reconnects: int = 0
 
 
-def parse_url(url: str) -> tuple[str, int]:
-    """``mqtt://host[:port]`` -> (host, port); TransportError when it is not one."""
-    try:
-        parts = urlsplit(url)
-        host, port = parts.hostname, parts.port
-    except ValueError as exc:
-        raise TransportError(f"{url!r} is not a broker URL: {exc}") from exc
-    if parts.scheme != "mqtt" or not host or parts.path not in ("", "/"):
-        raise TransportError(f"{url!r} is not a broker URL (mqtt://host:port)")
-    return host, DEFAULT_PORT if port is None else port
-
-
-def format_url(host: str, port: int) -> str:
-    """The URL a client uses to reach a listener on `host` (loopback for a wildcard)."""
-    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"mqtt://[{host}]:{port}" if ":" in host else f"mqtt://{host}:{port}"
-
-
 def backoff_delay(attempt: int, minimum: float, maximum: float, rng: np.random.Generator) -> float:
     """Seconds before reconnect `attempt` (0 first): the capped exponential, jittered.
 
@@ -130,67 +111,6 @@ def backoff_delay(attempt: int, minimum: float, maximum: float, rng: np.random.G
     """
     ceiling = min(maximum, minimum * 2.0 ** min(attempt, 64))
     return float(ceiling * rng.uniform(0.5, 1.0))
-
-
-@dataclass(slots=True)
-class _Ack:
-    event: threading.Event = field(default_factory=threading.Event)
-    ok: bool = True
-
-
-class _Acks:
-    """Acknowledgements (PUBACK, SUBACK) that callers wait for, by packet id.
-
-    paho can process an acknowledgement on its thread before `publish()` has even
-    returned the packet id to the caller, so an ack nobody waits for is kept while a
-    registration is in progress (and only then, so the set stays small).
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._waiting: dict[int, _Ack] = {}
-        self._early: dict[int, bool] = {}
-        self._opening = 0
-
-    def begin(self) -> None:
-        with self._lock:
-            self._opening += 1
-
-    def register(self, mid: int) -> _Ack:
-        ack = _Ack()
-        with self._lock:
-            if mid in self._early:
-                ack.ok = self._early.pop(mid)
-                ack.event.set()
-            else:
-                self._waiting[mid] = ack
-            self._end()
-        return ack
-
-    def cancel(self) -> None:
-        with self._lock:
-            self._end()
-
-    def forget(self, mid: int) -> None:
-        with self._lock:
-            self._waiting.pop(mid, None)
-
-    def ack(self, mid: int, ok: bool) -> bool:
-        """Record the ack of `mid`; True when somebody was waiting for it."""
-        with self._lock:
-            ack = self._waiting.pop(mid, None)
-            if ack is None:
-                if self._opening:
-                    self._early[mid] = ok
-                return False
-        ack.ok = ok
-        ack.event.set()
-        return True
-
-    def _end(self) -> None:
-        self._opening -= 1
-        if self._opening == 0:
-            self._early.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,8 +152,8 @@ class MqttTransport:
         self._subscriptions: dict[str, _Subscription] = {}
         self._connected = False
         self._counts = dict.fromkeys(TransportStats.__dataclass_fields__, 0)
-        self._acks = _Acks()
-        self._resubscribed: list[tuple[_Subscription, _Ack]] = []
+        self._acks = Acks()
+        self._resubscribed: list[tuple[_Subscription, Ack]] = []
         self._connack = threading.Event()
         self._disconnected = threading.Event()
         self._closing = threading.Event()
@@ -410,7 +330,7 @@ class MqttTransport:
     def _in_handler(self) -> bool:
         return bool(getattr(self._handling, "active", False))
 
-    def _send_subscribe(self, sub: _Subscription) -> _Ack | None:
+    def _send_subscribe(self, sub: _Subscription) -> Ack | None:
         """Send one SUBSCRIBE (caller holds the lock); None when the connection is gone."""
         self._acks.begin()
         rc, mid = self._client.subscribe(sub.filter.path, sub.qos)
@@ -419,9 +339,7 @@ class MqttTransport:
             return None  # the connection dropped under us: on_connect sends it again
         return self._acks.register(mid)
 
-    def _await_suback(
-        self, sub: _Subscription, ack: _Ack, remaining: float, timeout: float
-    ) -> None:
+    def _await_suback(self, sub: _Subscription, ack: Ack, remaining: float, timeout: float) -> None:
         if not ack.event.wait(max(remaining, 0.0)):
             raise SubscribeTimeout(sub.filter.path, timeout)
         if not ack.ok:
