@@ -15,16 +15,16 @@ import copy
 import json
 import logging
 import os
-import signal
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import yaml  # type: ignore[import-untyped]  # amqtt depends on PyYAML; no stubs
 
 from broker.errors import BrokerConfigError, BrokerError, BrokerStartError, BrokerStopError
+from broker.lifecycle import configure_logging, quiet_third_party_logs, stop_on_signals
 from broker.transport import format_url
 
 if TYPE_CHECKING:
@@ -257,12 +257,6 @@ def _bound_port(broker: Broker) -> int:
 # -- command line ----------------------------------------------------------------------
 
 
-def quiet_third_party_logs(level: int = logging.WARNING) -> None:
-    """amqtt logs every connection and `transitions` every state change at INFO."""
-    for name in ("amqtt", "transitions"):
-        logging.getLogger(name).setLevel(level)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     parser.add_argument("--port", type=int, default=1883, help="port; 0 picks a free one (1883)")
@@ -272,27 +266,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM, then shut down cleanly (exit status 0)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if not args.verbose:
-        quiet_third_party_logs()
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("%s received, shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_signal)
-    try:
-        embedded = EmbeddedBroker(args.host, args.port, config=args.config).start()
-    except BrokerError as exc:
-        log.error("%s", exc)
-        return 1
-    # Wake up now and then to notice a broker thread that died on its own.
-    while not stop.wait(0.5):
-        if not embedded.running:
-            log.error("the broker stopped unexpectedly")
+    configure_logging(args.verbose)
+    with stop_on_signals(log) as stop:
+        try:
+            embedded = EmbeddedBroker(args.host, args.port, config=args.config).start()
+        except BrokerError as exc:
+            log.error("%s", exc)
             return 1
+        # Wake up now and then to notice a broker thread that died on its own.
+        while not stop.wait(0.5):
+            if not embedded.running:
+                log.error("the broker stopped unexpectedly")
+                return 1
     try:
         embedded.stop()
     except BrokerStopError as exc:

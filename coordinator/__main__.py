@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
 import numpy as np
 
+from broker.lifecycle import configure_logging, stop_on_signals
 from coordinator.config import CoordinatorConfig, CoordinatorError
 from coordinator.service import Coordinator, TestSet
 from tern.codecs import CodecName
@@ -22,6 +20,9 @@ from tern.keys import signing_key_from_text
 from tern.messages import TrainConfig
 
 __all__ = ["add_arguments", "build_parser", "command", "main", "run"]
+
+
+log = logging.getLogger("coordinator")
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -124,28 +125,20 @@ def run(args: argparse.Namespace) -> int:
     key = signing_key_from_text(args.key.read_text(encoding="utf-8"))
     test_set = load_test_set(args.test_set) if args.test_set is not None else None
     coordinator = Coordinator(config, fleet, key, test_set=test_set)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        coordinator.start()
-        # wake up now and then: signal handlers run on the main thread between waits
-        while not stop.is_set() and not coordinator.wait_finished(0.2):
-            pass
-    finally:
-        coordinator.stop()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    with stop_on_signals(log) as stop:
+        try:
+            coordinator.start()
+            # wake up now and then: signal handlers run on the main thread between waits
+            while not stop.is_set() and not coordinator.wait_finished(0.2):
+                pass
+        finally:
+            coordinator.stop()
     return 0
 
 
 def command(args: argparse.Namespace) -> int:
     """`run` with logging set up and errors reported as exit code 2 (for `tern coordinator`)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line a job otherwise
+    configure_logging()
     try:
         return run(args)
     except (CoordinatorError, TernError, OSError) as exc:

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
 import numpy as np
 
 from broker.errors import TransportError
+from broker.lifecycle import configure_logging, stop_on_signals
 from device.agent import DeviceAgent, DeviceError
 from device.trainer import TRAINERS, trainer_for
 from tern.errors import TernError
@@ -42,14 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    stop = threading.Event()
+    configure_logging()
+    with stop_on_signals(log) as stop:
+        return _serve(args, stop)
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_signal)
+def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
     try:
         fleet = Fleet.from_json(Path(args.fleet_file).read_text())
         key = signing_key_from_text(Path(args.key).read_text())
@@ -63,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"tern device: {exc}", file=sys.stderr)
         return 1
     log.info("device %s: %d samples, gateway %s", args.id, x.shape[0], args.gateway_url)
-    stop.wait()
+    while not stop.wait(0.5):
+        pass
     agent.stop()
     return 0
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
-from broker.embedded import quiet_third_party_logs
+from broker.lifecycle import configure_logging, stop_on_signals
 from gateway.config import DEFAULT_LISTEN_PORT, DEFAULT_MARGIN, GatewayConfig, GatewayError
 from gateway.service import Gateway
 from tern.errors import TernError
@@ -60,17 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if not args.verbose:
-        quiet_third_party_logs()
-    stop = threading.Event()
+    configure_logging(args.verbose)
+    with stop_on_signals(log) as stop:
+        return _serve(args, stop)
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("%s received, shutting down", signal.Signals(signum).name)
-        stop.set()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_signal)
+def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
     try:
         fleet = Fleet.from_json(Path(args.fleet_file).read_text())
         key = signing_key_from_text(Path(args.key).read_text())
@@ -89,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     # The line a supervisor or a test reads to find the downstream broker.
     print(f"gateway {args.id} serving on {gateway.downstream_url}", flush=True)
-    stop.wait()
+    while not stop.wait(0.5):
+        pass
     gateway.stop()
     return 0
 

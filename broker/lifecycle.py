@@ -1,0 +1,50 @@
+"""What every long-running tern program does the same way: logging, and stopping
+cleanly on SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+__all__ = ["configure_logging", "quiet_third_party_logs", "stop_on_signals"]
+
+_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+def quiet_third_party_logs(level: int = logging.WARNING) -> None:
+    """amqtt logs every connection, `transitions` every state change and APScheduler
+    every job at INFO; above that they drown our own lines."""
+    for name in ("amqtt", "transitions", "apscheduler"):
+        logging.getLogger(name).setLevel(level)
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """INFO for tern's own loggers; third-party chatter only with `verbose`."""
+    logging.basicConfig(level=logging.INFO, format=_FORMAT)
+    if not verbose:
+        quiet_third_party_logs()
+
+
+@contextmanager
+def stop_on_signals(log: logging.Logger) -> Iterator[threading.Event]:
+    """An Event set by SIGINT or SIGTERM while the block runs; old handlers restored after.
+
+    Wait on it with a timeout in a loop (``while not stop.wait(0.5)``): Python runs
+    signal handlers on the main thread between waits.
+    """
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("%s received, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
