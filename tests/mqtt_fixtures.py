@@ -10,11 +10,7 @@ port, never a public broker; every wait has a deadline.
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +19,7 @@ import numpy as np
 import pytest
 
 from broker.embedded import EmbeddedBroker
+from broker.mosquitto import MosquittoProcess, find_mosquitto, free_port, wait_until_accepting
 from broker.transport import Message, MqttTransport, format_url
 
 __all__ = [
@@ -50,30 +47,6 @@ class RunningBroker(Protocol):
     def restart(self) -> None: ...
 
 
-def free_port(host: str = HOST) -> int:
-    """A port nothing listens on right now (for programs that cannot bind port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until_accepting(
-    host: str, port: int, timeout: float, alive: Callable[[], bool] = lambda: True
-) -> None:
-    """Return once `host`:`port` accepts TCP connections; RuntimeError after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            if not alive():
-                raise RuntimeError(f"the broker for {host}:{port} exited") from None
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nothing accepts on {host}:{port} after {timeout} s") from None
-            time.sleep(0.02)
-
-
 class AmqttBroker:
     """The embedded broker; restart() brings up a fresh one on the same port."""
 
@@ -93,68 +66,8 @@ class AmqttBroker:
         self._broker.stop()
 
 
-class MosquittoBroker:
-    """A mosquitto process on a free port with its own config (anonymous, no persistence)."""
-
-    def __init__(self, binary: str, workdir: Path) -> None:
-        self.binary, self.workdir, self.host = binary, workdir, HOST
-        self.log = workdir / "mosquitto.log"
-        self._process: subprocess.Popen[bytes] | None = None
-        # free_port() is free now, not necessarily once mosquitto binds it: retry.
-        for attempt in range(3):
-            self.port = free_port()
-            try:
-                self._spawn()
-                return
-            except RuntimeError:
-                if attempt == 2:
-                    raise
-
-    @property
-    def url(self) -> str:
-        return format_url(self.host, self.port)
-
-    def _spawn(self) -> None:
-        config = self.workdir / "mosquitto.conf"
-        config.write_text(
-            f"listener {self.port} {self.host}\n"
-            "allow_anonymous true\npersistence false\nlog_dest stderr\n"
-            # mosquitto's default (1000) silently drops QoS 1 messages queued for a slow
-            # subscriber: a gateway taking a burst of device updates would lose some.
-            "max_queued_messages 10000\n"
-        )
-        with self.log.open("ab") as log:
-            process = subprocess.Popen(
-                [self.binary, "-c", str(config)], stdout=log, stderr=subprocess.STDOUT
-            )
-        self._process = process
-        try:
-            wait_until_accepting(
-                self.host, self.port, START_TIMEOUT, lambda: process.poll() is None
-            )
-        except RuntimeError as exc:
-            self.stop()
-            raise RuntimeError(f"{exc}; mosquitto log:\n{self.log.read_text()}") from exc
-
-    def restart(self) -> None:
-        self.stop()
-        self._spawn()
-
-    def stop(self) -> None:
-        if self._process is None:
-            return
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait(timeout=5)
-        self._process = None
-
-
-def find_mosquitto() -> str | None:
-    # Debian installs it in /usr/sbin, which is not on every user's PATH.
-    return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+class MosquittoBroker(MosquittoProcess):
+    """A mosquitto process on a free port with its own config (broker.mosquitto)."""
 
 
 @pytest.fixture

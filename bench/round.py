@@ -1,0 +1,442 @@
+"""Round time and MQTT message rate for 10, 100 and 1,000 simulated devices, amqtt vs Mosquitto.
+
+For each broker kind and each device count N, one run builds a real fleet on one machine:
+  coordinator   the real Coordinator (MLP 40-100-100-10, 15,210 parameters, ternary codec)
+  gateways      real Gateways, one per --devices-per-gateway devices, each with its own
+                downstream broker of the same kind (amqtt: the gateway's EmbeddedBroker,
+                in this process; mosquitto: one mosquitto process per gateway, plus one
+                for the coordinator)
+  devices       simulated: no training. Each device's update is a real ternary update
+                (tern.messages.encode_update of a random small delta, its own weight),
+                sealed with the device's own key for the round when the schedule arrives
+                and published on its own topic update(fleet, gw, dev). Devices share
+                MqttTransport connections, --devices-per-connection ids per connection,
+                so the model and schedule reach each connection once, not each device.
+
+Per round (median of --rounds after one warm-up round):
+  round s     schedule published -> coordinator closed the round (RoundRecord.round_seconds);
+              min-max shows the fastest and slowest measured round, since the spread on a
+              shared 2-core machine is wide
+  msgs/s      MQTT PUBLISH packets sent by every client plus those delivered to every client
+              (MqttTransport.stats messages_out + messages_in, summed over the coordinator,
+              gateways up- and downstream, and device connections; payloads, not PUBACKs),
+              counted from the previous round's close to this round's close, divided by
+              that wall time
+  updates/s   accepted device updates / round s
+The ratio column is mosquitto's round time over amqtt's for the same N, measured in the
+same run (below 1: mosquitto is faster).
+
+    python -m bench.round [--devices 10,100,1000] [--brokers amqtt,mosquitto]
+                          [--rounds R] [--round-timeout S] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import queue
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from nacl.signing import SigningKey
+
+from broker.embedded import EmbeddedBroker
+from broker.lifecycle import quiet_third_party_logs
+from broker.mosquitto import MosquittoProcess, find_mosquitto
+from broker.transport import Message, MqttTransport
+from coordinator import Coordinator, CoordinatorConfig
+from coordinator.store import RoundRecord
+from gateway import Gateway, GatewayConfig
+from kernels.reference import mlp_spec
+from tern import topics
+from tern.aggregate import Partial
+from tern.codecs import TernaryCodec
+from tern.envelope import Envelope, Kind, open_envelope, seal
+from tern.errors import TernError
+from tern.fleet import COORDINATOR, Fleet, GatewayEntry
+from tern.messages import RoundSchedule, encode_update
+
+__all__ = ["DevicePool", "main", "measure"]
+
+log = logging.getLogger(__name__)
+
+FLEET = "bench"
+LAYERS = (40, 100, 100, 10)
+HOST = "127.0.0.1"
+START_TIMEOUT = 15.0
+BROKERS = ("amqtt", "mosquitto")
+
+
+# -- brokers ------------------------------------------------------------------------------
+
+
+# -- simulated devices --------------------------------------------------------------------
+
+
+class DevicePool:
+    """Many simulated devices of one gateway behind one MQTT connection.
+
+    On each new schedule (verified with the coordinator's key) every participating
+    device seals its precomputed update body for that round with its own key and
+    publishes it on its own update topic. The handler only queues the schedule; the
+    worker thread signs and publishes, so paho's network loop is never held up.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        fleet: Fleet,
+        gateway: str,
+        devices: Mapping[str, SigningKey],
+        bodies: Mapping[str, object],
+        rng: np.random.Generator,
+    ) -> None:
+        self.fleet, self.gateway = fleet, gateway
+        self.devices, self.bodies = dict(devices), bodies
+        self._keys = {COORDINATOR: fleet.coordinator_key}
+        self._schedules: queue.Queue[RoundSchedule] = queue.Queue()
+        self._last_round = -1
+        self._stop = threading.Event()
+        self.errors = 0
+        self.transport = MqttTransport(url, client_id, backoff_min=0.05, backoff_max=1.0, rng=rng)
+        self._worker = threading.Thread(target=self._work, name=f"pool-{client_id}", daemon=True)
+
+    def start(self, timeout: float) -> DevicePool:
+        f = self.fleet.fleet
+        self.transport.subscribe(topics.global_model(f), self._on_model)
+        self.transport.subscribe(topics.round_schedule(f), self._on_schedule)
+        self._worker.start()
+        self.transport.connect(timeout)
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._worker.join(5.0)
+        self.transport.close()
+
+    def _on_model(self, message: Message) -> None:
+        pass  # a simulated device needs only the schedule; the delivery is still counted
+
+    def _on_schedule(self, message: Message) -> None:
+        try:
+            env = open_envelope(
+                message.payload, self._keys, fleet=self.fleet.fleet, kinds=(Kind.SCHEDULE,)
+            )
+            schedule = RoundSchedule.from_body(env.body)
+        except TernError:
+            self.errors += 1
+            return
+        if schedule.round > self._last_round:  # a retained copy of an old round is ignored
+            self._last_round = schedule.round
+            self._schedules.put(schedule)
+
+    def _work(self) -> None:
+        f = self.fleet.fleet
+        while not self._stop.is_set():
+            try:
+                s = self._schedules.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            for dev, key in self.devices.items():
+                if s.participants is not None and dev not in s.participants:
+                    continue
+                env = Envelope(Kind.UPDATE, f, s.round, s.model_version, dev, self.bodies[dev])
+                try:
+                    self.transport.publish(topics.update(f, self.gateway, dev), seal(env, key))
+                except TernError:
+                    self.errors += 1
+                except Exception:  # a transport error is data here, not the end of the bench
+                    log.exception("device %s: publish failed", dev)
+                    self.errors += 1
+
+
+# -- one fleet ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Kit:
+    fleet: Fleet
+    keys: dict[str, SigningKey]
+    layout: dict[str, list[str]]  # gateway -> its devices
+
+
+def _build_fleet(n: int, per_gateway: int, seed: int) -> _Kit:
+    rng = np.random.default_rng(seed)
+    devices = [f"dev-{i:04d}" for i in range(1, n + 1)]
+    layout = {
+        f"gw-{g + 1:02d}": devices[i : i + per_gateway]
+        for g, i in enumerate(range(0, n, per_gateway))
+    }
+    ids = [COORDINATOR, *layout, *devices]
+    keys = {i: SigningKey(rng.bytes(32)) for i in ids}
+    gateways = {
+        gw: GatewayEntry(keys[gw].verify_key, COORDINATOR, {d: keys[d].verify_key for d in devs})
+        for gw, devs in layout.items()
+    }
+    return _Kit(Fleet(FLEET, keys[COORDINATOR].verify_key, gateways), keys, layout)
+
+
+_BODIES: dict[tuple[int, str], object] = {}  # (seed, device) -> body; reused across runs
+
+
+def _update_bodies(devices: Sequence[str], seed: int) -> dict[str, object]:
+    """One ternary update body per device: a random small delta times its sample count."""
+    spec = mlp_spec(LAYERS)
+    codec = TernaryCodec()
+    for dev in devices:
+        if (seed, dev) not in _BODIES:
+            rng = np.random.default_rng([seed, int(dev[4:])])
+            delta = (rng.standard_normal(spec.size) * 0.01).astype(np.float32)
+            w = float(rng.integers(50, 200))
+            update, _ = encode_update(codec, spec, Partial((delta * np.float32(w)), w, 1))
+            _BODIES[seed, dev] = update.to_body()
+    return {d: _BODIES[seed, d] for d in devices}
+
+
+@dataclass(frozen=True)
+class _Closed:
+    record: RoundRecord
+    at: float  # monotonic seconds
+    messages: int  # every client's published + delivered so far
+
+
+def _run_fleet(
+    kind: str, n: int, args: argparse.Namespace, mosquitto: str | None, workdir: Path
+) -> list[_Closed]:
+    """Run 1 + args.rounds rounds on a fresh fleet; the close of every round, in order."""
+    kit = _build_fleet(n, args.devices_per_gateway, args.seed)
+    bodies = _update_bodies(kit.fleet.devices, args.seed)
+    timeout = args.round_timeout or max(30.0, 0.06 * n)
+    stops: list[Callable[[], None]] = []  # run in reverse order, whatever fails
+    closed: list[_Closed] = []
+    try:
+
+        def broker(name: str) -> str | None:
+            """A new broker's URL (mosquitto), or None for the component's own amqtt."""
+            if kind == "amqtt":
+                return None
+            assert mosquitto is not None
+            m = MosquittoProcess(mosquitto, workdir / name)
+            stops.append(m.stop)
+            return m.url
+
+        coord_url = broker("coordinator")
+        if coord_url is None:
+            embedded = EmbeddedBroker(HOST, 0).start(START_TIMEOUT)
+            stops.append(embedded.stop)
+            coord_url = embedded.url
+
+        counted: list[MqttTransport] = []
+        pools: list[DevicePool] = []
+        for g, (gw, devices) in enumerate(kit.layout.items()):
+            config = GatewayConfig(
+                gw,
+                coord_url,
+                downstream_url=broker(gw),
+                listen_host=HOST,
+                listen_port=0,
+                backoff_min=0.05,
+                backoff_max=1.0,
+            )
+            gateway = Gateway(config, kit.fleet, kit.keys[gw], rng=np.random.default_rng([g]))
+            gateway.start(START_TIMEOUT)
+            stops.append(gateway.stop)
+            assert gateway.upstream is not None and gateway.downstream is not None
+            counted += [gateway.upstream, gateway.downstream]
+            step = args.devices_per_connection
+            for c, i in enumerate(range(0, len(devices), step)):
+                chunk = {d: kit.keys[d] for d in devices[i : i + step]}
+                pool = DevicePool(
+                    gateway.downstream_url,
+                    f"bench-{gw}-pool-{c}",
+                    kit.fleet,
+                    gw,
+                    chunk,
+                    bodies,
+                    np.random.default_rng([g, c]),
+                )
+                stops.append(pool.close)
+                pools.append(pool.start(START_TIMEOUT))
+                counted.append(pool.transport)
+
+        def messages() -> int:
+            return sum(t.stats.messages_in + t.stats.messages_out for t in counted)
+
+        def on_round(record: RoundRecord) -> None:
+            closed.append(_Closed(record, time.monotonic(), messages()))
+
+        coord_config = CoordinatorConfig(
+            broker_url=coord_url,
+            state_dir=workdir / "coordinator-state",
+            layers=LAYERS,
+            rounds=1 + args.rounds,
+            round_timeout=timeout,
+            min_contributors=1,
+            seed=args.seed,
+        )
+        coordinator = Coordinator(coord_config, kit.fleet, kit.keys[COORDINATOR], on_round=on_round)
+        # The coordinator's own client is counted too; it has no public accessor.
+        counted.append(coordinator._transport)
+        stops.append(coordinator.stop)
+        coordinator.start()
+        budget = (1 + args.rounds) * (timeout + 5.0)
+        if not coordinator.wait_finished(budget):
+            log.warning("%s, %d devices: rounds unfinished after %.0f s", kind, n, budget)
+        errors = sum(p.errors for p in pools)
+        if errors:
+            log.warning("%s, %d devices: %d device-side errors", kind, n, errors)
+        return list(closed)
+    finally:
+        for stop in reversed(stops):
+            try:
+                stop()
+            except Exception:  # clean up the rest whatever one of them does
+                log.exception("cleanup step failed")
+
+
+def measure(kind: str, n: int, args: argparse.Namespace, mosquitto: str | None) -> dict[str, float]:
+    """Medians over the measured rounds (the first round is the warm-up)."""
+    with tempfile.TemporaryDirectory(prefix=f"tern-bench-round-{kind}-{n}-") as tmp:
+        closes = _run_fleet(kind, n, args, mosquitto, Path(tmp))
+    by_round = {c.record.round: c for c in closes}
+    round_s, msgs_s, updates_s = [], [], []
+    complete = 0
+    for r in range(2, 2 + args.rounds):
+        this, prev = by_round.get(r), by_round.get(r - 1)
+        if this is None or prev is None:
+            continue
+        rec = this.record
+        complete += rec.contributors == n
+        secs = max(rec.round_seconds, 1e-3)
+        round_s.append(secs)
+        updates_s.append(rec.contributors / secs)
+        msgs_s.append((this.messages - prev.messages) / max(this.at - prev.at, 1e-3))
+    if not round_s:
+        nan = float("nan")
+        figures = ("round_s", "round_s_min", "round_s_max", "msgs_s", "updates_s")
+        return {**dict.fromkeys(figures, nan), "rounds": 0, "complete": 0}
+    return {
+        "round_s": statistics.median(round_s),
+        "round_s_min": min(round_s),
+        "round_s_max": max(round_s),
+        "msgs_s": statistics.median(msgs_s),
+        "updates_s": statistics.median(updates_s),
+        "rounds": len(round_s),
+        "complete": complete,
+    }
+
+
+def _json_number(value: float) -> float | None:
+    """Rounded for reading; None (null) for a figure no round produced."""
+    return round(value, 4) if math.isfinite(value) else None
+
+
+def _csv_ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _csv_brokers(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = set(names) - set(BROKERS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown broker(s) {sorted(unknown)}; use {BROKERS}")
+    return names
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    quiet_third_party_logs()
+    # A slow round at 1,000 devices makes paho and APScheduler chatty; keep the table readable.
+    names = ("apscheduler", "coordinator", "gateway", "broker", "device")
+    saved = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--devices", type=_csv_ints, default=[10, 100, 1000], help="device counts")
+    ap.add_argument("--brokers", type=_csv_brokers, default=list(BROKERS), help="amqtt,mosquitto")
+    ap.add_argument("--rounds", type=int, default=5, help="measured rounds (median), after 1")
+    ap.add_argument("--devices-per-gateway", type=int, default=50)
+    ap.add_argument("--devices-per-connection", type=int, default=50)
+    ap.add_argument(
+        "--round-timeout", type=float, default=0.0, help="seconds; 0: max(30, 0.06 * devices)"
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="also print one JSON object last")
+    args = ap.parse_args(argv)
+    if min(args.rounds, args.devices_per_gateway, args.devices_per_connection, *args.devices) < 1:
+        ap.error("--rounds, --devices and the per-gateway/connection counts must be >= 1")
+
+    mosquitto = find_mosquitto()
+    brokers = [b for b in args.brokers if b != "mosquitto" or mosquitto is not None]
+    notes = []
+    if "mosquitto" in args.brokers and mosquitto is None:
+        notes.append("mosquitto skipped: not installed (apt-get install mosquitto)")
+
+    results: dict[str, dict[str, dict[str, float]]] = {b: {} for b in BROKERS}
+    with _quiet_logs():
+        for kind in brokers:
+            for n in args.devices:
+                results[kind][str(n)] = measure(kind, n, args, mosquitto)
+    ratio = {
+        key: results["mosquitto"][key]["round_s"] / results["amqtt"][key]["round_s"]
+        for key in results["mosquitto"]
+        if key in results["amqtt"]
+    }
+
+    print(
+        f"round benchmark: MLP {'-'.join(map(str, LAYERS))}, ternary updates, "
+        f"{args.devices_per_gateway} devices per gateway, {args.devices_per_connection} per "
+        f"connection; median of {args.rounds} rounds after 1 warm-up"
+    )
+    print("msgs/s = MQTT PUBLISHes sent + delivered, all clients; ratio = round s mosq/amqtt")
+    head = (
+        f"{'broker':<10} {'devices':>7} {'round s':>8} {'min-max':>13} {'msgs/s':>9} "
+        f"{'updates/s':>10} {'complete':>8} {'ratio':>6}"
+    )
+    print(head)
+    print("-" * len(head))
+    for kind in BROKERS:
+        for key, r in results[kind].items():
+            shown = f"{ratio[key]:>6.2f}" if kind == "mosquitto" and key in ratio else f"{'':>6}"
+            print(
+                f"{kind:<10} {int(key):>7,} {r['round_s']:>8.3f} "
+                f"{r['round_s_min']:>6.3f}-{r['round_s_max']:<6.3f} {r['msgs_s']:>9,.0f} "
+                f"{r['updates_s']:>10,.0f} {int(r['complete']):>4}/{int(r['rounds']):<3} {shown}"
+            )
+    for note in notes:
+        print(note)
+    if args.json:
+        out: dict[str, object] = {
+            kind: {
+                key: {m: _json_number(v) for m, v in r.items()} for key, r in results[kind].items()
+            }
+            for kind in BROKERS
+        }
+        out["ratio_mosquitto_over_amqtt"] = {k: _json_number(v) for k, v in ratio.items()}
+        out["notes"] = notes
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

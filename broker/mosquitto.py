@@ -1,0 +1,122 @@
+"""A Mosquitto process on a free loopback port with tern's settings, for tests and
+benchmarks (production runs its own Mosquitto; see README for the settings that matter).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from broker.errors import BrokerStartError
+from broker.urls import format_url
+
+__all__ = ["MosquittoProcess", "find_mosquitto", "free_port", "wait_until_accepting"]
+
+START_TIMEOUT = 10.0
+
+# max_queued_messages: the default (1000) silently drops QoS 1 messages queued for a
+# slow subscriber, and a gateway taking a burst of device updates is one.
+# set_tcp_nodelay: small MQTT packets otherwise wait ~40 ms for Nagle's algorithm.
+_CONFIG = """listener {port} {host}
+allow_anonymous true
+persistence false
+log_dest stderr
+max_queued_messages 10000
+set_tcp_nodelay true
+"""
+
+
+def find_mosquitto() -> str | None:
+    # Debian installs it in /usr/sbin, which is not on every user's PATH.
+    return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (for programs that cannot bind port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until_accepting(
+    host: str, port: int, timeout: float, alive: Callable[[], bool] = lambda: True
+) -> None:
+    """Return once `host`:`port` accepts TCP connections; BrokerStartError otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if not alive():
+                raise BrokerStartError("exited before accepting connections", host, port) from None
+            if time.monotonic() > deadline:
+                raise BrokerStartError(f"not accepting after {timeout} s", host, port) from None
+            time.sleep(0.02)
+
+
+class MosquittoProcess:
+    """`binary` serving on a free port of `host`; config and log in `workdir`."""
+
+    def __init__(self, binary: str, workdir: Path, host: str = "127.0.0.1") -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.binary, self.workdir, self.host = binary, workdir, host
+        self.log = workdir / "mosquitto.log"
+        self._process: subprocess.Popen[bytes] | None = None
+        # A port free now is not necessarily free once mosquitto binds it: retry.
+        for attempt in range(3):
+            self.port = free_port(host)
+            try:
+                self._spawn()
+                return
+            except BrokerStartError:
+                if attempt == 2:
+                    raise
+
+    @property
+    def url(self) -> str:
+        return format_url(self.host, self.port)
+
+    def _spawn(self) -> None:
+        config = self.workdir / "mosquitto.conf"
+        config.write_text(_CONFIG.format(port=self.port, host=self.host))
+        with self.log.open("ab") as log:
+            process = subprocess.Popen(
+                [self.binary, "-c", str(config)], stdout=log, stderr=subprocess.STDOUT
+            )
+        self._process = process
+        try:
+            wait_until_accepting(
+                self.host, self.port, START_TIMEOUT, lambda: process.poll() is None
+            )
+        except BrokerStartError as exc:
+            self.stop()
+            raise BrokerStartError(
+                f"{exc.args[0]}; mosquitto log:\n{self.log.read_text()}", self.host, self.port
+            ) from exc
+
+    def restart(self) -> None:
+        """Stop and start again on the same port (retained messages are gone)."""
+        self.stop()
+        self._spawn()
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait(timeout=5)
+        self._process = None
+
+    def __enter__(self) -> MosquittoProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
