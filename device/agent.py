@@ -119,7 +119,11 @@ class DeviceAgent:
         self._model_version = -1
         self._schedule: RoundSchedule | None = None
         self._residual: F32Array | None = None
-        self._last_round = -1
+        # (round, deadline) of the last schedule handled: a restarted coordinator re-issues
+        # an open round under the same number with a later deadline, and that is new.
+        self._last_round: tuple[int, float] = (-1, 0.0)
+        # The residual before the last round run, for running that round again.
+        self._residual_before: tuple[int, F32Array | None] = (-1, None)
         self.outcomes: dict[int, RoundOutcome] = {}
         self.rejected: dict[str, int] = {}
         self._wake: queue.SimpleQueue[bool] = queue.SimpleQueue()
@@ -223,11 +227,11 @@ class DeviceAgent:
             log.warning("%s: bad schedule: %s", self.id, exc)
             return
         with self._lock:
-            if schedule.round <= self._last_round:
+            if (schedule.round, schedule.deadline) <= self._last_round:
                 return  # a retained copy after a reconnect, or an old round
             if message.retain and not self.join_current_round:
                 # Joined mid-round: skip it, take part from the next schedule.
-                self._last_round = schedule.round
+                self._last_round = (schedule.round, schedule.deadline)
                 return
             self._schedule = schedule
         self._wake.put(True)
@@ -249,14 +253,14 @@ class DeviceAgent:
     def _take_job(self) -> tuple[GlobalModel, RoundSchedule] | None:
         with self._lock:
             s, m = self._schedule, self._model
-            if s is None or s.round <= self._last_round:
+            if s is None or (s.round, s.deadline) <= self._last_round:
                 return None
             if s.participants is not None and self.id not in s.participants:
-                self._last_round = s.round
+                self._last_round = (s.round, s.deadline)
                 return None
             if m is None or self._model_version != s.model_version:
                 return None  # wait for the model the schedule names
-            self._last_round = s.round
+            self._last_round = (s.round, s.deadline)
             return m, s
 
     def _run_round(self, model: GlobalModel, schedule: RoundSchedule) -> None:
@@ -265,8 +269,13 @@ class DeviceAgent:
         try:
             if self.clock() >= schedule.deadline:
                 raise DeviceError(f"round {schedule.round} is past its deadline")
+            # A round run again (its first attempt was lost with a coordinator) starts from
+            # the residual before that attempt: its contribution was never counted.
+            rerun, before = self._residual_before
+            carried = before if rerun == schedule.round else self._residual
+            self._residual_before = (schedule.round, carried)
             update, residual = local_update(
-                self.trainer, model, self.x, self.y, schedule, self.id, self._residual
+                self.trainer, model, self.x, self.y, schedule, self.id, carried
             )
             env = Envelope(
                 Kind.UPDATE,

@@ -110,7 +110,9 @@ class Gateway:
         self._schedule_bytes: bytes | None = None
         self._pending: RoundSchedule | None = None
         self._latest_round = -1
-        self._last_opened = -1
+        # (round, deadline) of the last round opened: a restarted coordinator re-issues
+        # an open round under the same number with a later deadline, and that is new.
+        self._last_opened: tuple[int, float] = (-1, 0.0)
         self._round: _Round | None = None
         self._outside: Counter[str] = Counter()  # rejected while no round was open
         self._bytes_down = 0
@@ -289,13 +291,13 @@ class Gateway:
     def _maybe_open(self) -> None:
         """Open the pending schedule's round once its model is here (caller holds the lock)."""
         s = self._pending
-        if s is None or s.round <= self._last_opened or self._stopping.is_set():
+        if s is None or (s.round, s.deadline) <= self._last_opened or self._stopping.is_set():
             return
         model = self._models.get(s.model_version)
         if model is None:
             return  # the schedule overtook its model: open when the model arrives
         self._pending = None
-        self._last_opened = s.round
+        self._last_opened = (s.round, s.deadline)
         if self._round is not None:
             self._close(self._round)  # superseded by a newer round
         stands_for = expected_contributors(self.fleet, self.id, s)

@@ -1,0 +1,64 @@
+"""The demo end to end: coordinator, gateways and devices on MNIST-1D over real MQTT."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from demo.run import run_demo
+
+REPO = Path(__file__).resolve().parents[1]
+ROUND_KEYS = {
+    "round",
+    "accuracy",
+    "contributors",
+    "bytes_device_to_gateway",
+    "bytes_gateway_to_coordinator",
+    "bytes_downlink",
+    "seconds",
+}
+
+
+def test_demo_runs_every_round_with_every_device_and_ternary_uplinks_are_small() -> None:
+    result = run_demo(devices=4, gateways=2, rounds=2, out=None)
+
+    assert [r["round"] for r in result.rounds] == [1, 2]
+    assert result.params > 0
+    for row in result.rounds:
+        assert row["contributors"] == 4
+        assert row["accuracy"] is not None and 0 <= row["accuracy"] <= 1
+        assert row["bytes_device_to_gateway"] > 0
+        assert row["bytes_gateway_to_coordinator"] > 0
+        assert row["bytes_downlink"] > 0
+        # four ternary updates (under 2 bits a parameter) against two float32 partials
+        assert 4 * row["bytes_device_to_gateway"] < row["bytes_gateway_to_coordinator"]
+    assert result.final_accuracy == result.rounds[-1]["accuracy"]
+
+
+def test_demo_with_the_same_seed_reaches_the_same_accuracy() -> None:
+    first = run_demo(devices=4, gateways=2, rounds=2, seed=3, out=None)
+
+    second = run_demo(devices=4, gateways=2, rounds=2, seed=3, out=None)
+
+    assert first.final_accuracy is not None
+    assert second.final_accuracy == first.final_accuracy
+    assert [r["accuracy"] for r in second.rounds] == [r["accuracy"] for r in first.rounds]
+
+
+def test_demo_command_prints_the_documented_json_on_its_last_line() -> None:
+    args = [sys.executable, "-m", "demo", "--devices", "4", "--gateways", "2", "--rounds", "2"]
+
+    done = subprocess.run(
+        [*args, "--json"], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(result) == {"codec", "params", "final_accuracy", "rounds"}
+    assert result["codec"] == "ternary" and result["params"] > 0
+    assert [set(r) for r in result["rounds"]] == [ROUND_KEYS, ROUND_KEYS]
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    assert all(r["contributors"] == 4 for r in result["rounds"])
+    assert result["final_accuracy"] == result["rounds"][-1]["accuracy"]

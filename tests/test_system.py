@@ -1,0 +1,431 @@
+"""The whole system at once: a real Coordinator, real Gateways with their own brokers and
+real DeviceAgents, over real MQTT on loopback. Each test re-derives in-process what the
+fleet must have computed (the same training, seeds, codecs and fold order) and compares
+model bytes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from coordinator import Coordinator, CoordinatorConfig
+from coordinator.store import StateStore
+from coordinator.strategy import FedAvg
+from device.agent import DeviceAgent, local_update
+from device.trainer import NumpyTrainer
+from gateway import Gateway, GatewayConfig
+from kernels.reference import mlp_spec
+from tern import topics
+from tern.aggregate import Partial, fold_sorted
+from tern.codecs import CodecName, Float32Codec
+from tern.envelope import Kind, open_envelope
+from tern.fleet import COORDINATOR, Fleet
+from tern.messages import GlobalModel, RoundSchedule, TrainConfig, encode_update
+from tern.spec import ModelSpec
+from tests.fleet_fixtures import FleetKit, build_fleet, simple_layout, write_fleet
+from tests.mqtt_fixtures import AmqttBroker, Inbox, MakeTransport, RunningBroker
+
+LAYERS = (8, 6, 3)
+SPEC = mlp_spec(LAYERS)
+TRAIN = TrainConfig(epochs=1, batch_size=8, lr=0.1)
+SEED = 7
+WAIT = 20.0
+REPO = Path(__file__).resolve().parents[1]
+
+
+def device_data(device: str) -> tuple[np.ndarray, np.ndarray]:
+    """A small synthetic data set, different per device, the same every run."""
+    rng = np.random.default_rng(zlib.crc32(device.encode()))
+    n = 20 + zlib.crc32(device.encode()) % 13
+    x = rng.standard_normal((n, 8), dtype=np.float32)
+    return x, (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1).astype(np.int64)
+
+
+class SlowTrainer:
+    """The numpy trainer after a pause: keeps a round open long enough to break something."""
+
+    name = "slow-numpy"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def train(self, spec: ModelSpec, weights: Any, x: Any, y: Any, config: Any, rng: Any) -> Any:
+        time.sleep(self.seconds)
+        return NumpyTrainer().train(spec, weights, x, y, config, rng)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.01)
+
+
+# -- the in-process reference ---------------------------------------------------------------
+
+
+def schedule_for(round: int, version: int, codec: CodecName = CodecName.TERNARY) -> RoundSchedule:
+    """What local training reads from the coordinator's schedule (seed, train, codec)."""
+    return RoundSchedule(
+        round=round,
+        model_version=version,
+        codec=codec,
+        deadline=1.0,
+        min_contributors=1,
+        participants=None,
+        seed=SEED,
+        train=TRAIN,
+    )
+
+
+def device_partial(
+    device: str, weights: np.ndarray, schedule: RoundSchedule, residual: np.ndarray | None = None
+) -> tuple[Partial, np.ndarray]:
+    """One device's update as its gateway decodes it, and the residual it keeps."""
+    x, y = device_data(device)
+    model = GlobalModel(SPEC, weights)
+    update, new_residual = local_update(NumpyTrainer(), model, x, y, schedule, device, residual)
+    return update.check(SPEC).to_partial(), new_residual
+
+
+def over_the_wire(p: Partial) -> Partial:
+    """A gateway's partial as its parent decodes it: Float32Codec, no residual."""
+    update, _ = encode_update(Float32Codec(), SPEC, p)
+    return update.check(SPEC).to_partial()
+
+
+def tree_partial(fleet: Fleet, gateway: str, leaves: dict[str, Partial]) -> Partial:
+    """What `gateway` sends up: its devices and child gateways folded in ascending id."""
+    parts = {d: leaves[d] for d in fleet.gateways[gateway].devices if d in leaves}
+    for child in fleet.children(gateway):
+        if any(d in leaves for d in fleet.devices_below(child)):
+            parts[child] = tree_partial(fleet, child, leaves)
+    return over_the_wire(fold_sorted(parts.items(), SPEC.size))
+
+
+def server_step(weights: np.ndarray, top: dict[str, Partial]) -> np.ndarray:
+    """The coordinator's fold of its gateways' partials and plain FedAvg (lr 1, no momentum)."""
+    zeros = np.zeros(SPEC.size, dtype=np.float32)
+    new, _ = FedAvg(1.0, 0.0).apply(weights, zeros, fold_sorted(top.items(), SPEC.size))
+    return new
+
+
+def reference_model(fleet: Fleet, weights: np.ndarray, leaves: dict[str, Partial]) -> np.ndarray:
+    top = {
+        g: tree_partial(fleet, g, leaves)
+        for g in fleet.children(COORDINATOR)
+        if any(d in leaves for d in fleet.devices_below(g))
+    }
+    return server_step(weights, top)
+
+
+# -- the rig --------------------------------------------------------------------------------
+
+
+class Rig:
+    """Coordinator, gateways and devices of one fleet; everything stops at the end."""
+
+    def __init__(self, kit: FleetKit, upstream_url: str, state: Path, stack: ExitStack) -> None:
+        self.kit, self.upstream_url, self.state, self.stack = kit, upstream_url, state, stack
+        self.gateways: dict[str, Gateway] = {}
+        self.devices: dict[str, DeviceAgent] = {}
+
+    def gateway(self, gw: str, *, listen_port: int = 0) -> Gateway:
+        parent = self.kit.fleet.gateways[gw].parent
+        url = self.upstream_url if parent == COORDINATOR else self.gateways[parent].downstream_url
+        config = GatewayConfig(
+            gw, url, listen_port=listen_port, margin=0.3, backoff_min=0.05, backoff_max=0.3
+        )
+        gateway = Gateway(config, self.kit.fleet, self.kit.keys[gw], rng=np.random.default_rng(1))
+        self.stack.callback(gateway.stop)
+        self.gateways[gw] = gateway.start()
+        return gateway
+
+    def device(self, dev: str, *, trainer: Any = None) -> DeviceAgent:
+        x, y = device_data(dev)
+        agent = DeviceAgent(
+            dev,
+            self.kit.fleet,
+            self.kit.keys[dev],
+            self.gateways[self.kit.fleet.gateway_of(dev)].downstream_url,
+            x,
+            y,
+            trainer=trainer,
+            backoff_min=0.05,
+            backoff_max=0.3,
+            rng=np.random.default_rng(2),
+        )
+        self.stack.callback(agent.stop)
+        self.devices[dev] = agent.start()
+        return agent
+
+    def all(self) -> Rig:
+        """Every gateway (parents first) and every device of the fleet."""
+        for gw in sorted(self.kit.fleet.gateways, key=self.kit.fleet.height, reverse=True):
+            self.gateway(gw)
+        for dev in self.kit.fleet.devices:
+            self.device(dev)
+        return self
+
+    def coordinator(self, **overrides: Any) -> Coordinator:
+        settings: dict[str, Any] = {
+            "broker_url": self.upstream_url,
+            "state_dir": self.state,
+            "layers": LAYERS,
+            "codec": CodecName.TERNARY,
+            "rounds": 1,
+            "round_timeout": 5.0,
+            "seed": SEED,
+            "train": TRAIN,
+        }
+        settings.update(overrides)
+        coordinator = Coordinator(
+            CoordinatorConfig(**settings), self.kit.fleet, self.kit.coordinator_key
+        )
+        self.stack.callback(coordinator.stop)
+        return coordinator
+
+    def model(self, version: int) -> np.ndarray:
+        return StateStore(self.state).load_model(version, SPEC.size)[0]
+
+
+@pytest.fixture
+def stack() -> Iterator[ExitStack]:
+    with ExitStack() as s:
+        yield s
+
+
+# -- tests ----------------------------------------------------------------------------------
+
+
+def test_two_gateways_of_three_devices_give_the_in_process_fold_bit_for_bit(
+    any_broker: RunningBroker, stack: ExitStack, tmp_path: Path
+) -> None:
+    kit = build_fleet(simple_layout(2, 3))
+    rig = Rig(kit, any_broker.url, tmp_path / "state", stack).all()
+    coordinator = rig.coordinator(rounds=2)
+    base = rig.model(0)
+
+    coordinator.start()
+    first = coordinator.wait_for_round(1, WAIT)
+    second = coordinator.wait_for_round(2, WAIT)
+
+    sent = {d: device_partial(d, base, schedule_for(1, 0)) for d in kit.fleet.devices}
+    want_v1 = reference_model(kit.fleet, base, {d: p for d, (p, _) in sent.items()})
+    # round 2 trains on v1, and every device carries its error-feedback residual over
+    leaves = {d: device_partial(d, want_v1, schedule_for(2, 1), r)[0] for d, (_, r) in sent.items()}
+    want_v2 = reference_model(kit.fleet, want_v1, leaves)
+    assert first.ok and (first.contributors, first.dropped, first.rejected) == (6, 0, {})
+    assert first.accepted == ("gw-1", "gw-2")
+    assert rig.model(1).tobytes() == want_v1.tobytes()
+    assert second.ok and (second.contributors, second.model_version) == (6, 2)
+    assert rig.model(2).tobytes() == want_v2.tobytes()
+    assert coordinator.weights.tobytes() == want_v2.tobytes()
+
+
+def test_three_level_hierarchy_matches_the_flat_fold(
+    amqtt_broker: AmqttBroker, stack: ExitStack, tmp_path: Path
+) -> None:
+    """coordinator > gw-1 > gw-1-2, two devices on each gateway.
+
+    Float addition is not associative: gw-1 folds (dev-1-01, dev-1-02, gw-1-2's partial),
+    which is ((a + b) + (c + d)), while a flat fold of the same four updates is
+    (((a + b) + c) + d). So the hierarchical model equals the flat one only within
+    float32 rounding, and it equals, bit for bit, the in-process fold of the same tree in
+    the same order.
+    """
+    kit = build_fleet(simple_layout(1, 2, depth=2))
+    rig = Rig(kit, amqtt_broker.url, tmp_path / "state", stack).all()
+    coordinator = rig.coordinator()
+    base = rig.model(0)
+
+    coordinator.start()
+    record = coordinator.wait_for_round(1, WAIT)
+
+    leaves = {d: device_partial(d, base, schedule_for(1, 0))[0] for d in kit.fleet.devices}
+    flat = server_step(base, {"gw-1": over_the_wire(fold_sorted(leaves.items(), SPEC.size))})
+    tree = reference_model(kit.fleet, base, leaves)
+    got = coordinator.weights
+    assert record.ok and (record.contributors, record.dropped) == (4, 0)
+    assert got.tobytes() == tree.tobytes()
+    np.testing.assert_allclose(got, flat, rtol=1e-6, atol=1e-7)
+
+
+def test_a_killed_gateway_is_dropped_and_its_devices_return_with_a_new_one(
+    amqtt_broker: AmqttBroker, stack: ExitStack, tmp_path: Path
+) -> None:
+    kit = build_fleet(simple_layout(2, 2))
+    rig = Rig(kit, amqtt_broker.url, tmp_path / "state", stack)
+    rig.gateway("gw-1")
+    doomed = rig.gateway("gw-2")
+    port = int(doomed.downstream_url.rsplit(":", 1)[1])
+    for dev in kit.fleet.gateways["gw-1"].devices:
+        rig.device(dev)
+    for dev in kit.fleet.gateways["gw-2"].devices:
+        rig.device(dev, trainer=SlowTrainer(1.0))  # gw-2 cannot finish before it is killed
+    # round 2 opens 5 s after round 1, after round 1's 3 s deadline and the restart below
+    coordinator = rig.coordinator(rounds=2, round_timeout=3.0, interval=5.0)
+
+    coordinator.start()
+    wait_until(lambda: doomed.open_round == 1)
+    doomed.stop()
+    first = coordinator.wait_for_round(1, WAIT)
+    rig.gateway("gw-2", listen_port=port)
+    second = coordinator.wait_for_round(2, WAIT)
+
+    lost = sorted(kit.fleet.gateways["gw-2"].devices)
+    assert 1 not in doomed.metrics and 1 not in doomed.partials
+    assert first.ok and first.accepted == ("gw-1",)
+    assert (first.contributors, first.dropped) == (2, len(lost))
+    assert second.ok and second.accepted == ("gw-1", "gw-2")
+    assert (second.contributors, second.dropped) == (4, 0)
+    assert all(rig.devices[d].wait_for_round(2, WAIT).error == "" for d in lost)
+
+
+def _coordinator_command(kit_dir: Path, broker_url: str, state: Path, **flags: object) -> list[str]:
+    args = [
+        sys.executable, "-m", "coordinator", "--broker", broker_url,
+        "--fleet-file", str(kit_dir / "fleet.json"), "--key", str(kit_dir / "coordinator.key"),
+        "--state-dir", str(state), "--layers", ",".join(map(str, LAYERS)), "--codec", "ternary",
+        "--seed", str(SEED), "--epochs", str(TRAIN.epochs), "--batch-size", str(TRAIN.batch_size),
+        "--lr", str(TRAIN.lr),
+    ]  # fmt: skip
+    for name, value in flags.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    return args
+
+
+class Process:
+    """A subprocess that is killed (and reaped) at the end of the test whatever happens."""
+
+    def __init__(self, args: list[str], stack: ExitStack) -> None:
+        self.popen = subprocess.Popen(
+            args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        stack.callback(self.kill)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait(timeout=WAIT)
+
+
+def _model_of_round(inbox: Inbox, kit: FleetKit, round: int) -> GlobalModel:
+    keys = {COORDINATOR: kit.fleet.coordinator_key}
+
+    def open_model(data: bytes) -> Any:
+        return open_envelope(data, keys, fleet=kit.fleet.fleet, kinds=(Kind.MODEL,))
+
+    env = open_model(inbox.wait_for(lambda m: open_model(m.payload).round == round, WAIT).payload)
+    return GlobalModel.from_body(env.body)
+
+
+def test_command_killed_between_rounds_resumes_at_the_next_round_with_the_saved_model(
+    amqtt_broker: AmqttBroker, make_transport: MakeTransport, stack: ExitStack, tmp_path: Path
+) -> None:
+    kit = build_fleet(simple_layout(1, 2))
+    write_fleet(kit, tmp_path / "kit")
+    state = tmp_path / "state"
+    rig = Rig(kit, amqtt_broker.url, state, stack).all()
+    models = Inbox()
+    make_transport(amqtt_broker.url, "watcher").subscribe(
+        topics.global_model(kit.fleet.fleet), models
+    )
+    # rounds close in well under a second; the interval leaves a gap to kill it in
+    args = _coordinator_command(
+        tmp_path / "kit", amqtt_broker.url, state, rounds=3, round_timeout=5, interval=2.5
+    )
+
+    first = Process(args, stack)
+    wait_until(lambda: (state / "rounds" / "2.json").exists())
+    first.popen.send_signal(signal.SIGKILL)
+    first.popen.wait(timeout=WAIT)
+    assert StateStore(state).round_numbers() == [1, 2]
+    saved = rig.model(2)
+    models.messages.clear()
+    second = Process(args, stack)
+    resumed = _model_of_round(models, kit, 3)
+    code = second.popen.wait(timeout=WAIT)
+
+    record = StateStore(state).load_round(3)
+    assert code == 0
+    assert resumed.weights.tobytes() == saved.tobytes()
+    assert record.ok and record.base_version == 2 and record.model_version == 3
+    assert record.contributors == 2
+
+
+def test_command_killed_mid_round_runs_the_open_round_again_to_completion(
+    amqtt_broker: AmqttBroker, stack: ExitStack, tmp_path: Path
+) -> None:
+    """Killed while gw-1 still collects round 1: the restarted coordinator opens round 1
+    again on v0 and closes it with gw-1's partial, the same bits as the in-process fold.
+
+    The re-issued schedule has the same round and a later deadline, so the gateway and
+    the devices take it as new and run round 1 again.
+    """
+    kit = build_fleet(simple_layout(1, 2))
+    write_fleet(kit, tmp_path / "kit")
+    state = tmp_path / "state"
+    rig = Rig(kit, amqtt_broker.url, state, stack)
+    gateway = rig.gateway("gw-1")
+    for dev in kit.fleet.devices:
+        rig.device(dev, trainer=SlowTrainer(2.5))  # round 1 stays open while it restarts
+    args = _coordinator_command(
+        tmp_path / "kit", amqtt_broker.url, state, rounds=1, round_timeout=5
+    )
+
+    first = Process(args, stack)
+    wait_until(lambda: gateway.open_round == 1)
+    first.popen.send_signal(signal.SIGKILL)
+    first.popen.wait(timeout=WAIT)
+    assert StateStore(state).round_numbers() == []
+    base = rig.model(0)
+    second = Process(args, stack)
+    code = second.popen.wait(timeout=WAIT)
+
+    record = StateStore(state).load_round(1)
+    leaves = {d: device_partial(d, base, schedule_for(1, 0))[0] for d in kit.fleet.devices}
+    assert code == 0
+    assert record.ok and record.base_version == 0 and record.contributors == 2
+    assert rig.model(1).tobytes() == reference_model(kit.fleet, base, leaves).tobytes()
+
+
+def test_a_gateway_that_reported_before_the_kill_takes_part_in_the_rerun_round(
+    amqtt_broker: AmqttBroker, stack: ExitStack, tmp_path: Path
+) -> None:
+    kit = build_fleet(simple_layout(2, 2))
+    write_fleet(kit, tmp_path / "kit")
+    state = tmp_path / "state"
+    rig = Rig(kit, amqtt_broker.url, state, stack)
+    fast = rig.gateway("gw-1")
+    rig.gateway("gw-2")
+    for dev in kit.fleet.gateways["gw-1"].devices:
+        rig.device(dev)
+    for dev in kit.fleet.gateways["gw-2"].devices:
+        rig.device(dev, trainer=SlowTrainer(1.5))  # the coordinator waits for gw-2
+    args = _coordinator_command(
+        tmp_path / "kit", amqtt_broker.url, state, rounds=1, round_timeout=4
+    )
+
+    first = Process(args, stack)
+    fast.wait_for_round(1, WAIT)  # gw-1's partial is out, the coordinator still waits
+    first.popen.send_signal(signal.SIGKILL)
+    first.popen.wait(timeout=WAIT)
+    assert StateStore(state).round_numbers() == []
+    second = Process(args, stack)
+    code = second.popen.wait(timeout=WAIT)
+
+    record = StateStore(state).load_round(1)
+    assert code == 0
+    assert record.ok and record.contributors == 4
