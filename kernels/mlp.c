@@ -1,0 +1,357 @@
+/* tern training kernels for a dense MLP (ReLU hidden layers, softmax cross-entropy).
+ *
+ * Built freestanding for wasm32 with SIMD128; the ABI is documented in README.md and
+ * checked against kernels/reference.py (the numpy oracle). Arithmetic follows the
+ * reference step by step in float32 (matmul, then bias; grad * lr, then subtract) so
+ * the two agree to float32 rounding of the summation order.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <wasm_simd128.h>
+
+#define TERN_ABI_VERSION 1
+#define TERN_OK 0
+#define TERN_ENOMEM 1
+#define PAGE 65536u
+
+#define EXPORT(name) __attribute__((export_name(name), visibility("default")))
+
+extern unsigned char __heap_base;
+static uint32_t arena_top;
+
+static uint32_t heap_base(void) { return (uint32_t)(uintptr_t)&__heap_base; }
+
+/* Invalid arguments are host bugs: trap rather than read out of the caller's arrays. */
+static void check(int ok) {
+  if (!ok) __builtin_trap();
+}
+
+EXPORT("tern_abi_version") int32_t tern_abi_version(void) { return TERN_ABI_VERSION; }
+
+EXPORT("tern_reset") void tern_reset(void) { arena_top = heap_base(); }
+
+/* 16-byte aligned bump allocation; grows memory; 0 when memory cannot grow. */
+EXPORT("tern_alloc") uint32_t tern_alloc(uint32_t nbytes) {
+  if (arena_top == 0) arena_top = heap_base();
+  uint64_t p = ((uint64_t)arena_top + 15u) & ~(uint64_t)15u;
+  uint64_t end = p + nbytes;
+  uint64_t have = (uint64_t)__builtin_wasm_memory_size(0) * PAGE;
+  if (end > 0xFFFFFFF0ull) return 0;
+  if (end > have) {
+    uint64_t pages = (end - have + PAGE - 1) / PAGE;
+    if (__builtin_wasm_memory_grow(0, (size_t)pages) == (size_t)-1) return 0;
+  }
+  arena_top = (uint32_t)end;
+  return (uint32_t)p;
+}
+
+/* ---- exp and log, computed in double and rounded once to float ---- */
+
+static const double LN2_HI = 6.93147180369123816490e-01;
+static const double LN2_LO = 1.90821492927058770002e-10;
+static const double INV_LN2 = 1.44269504088896338700e+00;
+
+static double exp_d(double x) {
+  if (x < -800.0) return 0.0;
+  if (x > 709.0) return __builtin_inf();
+  double t = x * INV_LN2;
+  int32_t k = (int32_t)(t < 0 ? t - 0.5 : t + 0.5);
+  double r = (x - (double)k * LN2_HI) - (double)k * LN2_LO;
+  /* Taylor to r^13: |r| <= 0.35 so the remainder is below 1e-17 */
+  double p = 1.0 / 6227020800.0;
+  static const double inv_fact[13] = {
+      1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
+      1.0 / 5040.0,      1.0 / 720.0,      1.0 / 120.0,     1.0 / 24.0,     1.0 / 6.0,
+      1.0 / 2.0,         1.0,              1.0};
+  for (int i = 0; i < 13; i++) p = p * r + inv_fact[i];
+  /* 2^k in two steps so k below the normal range still scales correctly */
+  int32_t k1 = k / 2, k2 = k - k1;
+  union { uint64_t u; double d; } s1 = {(uint64_t)(k1 + 1023) << 52}, s2 = {(uint64_t)(k2 + 1023) << 52};
+  return p * s1.d * s2.d;
+}
+
+/* log for finite x >= 1 (a softmax denominator) or any positive normal double */
+static double log_d(double x) {
+  union { double d; uint64_t u; } v = {x};
+  int32_t e = (int32_t)((v.u >> 52) & 0x7ff) - 1023;
+  v.u = (v.u & 0x000fffffffffffffull) | 0x3ff0000000000000ull;
+  double m = v.d;
+  if (m > 1.41421356237309504880) {
+    m *= 0.5;
+    e += 1;
+  }
+  double s = (m - 1.0) / (m + 1.0), s2 = s * s;
+  double p = 1.0 / 19.0;
+  for (int i = 17; i >= 1; i -= 2) p = p * s2 + 1.0 / (double)i;
+  return (double)e * LN2_HI + ((double)e * LN2_LO + 2.0 * s * p);
+}
+
+static float expf_(float x) { return (float)exp_d((double)x); }
+static float logf_(float x) { return (float)log_d((double)x); }
+
+/* ---- SIMD building blocks (the matmul inner loops) ---- */
+
+/* y[0:n] += a * x[0:n] */
+static void axpy(float *restrict y, const float *restrict x, float a, int32_t n) {
+  int32_t j = 0;
+  v128_t va = wasm_f32x4_splat(a);
+  for (; j + 8 <= n; j += 8) {
+    v128_t y0 = wasm_f32x4_add(wasm_v128_load(y + j), wasm_f32x4_mul(va, wasm_v128_load(x + j)));
+    v128_t y1 = wasm_f32x4_add(wasm_v128_load(y + j + 4), wasm_f32x4_mul(va, wasm_v128_load(x + j + 4)));
+    wasm_v128_store(y + j, y0);
+    wasm_v128_store(y + j + 4, y1);
+  }
+  for (; j + 4 <= n; j += 4)
+    wasm_v128_store(y + j, wasm_f32x4_add(wasm_v128_load(y + j), wasm_f32x4_mul(va, wasm_v128_load(x + j))));
+  for (; j < n; j++) y[j] += a * x[j];
+}
+
+static float dot(const float *restrict a, const float *restrict b, int32_t n) {
+  int32_t j = 0;
+  v128_t acc0 = wasm_f32x4_splat(0.0f), acc1 = wasm_f32x4_splat(0.0f);
+  for (; j + 8 <= n; j += 8) {
+    acc0 = wasm_f32x4_add(acc0, wasm_f32x4_mul(wasm_v128_load(a + j), wasm_v128_load(b + j)));
+    acc1 = wasm_f32x4_add(acc1, wasm_f32x4_mul(wasm_v128_load(a + j + 4), wasm_v128_load(b + j + 4)));
+  }
+  for (; j + 4 <= n; j += 4)
+    acc0 = wasm_f32x4_add(acc0, wasm_f32x4_mul(wasm_v128_load(a + j), wasm_v128_load(b + j)));
+  acc0 = wasm_f32x4_add(acc0, acc1);
+  float s = (wasm_f32x4_extract_lane(acc0, 0) + wasm_f32x4_extract_lane(acc0, 1)) +
+            (wasm_f32x4_extract_lane(acc0, 2) + wasm_f32x4_extract_lane(acc0, 3));
+  for (; j < n; j++) s += a[j] * b[j];
+  return s;
+}
+
+static void zero(float *p, int32_t n) {
+  int32_t j = 0;
+  v128_t z = wasm_f32x4_splat(0.0f);
+  for (; j + 4 <= n; j += 4) wasm_v128_store(p + j, z);
+  for (; j < n; j++) p[j] = 0.0f;
+}
+
+/* ---- the model ---- */
+
+typedef struct {
+  int32_t nl;            /* layers (weight matrices) */
+  const int32_t *sizes;  /* nl + 1 widths, input first */
+  int32_t params;        /* flat parameter count */
+  int32_t widest;
+  int32_t act_floats;    /* per sample: sum of all widths */
+} model;
+
+static model model_of(int32_t nl, const int32_t *sizes) {
+  check(nl >= 1);
+  model m = {nl, sizes, 0, 0, 0};
+  for (int32_t i = 0; i <= nl; i++) {
+    check(sizes[i] >= 1 && sizes[i] <= (1 << 20));
+    if (sizes[i] > m.widest) m.widest = sizes[i];
+    m.act_floats += sizes[i];
+    if (i < nl) m.params += sizes[i] * sizes[i + 1] + sizes[i + 1];
+  }
+  return m;
+}
+
+typedef struct {
+  float *acts;   /* bs * act_floats: layer i at acts + bs * offset_i */
+  int32_t *labels;
+  float *delta, *delta2;
+} scratch;
+
+static int alloc_scratch(const model *m, int32_t bs, scratch *s) {
+  s->acts = (float *)(uintptr_t)tern_alloc((uint32_t)(4 * bs * m->act_floats));
+  s->labels = (int32_t *)(uintptr_t)tern_alloc((uint32_t)(4 * bs));
+  s->delta = (float *)(uintptr_t)tern_alloc((uint32_t)(4 * bs * m->widest));
+  s->delta2 = (float *)(uintptr_t)tern_alloc((uint32_t)(4 * bs * m->widest));
+  return s->acts && s->labels && s->delta && s->delta2;
+}
+
+/* Copy the rows idx[0:bs] (identity when idx is 0) into acts[0] and their labels. */
+static void gather(const model *m, const float *x, const int32_t *y, int32_t n, const int32_t *idx,
+                   int32_t bs, scratch *s) {
+  int32_t in = m->sizes[0], classes = m->sizes[m->nl];
+  for (int32_t b = 0; b < bs; b++) {
+    int32_t r = idx ? idx[b] : b;
+    check(r >= 0 && r < n);
+    check(y[r] >= 0 && y[r] < classes);
+    s->labels[b] = y[r];
+    __builtin_memcpy(s->acts + b * in, x + (size_t)r * in, 4 * (size_t)in);
+  }
+}
+
+/* acts[i+1] = relu(acts[i] @ w_i + b_i), no ReLU on the logits; returns the logits. */
+static float *forward(const model *m, const float *w, int32_t bs, scratch *s) {
+  float *a = s->acts;
+  const float *p = w;
+  for (int32_t i = 0; i < m->nl; i++) {
+    int32_t in = m->sizes[i], out = m->sizes[i + 1];
+    const float *wi = p, *bi = p + in * out;
+    float *z = a + bs * in;
+    for (int32_t b = 0; b < bs; b++) {
+      float *zr = z + b * out;
+      const float *ar = a + b * in;
+      zero(zr, out);
+      for (int32_t k = 0; k < in; k++)
+        if (ar[k] != 0.0f) axpy(zr, wi + k * out, ar[k], out);
+      int32_t j = 0;
+      for (; j + 4 <= out; j += 4) {
+        v128_t v = wasm_f32x4_add(wasm_v128_load(zr + j), wasm_v128_load(bi + j));
+        if (i < m->nl - 1) v = wasm_f32x4_max(v, wasm_f32x4_splat(0.0f));
+        wasm_v128_store(zr + j, v);
+      }
+      for (; j < out; j++) {
+        float v = zr[j] + bi[j];
+        zr[j] = (i < m->nl - 1 && !(v > 0.0f)) ? 0.0f : v;
+      }
+    }
+    a = z;
+    p = bi + out;
+  }
+  return a;
+}
+
+/* Log-softmax of one row of logits into out, in the reference's float32 steps. */
+static void log_softmax_row(const float *logits, float *out, int32_t c) {
+  float mx = logits[0];
+  for (int32_t j = 1; j < c; j++)
+    if (logits[j] > mx) mx = logits[j];
+  float sum = 0.0f;
+  for (int32_t j = 0; j < c; j++) {
+    out[j] = logits[j] - mx;
+    sum += expf_(out[j]);
+  }
+  float lse = logf_(sum);
+  for (int32_t j = 0; j < c; j++) out[j] -= lse;
+}
+
+/* Mean cross-entropy gradient of the batch in scratch into grad (flat, spec order);
+ * returns the summed loss (not yet divided by bs). */
+static double backward(const model *m, const float *w, int32_t bs, scratch *s, float *grad) {
+  int32_t nl = m->nl, classes = m->sizes[nl];
+  float *logits = forward(m, w, bs, s);
+  float *g = s->delta, *g2 = s->delta2;
+  float inv = (float)(1.0 / (double)bs);
+  double loss = 0.0;
+  for (int32_t b = 0; b < bs; b++) {
+    float *gr = g + b * classes;
+    log_softmax_row(logits + b * classes, gr, classes);
+    loss -= (double)gr[s->labels[b]];
+    for (int32_t j = 0; j < classes; j++) gr[j] = expf_(gr[j]);
+    gr[s->labels[b]] -= 1.0f;
+    for (int32_t j = 0; j < classes; j++) gr[j] *= inv;
+  }
+  /* offsets of each layer's weights and activations */
+  int32_t woff[64], aoff[65];
+  check(nl < 64);
+  woff[0] = 0;
+  aoff[0] = 0;
+  for (int32_t i = 0; i < nl; i++) {
+    woff[i + 1] = woff[i] + m->sizes[i] * m->sizes[i + 1] + m->sizes[i + 1];
+    aoff[i + 1] = aoff[i] + bs * m->sizes[i];
+  }
+  for (int32_t i = nl - 1; i >= 0; i--) {
+    int32_t in = m->sizes[i], out = m->sizes[i + 1];
+    const float *a = s->acts + aoff[i];
+    float *gw = grad + woff[i], *gb = gw + in * out;
+    zero(gw, in * out + out);
+    for (int32_t b = 0; b < bs; b++) {
+      const float *gr = g + b * out, *ar = a + b * in;
+      for (int32_t k = 0; k < in; k++)
+        if (ar[k] != 0.0f) axpy(gw + k * out, gr, ar[k], out);
+      axpy(gb, gr, 1.0f, out);
+    }
+    if (i > 0) {
+      const float *wi = w + woff[i];
+      for (int32_t b = 0; b < bs; b++)
+        for (int32_t k = 0; k < in; k++)
+          g2[b * in + k] = a[b * in + k] > 0.0f ? dot(g + b * out, wi + k * out, out) : 0.0f;
+      float *t = g;
+      g = g2;
+      g2 = t;
+    }
+  }
+  return loss;
+}
+
+EXPORT("tern_loss_and_grad")
+int32_t tern_loss_and_grad(int32_t nl, const int32_t *sizes, const float *w, const float *x,
+                           const int32_t *y, int32_t n, float *grad, double *loss) {
+  model m = model_of(nl, sizes);
+  check(n >= 1);
+  uint32_t mark = arena_top;
+  scratch s;
+  if (!alloc_scratch(&m, n, &s)) {
+    arena_top = mark;
+    return TERN_ENOMEM;
+  }
+  gather(&m, x, y, n, 0, n, &s);
+  *loss = backward(&m, w, n, &s, grad) / (double)n;
+  arena_top = mark;
+  return TERN_OK;
+}
+
+/* One epoch of minibatch SGD over the samples in `order` (n indices), updating w in place. */
+EXPORT("tern_train_epoch")
+int32_t tern_train_epoch(int32_t nl, const int32_t *sizes, float *w, const float *x,
+                         const int32_t *y, const int32_t *order, int32_t n, int32_t batch,
+                         float lr) {
+  model m = model_of(nl, sizes);
+  check(n >= 1 && batch >= 1);
+  int32_t bs_max = batch < n ? batch : n;
+  uint32_t mark = arena_top;
+  scratch s;
+  float *grad = (float *)(uintptr_t)tern_alloc((uint32_t)(4 * m.params));
+  if (!grad || !alloc_scratch(&m, bs_max, &s)) {
+    arena_top = mark;
+    return TERN_ENOMEM;
+  }
+  for (int32_t start = 0; start < n; start += batch) {
+    int32_t bs = n - start < batch ? n - start : batch;
+    gather(&m, x, y, n, order + start, bs, &s);
+    backward(&m, w, bs, &s, grad);
+    int32_t j = 0;
+    v128_t vl = wasm_f32x4_splat(lr);
+    for (; j + 4 <= m.params; j += 4)
+      wasm_v128_store(w + j, wasm_f32x4_sub(wasm_v128_load(w + j),
+                                            wasm_f32x4_mul(wasm_v128_load(grad + j), vl)));
+    for (; j < m.params; j++) w[j] -= grad[j] * lr;
+  }
+  arena_top = mark;
+  return TERN_OK;
+}
+
+/* Mean cross-entropy and accuracy over n samples, `chunk` rows at a time: out[0], out[1]. */
+EXPORT("tern_evaluate")
+int32_t tern_evaluate(int32_t nl, const int32_t *sizes, const float *w, const float *x,
+                      const int32_t *y, int32_t n, int32_t chunk, double *out) {
+  model m = model_of(nl, sizes);
+  check(n >= 1 && chunk >= 1);
+  int32_t classes = m.sizes[nl], bs_max = chunk < n ? chunk : n;
+  uint32_t mark = arena_top;
+  scratch s;
+  if (!alloc_scratch(&m, bs_max, &s)) {
+    arena_top = mark;
+    return TERN_ENOMEM;
+  }
+  double loss = 0.0;
+  int32_t correct = 0;
+  for (int32_t start = 0; start < n; start += chunk) {
+    int32_t bs = n - start < chunk ? n - start : chunk;
+    check(start <= n);
+    /* identity rows start..start+bs: gather from the shifted base */
+    gather(&m, x + (size_t)start * m.sizes[0], y + start, n - start, 0, bs, &s);
+    float *logits = forward(&m, w, bs, &s);
+    for (int32_t b = 0; b < bs; b++) {
+      float *lp = s.delta + b * classes;
+      log_softmax_row(logits + b * classes, lp, classes);
+      loss -= (double)lp[s.labels[b]];
+      int32_t best = 0;
+      for (int32_t j = 1; j < classes; j++)
+        if (lp[j] > lp[best]) best = j;
+      correct += best == s.labels[b];
+    }
+  }
+  out[0] = loss / (double)n;
+  out[1] = (double)correct / (double)n;
+  arena_top = mark;
+  return TERN_OK;
+}

@@ -1,0 +1,350 @@
+"""Run the WebAssembly training kernels (kernels/mlp.c, ABI in kernels/README.md) on wasmtime.
+
+The host owns everything a kernel must not: the shuffling Generator (it draws each
+epoch's permutation exactly as `kernels.reference.train_local` does and passes the
+indices in, so Wasm and numpy see identical minibatches), the fuel budget, and the
+memory cap. Every failure surfaces as a `KernelError` subclass, which the device agent
+catches per round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import wasmtime
+
+from tern.messages import TrainConfig
+from tern.spec import ModelSpec
+
+__all__ = [
+    "ABI_VERSION",
+    "DEFAULT_FUEL",
+    "DEFAULT_MEMORY_LIMIT",
+    "AbiMismatch",
+    "FuelExhausted",
+    "Kernel",
+    "KernelError",
+    "KernelTrap",
+    "MemoryLimitExceeded",
+    "WasmTrainer",
+    "load_kernel",
+    "mlp_sizes",
+    "packaged_kernel",
+]
+
+F32Array = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.integer]
+
+ABI_VERSION = 1
+DEFAULT_FUEL = 20_000_000_000  # ~270 epochs of a 40-100-100-10 MLP on 400 samples (73M each)
+DEFAULT_MEMORY_LIMIT = 64 << 20  # bytes of linear memory
+
+_OK = 0
+_ENOMEM = 1
+_EVAL_CHUNK = 256
+_EXPORTS = (
+    "memory",
+    "tern_abi_version",
+    "tern_reset",
+    "tern_alloc",
+    "tern_loss_and_grad",
+    "tern_train_epoch",
+    "tern_evaluate",
+)
+
+
+class KernelError(Exception):
+    """A kernel could not run to completion; the round goes on without this update."""
+
+
+class KernelTrap(KernelError):
+    """The kernel trapped (out-of-bounds access, unreachable, invalid argument)."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class FuelExhausted(KernelError):
+    """The kernel used up the fuel the caller allowed."""
+
+    def __init__(self, fuel: int) -> None:
+        super().__init__(f"kernel exhausted its fuel budget of {fuel}")
+        self.fuel = fuel
+
+
+class MemoryLimitExceeded(KernelError):
+    """The kernel needed more linear memory than the caller allowed."""
+
+    def __init__(self, limit: int, needed: int | None = None) -> None:
+        wanted = "" if needed is None else f" (needs at least {needed})"
+        super().__init__(f"kernel memory limit of {limit} bytes exceeded{wanted}")
+        self.limit = limit
+        self.needed = needed
+
+
+class AbiMismatch(KernelError):
+    """The module is not a tern kernel of the ABI version this host speaks."""
+
+    def __init__(self, message: str, found: int | None = None) -> None:
+        super().__init__(message)
+        self.found = found
+
+
+def packaged_kernel() -> bytes:
+    """The committed `kernels/mlp.wasm`."""
+    return resources.files("kernels").joinpath("mlp.wasm").read_bytes()
+
+
+def mlp_sizes(spec: ModelSpec) -> list[int]:
+    """Layer widths, input first, of an MLP spec (w0, b0, w1, b1, ...)."""
+    n = len(spec.tensors) // 2
+    names = [t.name for t in spec.tensors]
+    if n < 1 or names != [f"{p}{i}" for i in range(n) for p in "wb"]:
+        raise ValueError("not an MLP spec: tensors must be w0, b0, w1, b1, ...")
+    sizes = [spec.tensors[0].shape[0]]
+    for i in range(n):
+        w, b = spec.tensors[2 * i], spec.tensors[2 * i + 1]
+        if len(w.shape) != 2 or w.shape[0] != sizes[-1] or b.shape != (w.shape[1],):
+            raise ValueError(f"layer {i} shapes {w.shape}, {b.shape} do not chain")
+        sizes.append(w.shape[1])
+    return sizes
+
+
+@dataclass(frozen=True, slots=True)
+class Kernel:
+    """A compiled kernel module and the engine (fuel metering on) it was compiled for."""
+
+    engine: wasmtime.Engine
+    module: wasmtime.Module
+
+
+def load_kernel(wasm: bytes) -> Kernel:
+    """Compile `wasm` and check it exports the tern ABI; AbiMismatch if it does not."""
+    config = wasmtime.Config()
+    config.consume_fuel = True
+    engine = wasmtime.Engine(config)
+    try:
+        module = wasmtime.Module(engine, wasm)
+    except wasmtime.WasmtimeError as exc:
+        raise AbiMismatch(f"not a valid WebAssembly module: {exc}") from exc
+    if module.imports:
+        raise AbiMismatch(f"a kernel imports nothing, this one imports {len(module.imports)}")
+    exported = {e.name for e in module.exports}
+    if "tern_abi_version" not in exported:
+        raise AbiMismatch("module does not export tern_abi_version")
+    return Kernel(engine, module)
+
+
+def _initial_memory(module: wasmtime.Module) -> int:
+    """Bytes of linear memory the module asks for at instantiation."""
+    for export in module.exports:
+        if isinstance(export.type, wasmtime.MemoryType):
+            return int(export.type.limits.min) * 65536
+    return 0
+
+
+class _Session:
+    """One instance in a fresh store, with the caller's fuel and memory limits."""
+
+    def __init__(self, kernel: Kernel, fuel: int, memory_limit: int) -> None:
+        self.fuel = fuel
+        self.memory_limit = memory_limit
+        self.store = wasmtime.Store(kernel.engine)
+        self.store.set_limits(memory_size=memory_limit)
+        self.store.set_fuel(fuel)
+        needed = _initial_memory(kernel.module)
+        if needed > memory_limit:
+            raise MemoryLimitExceeded(memory_limit, needed)
+        try:
+            instance = wasmtime.Instance(self.store, kernel.module, [])
+        except wasmtime.Trap as exc:
+            raise self._translate(exc) from exc
+        except wasmtime.WasmtimeError as exc:
+            raise AbiMismatch(f"kernel failed to instantiate: {exc}") from exc
+        exports = instance.exports(self.store)
+        version = self._call_raw(exports["tern_abi_version"])
+        if version != ABI_VERSION:
+            raise AbiMismatch(
+                f"kernel speaks ABI version {version}, this host speaks {ABI_VERSION}",
+                found=int(version),
+            )
+        missing = [name for name in _EXPORTS if name not in exports]
+        if missing:
+            raise AbiMismatch(f"kernel of ABI {ABI_VERSION} lacks exports {missing}")
+        memory = exports["memory"]
+        if not isinstance(memory, wasmtime.Memory):
+            raise AbiMismatch("kernel export 'memory' is not a memory")
+        self.memory = memory
+        self.exports = exports
+
+    def _translate(self, exc: Exception) -> KernelError:
+        if isinstance(exc, wasmtime.Trap) and exc.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
+            return FuelExhausted(self.fuel)
+        code = exc.trap_code.name if isinstance(exc, wasmtime.Trap) and exc.trap_code else None
+        return KernelTrap(f"kernel trapped: {exc}", code)
+
+    def _call_raw(self, func: Any, *args: Any) -> Any:
+        try:
+            return func(self.store, *args)
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            raise self._translate(exc) from exc
+
+    def call(self, name: str, *args: Any) -> Any:
+        return self._call_raw(self.exports[name], *args)
+
+    def check_status(self, status: int, what: str) -> None:
+        if status == _ENOMEM:
+            raise MemoryLimitExceeded(self.memory_limit)
+        if status != _OK:
+            raise KernelTrap(f"{what} returned unknown status {status}")
+
+    def put(self, array: npt.NDArray[Any]) -> int:
+        """Copy `array` (C order) into a fresh arena block; its address."""
+        data = np.ascontiguousarray(array).tobytes()
+        ptr = int(self.call("tern_alloc", max(len(data), 1)))
+        if ptr == 0:
+            raise MemoryLimitExceeded(self.memory_limit, len(data))
+        if data:
+            self.memory.write(self.store, data, ptr)
+        return ptr
+
+    def get(self, ptr: int, count: int, dtype: type[np.generic]) -> npt.NDArray[Any]:
+        size = count * np.dtype(dtype).itemsize
+        return np.frombuffer(self.memory.read(self.store, ptr, ptr + size), dtype=dtype).copy()
+
+
+@dataclass(frozen=True, slots=True)
+class _Inputs:
+    sizes: int
+    weights: int
+    x: int
+    y: int
+    n: int
+
+
+def _prepare(
+    session: _Session, spec: ModelSpec, weights: F32Array, x: F32Array, y: IntArray
+) -> tuple[int, _Inputs]:
+    sizes = mlp_sizes(spec)
+    w = np.asarray(weights, dtype=np.float32)
+    if w.shape != (spec.size,):
+        raise ValueError(f"weights have shape {w.shape}, spec needs ({spec.size},)")
+    xs = np.asarray(x, dtype=np.float32)
+    ys = np.asarray(y)
+    if xs.ndim != 2 or xs.shape[1] != sizes[0] or xs.shape[0] < 1:
+        raise ValueError(f"x has shape {xs.shape}, model needs (n >= 1, {sizes[0]})")
+    if ys.shape != (xs.shape[0],):
+        raise ValueError(f"y has shape {ys.shape}, x has {xs.shape[0]} rows")
+    if ys.size and (ys.min() < 0 or ys.max() >= sizes[-1]):
+        raise ValueError(f"labels must lie in [0, {sizes[-1]})")
+    inputs = _Inputs(
+        sizes=session.put(np.asarray(sizes, dtype=np.int32)),
+        weights=session.put(w),
+        x=session.put(xs),
+        y=session.put(ys.astype(np.int32)),
+        n=xs.shape[0],
+    )
+    return len(sizes) - 1, inputs
+
+
+class WasmTrainer:
+    """Local training in the WebAssembly kernel, under a fuel and a memory budget.
+
+    Same contract as `device.trainer.NumpyTrainer` and the same result to float32
+    rounding: the host draws each epoch's order from `rng` exactly as the reference does.
+    """
+
+    name = "wasm"
+
+    def __init__(
+        self,
+        kernel: bytes | None = None,
+        *,
+        fuel: int = DEFAULT_FUEL,
+        memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    ) -> None:
+        if fuel < 1 or memory_limit < 1:
+            raise ValueError("fuel and memory_limit must be positive")
+        self.fuel = fuel
+        self.memory_limit = memory_limit
+        self.kernel = load_kernel(packaged_kernel() if kernel is None else kernel)
+
+    def _session(self) -> _Session:
+        return _Session(self.kernel, self.fuel, self.memory_limit)
+
+    def train(
+        self,
+        spec: ModelSpec,
+        weights: F32Array,
+        x: F32Array,
+        y: IntArray,
+        config: TrainConfig,
+        rng: np.random.Generator,
+    ) -> F32Array:
+        """New flat float32 weights after local training; `weights` is left unchanged."""
+        session = self._session()
+        nl, inp = _prepare(session, spec, weights, x, y)
+        order_ptr = int(session.call("tern_alloc", 4 * inp.n))
+        if order_ptr == 0:
+            raise MemoryLimitExceeded(self.memory_limit, 4 * inp.n)
+        lr = float(np.float32(config.lr))
+        for _ in range(config.epochs):
+            order = rng.permutation(inp.n).astype(np.int32)
+            session.memory.write(session.store, order.tobytes(), order_ptr)
+            status = session.call(
+                "tern_train_epoch",
+                nl,
+                inp.sizes,
+                inp.weights,
+                inp.x,
+                inp.y,
+                order_ptr,
+                inp.n,
+                config.batch_size,
+                lr,
+            )
+            session.check_status(int(status), "tern_train_epoch")
+        out: F32Array = session.get(inp.weights, spec.size, np.float32)
+        return out
+
+    def loss_and_grad(
+        self, spec: ModelSpec, weights: F32Array, x: F32Array, y: IntArray
+    ) -> tuple[float, F32Array]:
+        """Mean cross-entropy over all of x and its flat gradient (for testing the kernel)."""
+        session = self._session()
+        nl, inp = _prepare(session, spec, weights, x, y)
+        grad_ptr = session.put(np.zeros(spec.size, dtype=np.float32))
+        loss_ptr = session.put(np.zeros(1, dtype=np.float64))
+        status = session.call(
+            "tern_loss_and_grad",
+            nl,
+            inp.sizes,
+            inp.weights,
+            inp.x,
+            inp.y,
+            inp.n,
+            grad_ptr,
+            loss_ptr,
+        )
+        session.check_status(int(status), "tern_loss_and_grad")
+        grad: F32Array = session.get(grad_ptr, spec.size, np.float32)
+        return float(session.get(loss_ptr, 1, np.float64)[0]), grad
+
+    def evaluate(
+        self, spec: ModelSpec, weights: F32Array, x: F32Array, y: IntArray
+    ) -> tuple[float, float]:
+        """(mean cross-entropy, accuracy in [0, 1]), as `kernels.reference.evaluate`."""
+        session = self._session()
+        nl, inp = _prepare(session, spec, weights, x, y)
+        out_ptr = session.put(np.zeros(2, dtype=np.float64))
+        status = session.call(
+            "tern_evaluate", nl, inp.sizes, inp.weights, inp.x, inp.y, inp.n, _EVAL_CHUNK, out_ptr
+        )
+        session.check_status(int(status), "tern_evaluate")
+        loss, accuracy = (float(v) for v in session.get(out_ptr, 2, np.float64))
+        return loss, accuracy
