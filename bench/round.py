@@ -125,7 +125,7 @@ class DevicePool:
         self.transport.close()
 
     def _on_model(self, message: Message) -> None:
-        pass  # a simulated device needs only the schedule; the delivery is still counted
+        """Nothing to do: a simulated device needs only the schedule (delivery is counted)."""
 
     def _on_schedule(self, message: Message) -> None:
         try:

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-import yaml  # type: ignore[import-untyped]  # amqtt depends on PyYAML; no stubs
+import yaml  # type: ignore[import-untyped]  # PyYAML ships untyped
 
 from broker.errors import BrokerConfigError, BrokerError, BrokerStartError, BrokerStopError
 from broker.lifecycle import configure_logging, quiet_third_party_logs, stop_on_signals

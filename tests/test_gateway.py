@@ -29,7 +29,7 @@ from tern.messages import GlobalModel, RoundSchedule, TrainConfig, Update, encod
 from tern.reports import RoundMetrics, State, Status
 from tern.spec import ModelSpec
 from tern.tensors import TypedArrayTag, encode_array
-from tests.fleet_fixtures import FleetKit, build_fleet, simple_layout, write_fleet
+from tests.fleet_fixtures import FleetKit, build_fleet, device_data, simple_layout, write_fleet
 from tests.mqtt_fixtures import AmqttBroker, Inbox, MakeTransport, MosquittoBroker, RunningBroker
 
 SPEC = mlp_spec([8, 6, 3])
@@ -37,14 +37,6 @@ TRAIN = TrainConfig(epochs=1, batch_size=8, lr=0.1)
 SEED = 7
 WAIT = 10.0
 REPO = Path(__file__).resolve().parents[1]
-
-
-def device_data(device: str) -> tuple[np.ndarray, np.ndarray]:
-    """A small synthetic data set, different per device, the same every run."""
-    rng = np.random.default_rng(zlib.crc32(device.encode()))
-    n = 20 + zlib.crc32(device.encode()) % 13
-    x = rng.standard_normal((n, 8), dtype=np.float32)
-    return x, (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1).astype(np.int64)
 
 
 def model_weights(version: int) -> np.ndarray:

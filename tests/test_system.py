@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -32,7 +31,7 @@ from tern.envelope import Kind, open_envelope
 from tern.fleet import COORDINATOR, Fleet
 from tern.messages import GlobalModel, RoundSchedule, TrainConfig, encode_update
 from tern.spec import ModelSpec
-from tests.fleet_fixtures import FleetKit, build_fleet, simple_layout, write_fleet
+from tests.fleet_fixtures import FleetKit, build_fleet, device_data, simple_layout, write_fleet
 from tests.mqtt_fixtures import AmqttBroker, Inbox, MakeTransport, RunningBroker
 
 LAYERS = (8, 6, 3)
@@ -41,14 +40,6 @@ TRAIN = TrainConfig(epochs=1, batch_size=8, lr=0.1)
 SEED = 7
 WAIT = 20.0
 REPO = Path(__file__).resolve().parents[1]
-
-
-def device_data(device: str) -> tuple[np.ndarray, np.ndarray]:
-    """A small synthetic data set, different per device, the same every run."""
-    rng = np.random.default_rng(zlib.crc32(device.encode()))
-    n = 20 + zlib.crc32(device.encode()) % 13
-    x = rng.standard_normal((n, 8), dtype=np.float32)
-    return x, (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1).astype(np.int64)
 
 
 class SlowTrainer:
