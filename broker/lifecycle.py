@@ -8,9 +8,15 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 
-__all__ = ["configure_logging", "quiet_third_party_logs", "stop_on_signals"]
+from nacl.signing import SigningKey
+
+from tern.fleet import Fleet
+from tern.keys import signing_key_from_text
+
+__all__ = ["configure_logging", "load_identity", "quiet_third_party_logs", "stop_on_signals"]
 
 _FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
@@ -48,3 +54,9 @@ def stop_on_signals(log: logging.Logger) -> Iterator[threading.Event]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def load_identity(fleet_file: str | Path, key_file: str | Path) -> tuple[Fleet, SigningKey]:
+    """The fleet file and this component's own secret key (OSError or TernError)."""
+    fleet = Fleet.from_json(Path(fleet_file).read_text(encoding="utf-8"))
+    return fleet, signing_key_from_text(Path(key_file).read_text(encoding="utf-8"))

@@ -10,13 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from broker.lifecycle import configure_logging, stop_on_signals
+from broker.lifecycle import configure_logging, load_identity, stop_on_signals
 from coordinator.config import CoordinatorConfig, CoordinatorError
 from coordinator.service import Coordinator, TestSet
 from tern.codecs import CodecName
 from tern.errors import TernError
-from tern.fleet import Fleet
-from tern.keys import signing_key_from_text
 from tern.messages import TrainConfig
 
 __all__ = ["add_arguments", "build_parser", "command", "main", "run"]
@@ -121,8 +119,7 @@ def run(args: argparse.Namespace) -> int:
         server_momentum=args.server_momentum,
         train=TrainConfig(args.epochs, args.batch_size, args.lr),
     )
-    fleet = Fleet.from_json(args.fleet_file.read_text(encoding="utf-8"))
-    key = signing_key_from_text(args.key.read_text(encoding="utf-8"))
+    fleet, key = load_identity(args.fleet_file, args.key)
     test_set = load_test_set(args.test_set) if args.test_set is not None else None
     coordinator = Coordinator(config, fleet, key, test_set=test_set)
     with stop_on_signals(log) as stop:

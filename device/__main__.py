@@ -7,17 +7,14 @@ import logging
 import sys
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from broker.errors import TransportError
-from broker.lifecycle import configure_logging, stop_on_signals
+from broker.lifecycle import configure_logging, load_identity, stop_on_signals
 from device.agent import DeviceAgent, DeviceError
 from device.trainer import TRAINERS, trainer_for
 from tern.errors import TernError
-from tern.fleet import Fleet
-from tern.keys import signing_key_from_text
 
 __all__ = ["add_arguments", "build_parser", "main", "run"]
 
@@ -48,8 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
     try:
-        fleet = Fleet.from_json(Path(args.fleet_file).read_text())
-        key = signing_key_from_text(Path(args.key).read_text())
+        fleet, key = load_identity(args.fleet_file, args.key)
         with np.load(args.data) as data:
             x, y = np.asarray(data["x"], np.float32), np.asarray(data["y"], np.int64)
         agent = DeviceAgent(

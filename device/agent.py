@@ -25,10 +25,17 @@ from device.trainer import NumpyTrainer, Trainer
 from tern import __version__, topics
 from tern.aggregate import Partial
 from tern.codecs import codec_for
-from tern.envelope import Envelope, Kind, open_envelope, seal
+from tern.envelope import Envelope, Kind, seal
 from tern.errors import TernError
-from tern.fleet import COORDINATOR, Fleet
-from tern.messages import GlobalModel, RoundSchedule, Update, encode_update
+from tern.fleet import Fleet
+from tern.messages import (
+    GlobalModel,
+    RoundSchedule,
+    Update,
+    encode_update,
+    open_model,
+    open_schedule,
+)
 from tern.reports import State, Status
 
 __all__ = ["DeviceAgent", "DeviceError", "RoundOutcome", "local_update", "training_rng"]
@@ -113,7 +120,6 @@ class DeviceAgent:
         # A device that comes back mid-round joins from the next schedule (docs/rounds.md):
         # a retained schedule is one it missed the start of.
         self.join_current_round = join_current_round
-        self._keys = {COORDINATOR: fleet.coordinator_key}
         self._lock = threading.Condition()
         self._model: GlobalModel | None = None
         self._model_version = -1
@@ -194,23 +200,16 @@ class DeviceAgent:
 
     # -- paho's thread: record and wake the worker ----------------------------------------
 
-    def _open(self, message: Message, kind: Kind) -> Envelope | None:
-        try:
-            return open_envelope(message.payload, self._keys, fleet=self.fleet.fleet, kinds=(kind,))
-        except TernError as exc:
-            with self._lock:
-                self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
-            log.warning("%s: rejected %s on %s: %s", self.id, kind, message.topic, exc)
-            return None
+    def _reject(self, message: Message, exc: TernError) -> None:
+        with self._lock:
+            self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
+        log.warning("%s: rejected %s: %s", self.id, message.topic, exc)
 
     def _on_model(self, message: Message) -> None:
-        env = self._open(message, Kind.MODEL)
-        if env is None:
-            return
         try:
-            model = GlobalModel.from_body(env.body)
+            env, model = open_model(message.payload, self.fleet.coordinator_key, self.fleet.fleet)
         except TernError as exc:
-            log.warning("%s: bad model: %s", self.id, exc)
+            self._reject(message, exc)
             return
         with self._lock:
             self._model_version = env.model_version
@@ -218,13 +217,12 @@ class DeviceAgent:
         self._wake.put(True)
 
     def _on_schedule(self, message: Message) -> None:
-        env = self._open(message, Kind.SCHEDULE)
-        if env is None:
-            return
         try:
-            schedule = RoundSchedule.from_body(env.body)
+            _, schedule = open_schedule(
+                message.payload, self.fleet.coordinator_key, self.fleet.fleet
+            )
         except TernError as exc:
-            log.warning("%s: bad schedule: %s", self.id, exc)
+            self._reject(message, exc)
             return
         with self._lock:
             if (schedule.round, schedule.deadline) <= self._last_round:

@@ -7,14 +7,11 @@ import logging
 import sys
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 
-from broker.lifecycle import configure_logging, stop_on_signals
+from broker.lifecycle import configure_logging, load_identity, stop_on_signals
 from gateway.config import DEFAULT_LISTEN_PORT, DEFAULT_MARGIN, GatewayConfig, GatewayError
 from gateway.service import Gateway
 from tern.errors import TernError
-from tern.fleet import Fleet
-from tern.keys import signing_key_from_text
 
 __all__ = ["add_arguments", "build_parser", "main", "parse_listen", "run"]
 
@@ -65,8 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
     try:
-        fleet = Fleet.from_json(Path(args.fleet_file).read_text())
-        key = signing_key_from_text(Path(args.key).read_text())
+        fleet, key = load_identity(args.fleet_file, args.key)
         host, port = args.listen
         config = GatewayConfig(
             args.id,

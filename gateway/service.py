@@ -25,10 +25,10 @@ from gateway.config import GatewayConfig, GatewayError
 from tern import __version__, topics
 from tern.codecs import Float32Codec
 from tern.collect import Collector
-from tern.envelope import Envelope, Kind, open_envelope, seal
+from tern.envelope import Envelope, Kind, seal
 from tern.errors import TernError
 from tern.fleet import COORDINATOR, Fleet
-from tern.messages import GlobalModel, RoundSchedule, encode_update
+from tern.messages import GlobalModel, RoundSchedule, encode_update, open_model, open_schedule
 from tern.reports import RoundMetrics, State, Status
 
 __all__ = ["Gateway", "depth", "expected_contributors"]
@@ -100,7 +100,6 @@ class Gateway:
         entry = fleet.gateways[self.id]
         self.parent = entry.parent
         self.depth = depth(fleet, self.id)
-        self._coordinator_keys = {COORDINATOR: fleet.coordinator_key}
         keys: dict[str, VerifyKey] = dict(entry.devices)
         keys.update({c: fleet.gateways[c].key for c in fleet.children(self.id)})
         self._keys = keys
@@ -235,15 +234,6 @@ class Gateway:
 
     # -- upstream: model and schedule ---------------------------------------------------
 
-    def _open(self, message: Message, kind: Kind) -> Envelope | None:
-        try:
-            return open_envelope(
-                message.payload, self._coordinator_keys, fleet=self.fleet.fleet, kinds=(kind,)
-            )
-        except TernError as exc:
-            log.warning("gateway %s: rejected %s (%s): %s", self.id, kind, exc.reason, exc)
-            return None
-
     def _relay(self, topic: topics.Topic, data: bytes) -> None:
         if self.downstream is None:
             return
@@ -254,13 +244,10 @@ class Gateway:
             log.warning("gateway %s: relay of %s failed: %s", self.id, topic, exc)
 
     def _on_model(self, message: Message) -> None:
-        env = self._open(message, Kind.MODEL)
-        if env is None:
-            return
         try:
-            model = GlobalModel.from_body(env.body)
+            env, model = open_model(message.payload, self.fleet.coordinator_key, self.fleet.fleet)
         except TernError as exc:
-            log.warning("gateway %s: bad model (%s): %s", self.id, exc.reason, exc)
+            log.warning("gateway %s: rejected model (%s): %s", self.id, exc.reason, exc)
             return
         with self._lock:
             self._models[env.model_version] = model
@@ -271,13 +258,12 @@ class Gateway:
             self._maybe_open()
 
     def _on_schedule(self, message: Message) -> None:
-        env = self._open(message, Kind.SCHEDULE)
-        if env is None:
-            return
         try:
-            schedule = RoundSchedule.from_body(env.body)
+            _, schedule = open_schedule(
+                message.payload, self.fleet.coordinator_key, self.fleet.fleet
+            )
         except TernError as exc:
-            log.warning("gateway %s: bad schedule (%s): %s", self.id, exc.reason, exc)
+            log.warning("gateway %s: rejected schedule (%s): %s", self.id, exc.reason, exc)
             return
         with self._lock:
             if schedule.round < self._latest_round:

@@ -11,10 +11,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+from nacl.signing import VerifyKey
 
 from tern.aggregate import Accumulator, Partial
 from tern.codecs import CheckedTensor, Codec, CodecName, codec_for
+from tern.envelope import Envelope, Kind, open_envelope
 from tern.errors import MalformedMessage, NonFiniteValue, ShapeMismatch, UnknownCodec
+from tern.fleet import COORDINATOR
 from tern.spec import ModelSpec
 from tern.tensors import TypedArrayTag, decode_array, encode_array
 
@@ -25,6 +28,8 @@ __all__ = [
     "TrainConfig",
     "Update",
     "encode_update",
+    "open_model",
+    "open_schedule",
 ]
 
 F32Array = npt.NDArray[np.float32]
@@ -294,3 +299,20 @@ def encode_update(
     new_residual = ((target - sent) / weight).astype(np.float32)
     update = Update(codec.name, float(partial.total_weight), partial.count, tuple(wires))
     return update, new_residual
+
+
+# -- the coordinator's messages, as every receiver opens them ---------------------------
+
+
+def open_model(data: bytes, coordinator_key: VerifyKey, fleet: str) -> tuple[Envelope, GlobalModel]:
+    """A signed global model from the coordinator of `fleet`; a TernError otherwise."""
+    env = open_envelope(data, {COORDINATOR: coordinator_key}, fleet=fleet, kinds=(Kind.MODEL,))
+    return env, GlobalModel.from_body(env.body)
+
+
+def open_schedule(
+    data: bytes, coordinator_key: VerifyKey, fleet: str
+) -> tuple[Envelope, RoundSchedule]:
+    """A signed round schedule from the coordinator of `fleet`; a TernError otherwise."""
+    env = open_envelope(data, {COORDINATOR: coordinator_key}, fleet=fleet, kinds=(Kind.SCHEDULE,))
+    return env, RoundSchedule.from_body(env.body)

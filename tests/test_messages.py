@@ -12,17 +12,22 @@ from cbor2 import CBORTag
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from nacl.signing import SigningKey
 
 from tern.aggregate import Accumulator, Partial
 from tern.codecs import Codec, CodecName, Float16Codec, Float32Codec, TernaryCodec
+from tern.envelope import Envelope, Kind, seal
 from tern.errors import (
+    BadSignature,
     InvalidTrits,
     MalformedMessage,
     NonFiniteValue,
     ShapeMismatch,
     TernError,
+    UnexpectedMessage,
     UnknownCodec,
 )
+from tern.fleet import COORDINATOR
 from tern.messages import (
     CheckedUpdate,
     GlobalModel,
@@ -30,6 +35,8 @@ from tern.messages import (
     TrainConfig,
     Update,
     encode_update,
+    open_model,
+    open_schedule,
 )
 from tern.quantize import TernaryRule
 from tern.spec import ModelSpec
@@ -744,3 +751,46 @@ def test_error_feedback_residual_is_per_unit_weight() -> None:
     # assert
     np.testing.assert_array_equal(sent, np.full(SPEC.size, 1.0))
     assert not new_residual.any()
+
+
+def test_open_model_and_schedule_return_the_coordinators_messages() -> None:
+    key = SigningKey(bytes(range(32)))
+    weights = np.arange(SPEC.size, dtype=np.float32)
+    schedule = RoundSchedule(3, 2, CodecName.TERNARY, 1e9, 1)
+    model_bytes = seal(
+        Envelope(Kind.MODEL, "f", 3, 2, COORDINATOR, GlobalModel(SPEC, weights).to_body()), key
+    )
+    schedule_bytes = seal(Envelope(Kind.SCHEDULE, "f", 3, 2, COORDINATOR, schedule.to_body()), key)
+
+    env, model = open_model(model_bytes, key.verify_key, "f")
+    _, opened = open_schedule(schedule_bytes, key.verify_key, "f")
+
+    assert env.model_version == 2 and model.weights.tobytes() == weights.tobytes()
+    assert opened == schedule
+
+
+def test_open_model_refuses_another_signer_another_fleet_and_a_schedule() -> None:
+    key, other = SigningKey(bytes(range(32))), SigningKey(bytes(32))
+    body = GlobalModel(SPEC, np.zeros(SPEC.size, dtype=np.float32)).to_body()
+    forged = seal(Envelope(Kind.MODEL, "f", 1, 1, COORDINATOR, body), other)
+    schedule = seal(
+        Envelope(
+            Kind.SCHEDULE,
+            "f",
+            1,
+            1,
+            COORDINATOR,
+            RoundSchedule(1, 1, CodecName.FLOAT32, 1e9, 1).to_body(),
+        ),
+        key,
+    )
+
+    with pytest.raises(BadSignature):
+        open_model(forged, key.verify_key, "f")
+    with pytest.raises(UnexpectedMessage, match="fleet"):
+        open_model(
+            seal(Envelope(Kind.MODEL, "g", 1, 1, COORDINATOR, body), key), key.verify_key, "f"
+        )
+    with pytest.raises(UnexpectedMessage) as info:
+        open_model(schedule, key.verify_key, "f")
+    assert info.value.reason == "wrong_kind"
