@@ -4,6 +4,7 @@ benchmarks (production runs its own Mosquitto; see README for the settings that 
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -36,10 +37,34 @@ def find_mosquitto() -> str | None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (for programs that cannot bind port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on right now (for programs that cannot bind port 0).
+
+    Chosen below the kernel's ephemeral range when it can be: a broker restarted on
+    the port of an ephemeral-range listener can find it taken by a reconnecting client,
+    whose own local port the kernel drew from that range (on loopback a client can even
+    connect to itself). Outside the range no client socket ever holds the port.
+    """
+    low = _ephemeral_low()
+    candidates = random.sample(range(_PRIVATE_FLOOR, low), min(64, low - _PRIVATE_FLOOR))
+    for port in [*candidates, 0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise BrokerStartError("no free port", host, 0)
+
+
+_PRIVATE_FLOOR = 20000
+
+
+def _ephemeral_low() -> int:
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return max(_PRIVATE_FLOOR, int(text.split()[0]))
+    except (OSError, ValueError, IndexError):
+        return _PRIVATE_FLOOR  # unknown range: fall back to a kernel-chosen port
 
 
 def wait_until_accepting(

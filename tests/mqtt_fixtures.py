@@ -51,8 +51,9 @@ class AmqttBroker:
     """The embedded broker; restart() brings up a fresh one on the same port."""
 
     def __init__(self) -> None:
-        self._broker = EmbeddedBroker(HOST, 0).start(START_TIMEOUT)
-        self.host, self.port = HOST, self._broker.port
+        # free_port, not port 0: restart() must get the same port back (see free_port).
+        self.host, self.port = HOST, free_port(HOST)
+        self._broker = EmbeddedBroker(self.host, self.port).start(START_TIMEOUT)
 
     @property
     def url(self) -> str:

@@ -32,7 +32,7 @@ from tern.fleet import COORDINATOR, Fleet
 from tern.messages import GlobalModel, RoundSchedule, TrainConfig, encode_update
 from tern.spec import ModelSpec
 from tests.fleet_fixtures import FleetKit, build_fleet, device_data, simple_layout, write_fleet
-from tests.mqtt_fixtures import AmqttBroker, Inbox, MakeTransport, RunningBroker
+from tests.mqtt_fixtures import AmqttBroker, Inbox, MakeTransport, RunningBroker, free_port
 
 LAYERS = (8, 6, 3)
 SPEC = mlp_spec(LAYERS)
@@ -259,8 +259,8 @@ def test_a_killed_gateway_is_dropped_and_its_devices_return_with_a_new_one(
     kit = build_fleet(simple_layout(2, 2))
     rig = Rig(kit, amqtt_broker.url, tmp_path / "state", stack)
     rig.gateway("gw-1")
-    doomed = rig.gateway("gw-2")
-    port = int(doomed.downstream_url.rsplit(":", 1)[1])
+    port = free_port()  # outside the ephemeral range: its devices reconnect to it meanwhile
+    doomed = rig.gateway("gw-2", listen_port=port)
     for dev in kit.fleet.gateways["gw-1"].devices:
         rig.device(dev)
     for dev in kit.fleet.gateways["gw-2"].devices:
