@@ -40,7 +40,7 @@ F32Array = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.integer]
 
 ABI_VERSION = 1
-DEFAULT_FUEL = 20_000_000_000  # ~270 epochs of a 40-100-100-10 MLP on 400 samples (73M each)
+DEFAULT_FUEL = 20_000_000_000  # ~420 epochs of a 40-100-100-10 MLP on 400 samples (47M each)
 DEFAULT_MEMORY_LIMIT = 64 << 20  # bytes of linear memory
 
 _OK = 0
@@ -203,15 +203,27 @@ class _Session:
         if status != _OK:
             raise KernelTrap(f"{what} returned unknown status {status}")
 
-    def put(self, array: npt.NDArray[Any]) -> int:
-        """Copy `array` (C order) into a fresh arena block; its address."""
-        data = np.ascontiguousarray(array).tobytes()
-        ptr = int(self.call("tern_alloc", max(len(data), 1)))
+    def put(self, *arrays: npt.NDArray[Any]) -> list[int]:
+        """Copy `arrays` (C order) into one fresh arena block; their 16-byte aligned addresses.
+
+        One `tern_alloc` and one write for all of them: each call into the instance costs
+        more host time than copying a few kilobytes.
+        """
+        blobs = [np.ascontiguousarray(a).tobytes() for a in arrays]
+        offsets: list[int] = []
+        total = 0
+        for blob in blobs:
+            offsets.append(total)
+            total += (len(blob) + 15) & ~15
+        ptr = int(self.call("tern_alloc", max(total, 1)))
         if ptr == 0:
-            raise MemoryLimitExceeded(self.memory_limit, len(data))
+            raise MemoryLimitExceeded(self.memory_limit, total)
+        data = bytearray(total)
+        for offset, blob in zip(offsets, blobs, strict=True):
+            data[offset : offset + len(blob)] = blob
         if data:
             self.memory.write(self.store, data, ptr)
-        return ptr
+        return [ptr + offset for offset in offsets]
 
     def get(self, ptr: int, count: int, dtype: type[np.generic]) -> npt.NDArray[Any]:
         size = count * np.dtype(dtype).itemsize
@@ -228,8 +240,14 @@ class _Inputs:
 
 
 def _prepare(
-    session: _Session, spec: ModelSpec, weights: F32Array, x: F32Array, y: IntArray
-) -> tuple[int, _Inputs]:
+    session: _Session,
+    spec: ModelSpec,
+    weights: F32Array,
+    x: F32Array,
+    y: IntArray,
+    *extra: npt.NDArray[Any],
+) -> tuple[int, _Inputs, list[int]]:
+    """Check and copy in the model and data, plus `extra` buffers, in one block."""
     sizes = mlp_sizes(spec)
     w = np.asarray(weights, dtype=np.float32)
     if w.shape != (spec.size,):
@@ -242,14 +260,9 @@ def _prepare(
         raise ValueError(f"y has shape {ys.shape}, x has {xs.shape[0]} rows")
     if ys.size and (ys.min() < 0 or ys.max() >= sizes[-1]):
         raise ValueError(f"labels must lie in [0, {sizes[-1]})")
-    inputs = _Inputs(
-        sizes=session.put(np.asarray(sizes, dtype=np.int32)),
-        weights=session.put(w),
-        x=session.put(xs),
-        y=session.put(ys.astype(np.int32)),
-        n=xs.shape[0],
-    )
-    return len(sizes) - 1, inputs
+    ptrs = session.put(np.asarray(sizes, dtype=np.int32), w, xs, ys.astype(np.int32), *extra)
+    inputs = _Inputs(sizes=ptrs[0], weights=ptrs[1], x=ptrs[2], y=ptrs[3], n=xs.shape[0])
+    return len(sizes) - 1, inputs, ptrs[4:]
 
 
 class WasmTrainer:
@@ -288,10 +301,8 @@ class WasmTrainer:
     ) -> F32Array:
         """New flat float32 weights after local training; `weights` is left unchanged."""
         session = self._session()
-        nl, inp = _prepare(session, spec, weights, x, y)
-        order_ptr = int(session.call("tern_alloc", 4 * inp.n))
-        if order_ptr == 0:
-            raise MemoryLimitExceeded(self.memory_limit, 4 * inp.n)
+        order = np.zeros(np.shape(x)[0] if np.ndim(x) else 0, dtype=np.int32)
+        nl, inp, (order_ptr,) = _prepare(session, spec, weights, x, y, order)
         lr = float(np.float32(config.lr))
         for _ in range(config.epochs):
             order = rng.permutation(inp.n).astype(np.int32)
@@ -317,9 +328,9 @@ class WasmTrainer:
     ) -> tuple[float, F32Array]:
         """Mean cross-entropy over all of x and its flat gradient (for testing the kernel)."""
         session = self._session()
-        nl, inp = _prepare(session, spec, weights, x, y)
-        grad_ptr = session.put(np.zeros(spec.size, dtype=np.float32))
-        loss_ptr = session.put(np.zeros(1, dtype=np.float64))
+        nl, inp, (grad_ptr, loss_ptr) = _prepare(
+            session, spec, weights, x, y, np.zeros(spec.size, np.float32), np.zeros(1, np.float64)
+        )
         status = session.call(
             "tern_loss_and_grad",
             nl,
@@ -340,8 +351,7 @@ class WasmTrainer:
     ) -> tuple[float, float]:
         """(mean cross-entropy, accuracy in [0, 1]), as `kernels.reference.evaluate`."""
         session = self._session()
-        nl, inp = _prepare(session, spec, weights, x, y)
-        out_ptr = session.put(np.zeros(2, dtype=np.float64))
+        nl, inp, (out_ptr,) = _prepare(session, spec, weights, x, y, np.zeros(2, np.float64))
         status = session.call(
             "tern_evaluate", nl, inp.sizes, inp.weights, inp.x, inp.y, inp.n, _EVAL_CHUNK, out_ptr
         )

@@ -33,6 +33,7 @@ LAYER_CONFIGS = [
     pytest.param([7, 13, 5, 3], id="mlp-odd-widths"),
     pytest.param([40, 100, 100, 10], id="mlp-40-100-100-10"),
     pytest.param([6, 1, 4], id="mlp-width-one"),
+    pytest.param([11, 18, 9, 6], id="mlp-every-tile-edge"),  # N % 8 = 2, 4 + 1, 4 + 2
 ]
 
 
