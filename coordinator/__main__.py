@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import numpy as np
 from broker.lifecycle import configure_logging, load_identity, stop_on_signals
 from coordinator.config import CoordinatorConfig, CoordinatorError
 from coordinator.service import Coordinator, TestSet
+from kernels.wasm import DEFAULT_FUEL, DEFAULT_MEMORY_LIMIT
 from tern.codecs import CodecName
 from tern.errors import TernError
 from tern.messages import TrainConfig
@@ -76,6 +79,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=_TRAIN.batch_size)
     p.add_argument("--lr", type=float, default=_TRAIN.lr, help="devices' learning rate")
     p.add_argument(
+        "--kernel",
+        type=Path,
+        default=None,
+        help="the WebAssembly training kernel to publish (default: the packaged mlp.wasm);"
+        " SIGHUP re-reads it and switches the fleet to it from the next round",
+    )
+    p.add_argument(
+        "--kernel-fuel", type=int, default=DEFAULT_FUEL, help="fuel per device per round"
+    )
+    p.add_argument(
+        "--kernel-memory",
+        type=int,
+        default=DEFAULT_MEMORY_LIMIT,
+        help="bytes of Wasm linear memory per device",
+    )
+    p.add_argument(
         "--test-set",
         type=Path,
         default=None,
@@ -118,19 +137,37 @@ def run(args: argparse.Namespace) -> int:
         server_lr=args.server_lr,
         server_momentum=args.server_momentum,
         train=TrainConfig(args.epochs, args.batch_size, args.lr),
+        kernel_fuel=args.kernel_fuel,
+        kernel_memory=args.kernel_memory,
     )
     fleet, key = load_identity(args.fleet_file, args.key)
     test_set = load_test_set(args.test_set) if args.test_set is not None else None
-    coordinator = Coordinator(config, fleet, key, test_set=test_set)
+    kernel = args.kernel.read_bytes() if args.kernel is not None else None
+    coordinator = Coordinator(config, fleet, key, test_set=test_set, kernel=kernel)
+    reload = threading.Event()
+    if args.kernel is not None and hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda *_: reload.set())
     with stop_on_signals(log) as stop:
         try:
             coordinator.start()
             # wake up now and then: signal handlers run on the main thread between waits
             while not stop.is_set() and not coordinator.wait_finished(0.2):
-                pass
+                if reload.is_set():
+                    reload.clear()
+                    _reload_kernel(coordinator, args.kernel)
         finally:
             coordinator.stop()
     return 0
+
+
+def _reload_kernel(coordinator: Coordinator, path: Path) -> None:
+    """SIGHUP: publish the kernel file again; a bad file is logged and changes nothing."""
+    try:
+        ref = coordinator.publish_kernel(path.read_bytes())
+    except (OSError, CoordinatorError) as exc:
+        log.error("kernel %s not switched: %s", path, exc)
+        return
+    log.info("kernel switched to %s… from the next round", ref.sha256[:12])
 
 
 def command(args: argparse.Namespace) -> int:

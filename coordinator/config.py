@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kernels.wasm import DEFAULT_FUEL, DEFAULT_MEMORY_LIMIT
 from tern.codecs import CodecName
 from tern.fleet import COORDINATOR
 from tern.messages import TrainConfig
@@ -57,6 +58,8 @@ class CoordinatorConfig:
     server_lr: float = 1.0
     server_momentum: float = 0.0
     train: TrainConfig = field(default_factory=TrainConfig)
+    kernel_fuel: int = DEFAULT_FUEL  # per device per round, named in every schedule
+    kernel_memory: int = DEFAULT_MEMORY_LIMIT  # bytes of Wasm linear memory, likewise
     client_id: str = COORDINATOR
     connect_timeout: float = 10.0
 
@@ -81,6 +84,8 @@ class CoordinatorConfig:
             ("server_lr", math.isfinite(self.server_lr) and self.server_lr > 0, "must be > 0"),
             ("server_momentum", 0 <= self.server_momentum < 1, "must be in [0, 1)"),
             ("connect_timeout", self.connect_timeout > 0, "must be > 0"),
+            ("kernel_fuel", 0 < self.kernel_fuel < 2**63, "must be in [1, 2**63)"),
+            ("kernel_memory", 65536 <= self.kernel_memory < 2**32, "must be in [64 KiB, 4 GiB)"),
         ]
         for name, ok, message in checks:
             if not ok:

@@ -28,12 +28,13 @@ from coordinator.config import CoordinatorConfig, CoordinatorError, RoundTimeout
 from coordinator.store import RoundRecord, StateStore
 from coordinator.strategy import FedAvg, sample_participants
 from kernels.reference import evaluate, init_weights, mlp_spec
+from kernels.wasm import ABI_VERSION, KernelError, load_kernel, packaged_kernel
 from tern import __version__, topics
 from tern.collect import Collector
 from tern.envelope import Envelope, Kind, seal
 from tern.errors import TopicError
 from tern.fleet import COORDINATOR, Fleet
-from tern.messages import GlobalModel, RoundSchedule
+from tern.messages import GlobalModel, KernelFile, KernelRef, RoundSchedule, seal_kernel
 from tern.reports import State, Status
 
 __all__ = ["Coordinator", "TestSet"]
@@ -74,9 +75,12 @@ class Coordinator:
         key: SigningKey,
         *,
         test_set: TestSet | None = None,
+        kernel: bytes | None = None,
         clock: Callable[[], float] = time.time,
         on_round: Callable[[RoundRecord], None] | None = None,
     ) -> None:
+        """`kernel`: the WebAssembly training kernel devices run (default: the packaged
+        kernels/mlp.wasm); `publish_kernel` switches to another while running."""
         if bytes(key.verify_key) != bytes(fleet.coordinator_key):
             raise CoordinatorError("the key does not match the fleet file's coordinator key")
         self.config = config
@@ -97,6 +101,8 @@ class Coordinator:
         self._records: dict[int, RoundRecord] = {}
         self._last_open_at: float | None = None
         self._keys = {g: fleet.gateways[g].key for g in fleet.children(COORDINATOR)}
+        self._kernel = self._checked_kernel(packaged_kernel() if kernel is None else kernel)
+        self._kernel_published = False
 
         snapshot = self.store.latest(self.spec.size)
         if snapshot is None:
@@ -159,11 +165,52 @@ class Coordinator:
         )
         self._scheduler.start()
         with self._lock:
+            self._publish_kernel_locked()
             if self._done(self._next - 1):
                 self._finished.set()
             else:
                 self._schedule_open(self._clock())
         return self
+
+    @property
+    def kernel(self) -> KernelRef:
+        """The kernel (and its budget) the next schedule names."""
+        with self._lock:
+            return self._kernel_ref(self._kernel)
+
+    def publish_kernel(self, wasm: bytes) -> KernelRef:
+        """Publish `wasm` (signed, retained) and name it in every schedule from the next
+        round on: the fleet switches to it without restarting a device. CoordinatorError
+        if it is not a loadable kernel of this host's ABI."""
+        kernel = self._checked_kernel(wasm)
+        with self._lock:
+            self._kernel = kernel
+            if self._transport.connected or self._kernel_published:
+                self._publish_kernel_locked()
+            return self._kernel_ref(kernel)
+
+    @staticmethod
+    def _checked_kernel(wasm: bytes) -> KernelFile:
+        try:
+            load_kernel(wasm)  # compiles, and checks it is a tern kernel with no imports
+        except KernelError as exc:
+            raise CoordinatorError(f"not a kernel this fleet can run: {exc}") from exc
+        return KernelFile(ABI_VERSION, wasm)
+
+    def _kernel_ref(self, kernel: KernelFile) -> KernelRef:
+        cfg = self.config
+        return KernelRef(kernel.sha256, kernel.abi, cfg.kernel_fuel, cfg.kernel_memory)
+
+    def _publish_kernel_locked(self) -> None:
+        data = seal_kernel(self._kernel, self.fleet.fleet, self._key)
+        try:
+            self._transport.publish(
+                topics.kernel(self.fleet.fleet, self._kernel.sha256), data, retain=True
+            )
+            self._kernel_published = True
+            log.info("kernel %s… published (%d bytes)", self._kernel.sha256[:12], len(data))
+        except BrokerError as exc:
+            log.warning("publishing kernel %s… failed: %s", self._kernel.sha256[:12], exc)
 
     def wait_for_round(self, round: int, timeout: float) -> RoundRecord:
         """The record of `round` once it closes here; RoundTimeout after `timeout` s."""
@@ -267,6 +314,7 @@ class Coordinator:
                 participants=participants,
                 seed=self.config.seed,
                 train=self.config.train,
+                kernel=self._kernel_ref(self._kernel),
             )
             model = GlobalModel(self.spec, self._weights)
             fleet = self.fleet.fleet
@@ -282,7 +330,7 @@ class Coordinator:
                 spec=self.spec,
                 keys=self._keys,
                 expected=expected,
-                kinds=(Kind.PARTIAL,),
+                kinds=(Kind.PARTIAL, Kind.FAILURE),
             )
             self._open = _OpenRound(
                 r,
@@ -354,6 +402,7 @@ class Coordinator:
                 contributors=partial.count,
                 dropped=max(0, current.expected_devices - partial.count),
                 rejected=dict(sorted(collector.rejected.items())),
+                failed=dict(sorted(collector.failed.items())),
                 bytes_up=collector.bytes_in,
                 bytes_down=current.bytes_down,
                 accuracy=accuracy,
@@ -362,6 +411,7 @@ class Coordinator:
                 participants=current.schedule.participants,
                 expected=tuple(sorted(collector.expected)),
                 accepted=tuple(sorted(collector.accepted)),
+                kernel=current.schedule.kernel.sha256 if current.schedule.kernel else "",
             )
             self.store.save_round(record)
             self._open = None

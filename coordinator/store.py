@@ -47,6 +47,7 @@ class RoundRecord:
     contributors: int
     dropped: int
     rejected: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)  # devices' reported failures
     bytes_up: int = 0
     bytes_down: int = 0
     accuracy: float | None = None
@@ -55,6 +56,7 @@ class RoundRecord:
     participants: tuple[str, ...] | None = None
     expected: tuple[str, ...] = ()
     accepted: tuple[str, ...] = ()
+    kernel: str = ""  # SHA-256 of the training kernel the round's schedule named
 
     def metrics(self, component: str) -> RoundMetrics:
         return RoundMetrics(
@@ -64,6 +66,7 @@ class RoundRecord:
             contributors=self.contributors,
             dropped=self.dropped,
             rejected=dict(self.rejected),
+            failed=dict(self.failed),
             bytes_up=self.bytes_up,
             bytes_down=self.bytes_down,
             accuracy=self.accuracy,

@@ -7,13 +7,15 @@ import logging
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from broker.errors import TransportError
 from broker.lifecycle import configure_logging, load_identity, stop_on_signals
 from device.agent import DeviceAgent, DeviceError
-from device.trainer import TRAINERS, trainer_for
+from device.kernels import default_cache_dir
+from device.trainer import trainer_for
 from tern.errors import TernError
 
 __all__ = ["add_arguments", "build_parser", "main", "run"]
@@ -27,7 +29,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", required=True, help="this device's secret key file (tern keygen)")
     p.add_argument("--gateway-url", required=True, help="its gateway's broker, mqtt://host:port")
     p.add_argument("--data", required=True, help=".npz file with x (n, features) and y (n,)")
-    p.add_argument("--trainer", default="numpy", choices=sorted(TRAINERS))
+    p.add_argument(
+        "--trainer",
+        default="wasm",
+        choices=("wasm", "numpy"),
+        help="wasm (default): the fleet's WebAssembly kernel each schedule names, sandboxed;"
+        " numpy: the reference trainer, as a fallback",
+    )
+    p.add_argument(
+        "--kernel-cache",
+        type=Path,
+        default=None,
+        help=f"where verified kernels are kept (default {default_cache_dir()})",
+    )
     p.add_argument("--connect-timeout", type=float, default=30.0)
 
 
@@ -49,7 +63,14 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
         with np.load(args.data) as data:
             x, y = np.asarray(data["x"], np.float32), np.asarray(data["y"], np.int64)
         agent = DeviceAgent(
-            args.id, fleet, key, args.gateway_url, x, y, trainer=trainer_for(args.trainer)
+            args.id,
+            fleet,
+            key,
+            args.gateway_url,
+            x,
+            y,
+            trainer=None if args.trainer == "wasm" else trainer_for(args.trainer),
+            kernel_cache=args.kernel_cache or default_cache_dir(),
         )
         agent.start(args.connect_timeout)
     except (OSError, KeyError, ValueError, TernError, TransportError, DeviceError) as exc:

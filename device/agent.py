@@ -14,6 +14,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -21,7 +22,17 @@ from nacl.signing import SigningKey
 
 from broker.errors import TransportError
 from broker.transport import Message, MqttTransport
-from device.trainer import NumpyTrainer, Trainer
+from device.errors import DeviceError, LateRound
+from device.kernels import KernelShelf
+from device.trainer import Trainer
+from kernels.wasm import (
+    AbiMismatch,
+    FuelExhausted,
+    KernelError,
+    KernelTrap,
+    MemoryLimitExceeded,
+    WasmTrainer,
+)
 from tern import __version__, topics
 from tern.aggregate import Partial
 from tern.codecs import codec_for
@@ -29,6 +40,7 @@ from tern.envelope import Envelope, Kind, seal
 from tern.errors import TernError
 from tern.fleet import Fleet
 from tern.messages import (
+    Failure,
     GlobalModel,
     RoundSchedule,
     Update,
@@ -38,16 +50,19 @@ from tern.messages import (
 )
 from tern.reports import State, Status
 
-__all__ = ["DeviceAgent", "DeviceError", "RoundOutcome", "local_update", "training_rng"]
+__all__ = [
+    "DeviceAgent",
+    "DeviceError",
+    "RoundOutcome",
+    "failure_reason",
+    "local_update",
+    "training_rng",
+]
 
 log = logging.getLogger(__name__)
 
 F32Array = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.integer]
-
-
-class DeviceError(Exception):
-    """Base of the device agent's errors."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +75,28 @@ class RoundOutcome:
     update_bytes: int = 0
     train_seconds: float = 0.0
     error: str = ""
+    reason: str = ""  # the slug reported upstream in a failure message, when it failed
+    kernel: str = ""  # SHA-256 of the Wasm kernel that trained, if one did
+
+
+# KernelError subclasses -> the reason a device reports for a round it could not train
+_KERNEL_REASONS: tuple[tuple[type[Exception], str], ...] = (
+    (FuelExhausted, "kernel_fuel"),
+    (MemoryLimitExceeded, "kernel_memory"),
+    (AbiMismatch, "kernel_abi"),
+    (KernelTrap, "kernel_trap"),
+    (KernelError, "kernel_error"),
+)
+
+
+def failure_reason(exc: Exception) -> str:
+    """The slug a device reports upstream for a round that failed with `exc`."""
+    if isinstance(exc, DeviceError):
+        return exc.reason
+    for kind, reason in _KERNEL_REASONS:
+        if isinstance(exc, kind):
+            return reason
+    return "train_error"
 
 
 def training_rng(seed: int, device: str) -> np.random.Generator:
@@ -88,7 +125,13 @@ def local_update(
 
 
 class DeviceAgent:
-    """One device: its id in `fleet`, its secret `key`, its gateway's broker URL and data."""
+    """One device: its id in `fleet`, its secret `key`, its gateway's broker URL and data.
+
+    By default it trains in the WebAssembly kernel each round's schedule names, fetched
+    over MQTT and kept in `kernel_cache` (None: in memory only); a schedule that names
+    none runs the kernel the device shipped with. An explicit `trainer` (the numpy
+    reference, or a test's) is used for every round instead.
+    """
 
     def __init__(
         self,
@@ -100,6 +143,7 @@ class DeviceAgent:
         y: IntArray,
         *,
         trainer: Trainer | None = None,
+        kernel_cache: Path | None = None,
         clock: Callable[[], float] = time.time,
         join_current_round: bool = False,
         backoff_min: float = 0.5,
@@ -115,7 +159,11 @@ class DeviceAgent:
             raise DeviceError(f"data must be x (n, features) and y (n,), n > 0: {shapes}")
         self.x = np.asarray(x, dtype=np.float32)
         self.y = np.asarray(y, dtype=np.int64)
-        self.trainer: Trainer = trainer if trainer is not None else NumpyTrainer()
+        self.trainer = trainer
+        self.kernels = KernelShelf(fleet, kernel_cache)
+        self._shipped: WasmTrainer | None = None
+        self._kernel_subs: set[str] = set()
+        self._detail = ""  # the status detail last published
         self.clock = clock
         # A device that comes back mid-round joins from the next schedule (docs/rounds.md):
         # a retained schedule is one it missed the start of.
@@ -216,6 +264,14 @@ class DeviceAgent:
             self._model = model
         self._wake.put(True)
 
+    def _on_kernel(self, message: Message) -> None:
+        try:
+            digest = topics.parse(message.topic).digest
+            assert digest is not None  # our filter is a kernel topic
+            self.kernels.offer(digest, message.payload)
+        except TernError as exc:
+            self._reject(message, exc)
+
     def _on_schedule(self, message: Message) -> None:
         try:
             _, schedule = open_schedule(
@@ -266,14 +322,15 @@ class DeviceAgent:
         start = time.monotonic()
         try:
             if self.clock() >= schedule.deadline:
-                raise DeviceError(f"round {schedule.round} is past its deadline")
+                raise LateRound(f"round {schedule.round} is past its deadline")
             # A round run again (its first attempt was lost with a coordinator) starts from
             # the residual before that attempt: its contribution was never counted.
             rerun, before = self._residual_before
             carried = before if rerun == schedule.round else self._residual
             self._residual_before = (schedule.round, carried)
+            trainer, kernel = self._trainer_for(schedule)
             update, residual = local_update(
-                self.trainer, model, self.x, self.y, schedule, self.id, carried
+                trainer, model, self.x, self.y, schedule, self.id, carried
             )
             env = Envelope(
                 Kind.UPDATE,
@@ -286,11 +343,68 @@ class DeviceAgent:
             data = seal(env, self.key)
             seconds = time.monotonic() - start
             self.transport.publish(topics.update(self.fleet.fleet, self.gateway, self.id), data)
-            outcome = RoundOutcome(schedule.round, schedule.model_version, n, len(data), seconds)
+            outcome = RoundOutcome(
+                schedule.round, schedule.model_version, n, len(data), seconds, kernel=kernel
+            )
             self._residual = residual
+            if self._detail:
+                self._publish_status("")  # the last failure is over
         except Exception as exc:  # a failed round is data, and the worker must live on
-            log.warning("%s: round %d failed: %r", self.id, schedule.round, exc)
-            outcome = RoundOutcome(schedule.round, schedule.model_version, n, error=str(exc))
+            outcome = self._failed(schedule, exc)
         with self._lock:
             self.outcomes[schedule.round] = outcome
             self._lock.notify_all()
+
+    # -- kernels and failures ---------------------------------------------------------------
+
+    def _trainer_for(self, schedule: RoundSchedule) -> tuple[Trainer, str]:
+        """The trainer for this round and the SHA-256 of its kernel ("" for none)."""
+        if self.trainer is not None:
+            return self.trainer, ""
+        ref = schedule.kernel
+        if ref is None:
+            if self._shipped is None:
+                self._shipped = WasmTrainer()
+            return self._shipped, ""
+        if ref.sha256 not in self._kernel_subs and self.kernels.cached(ref.sha256) is None:
+            # the retained kernel arrives on subscribing; kept for reconnects and reuse
+            self.transport.subscribe(topics.kernel(self.fleet.fleet, ref.sha256), self._on_kernel)
+            self._kernel_subs.add(ref.sha256)
+        return self.kernels.trainer(ref, schedule.deadline - self.clock()), ref.sha256
+
+    def _failed(self, schedule: RoundSchedule, exc: Exception) -> RoundOutcome:
+        """Report a round this device could not train: a failure upstream, a status detail."""
+        reason = failure_reason(exc)
+        log.warning("%s: round %d failed (%s): %s", self.id, schedule.round, reason, exc)
+        n = int(self.x.shape[0])
+        f = self.fleet.fleet
+        try:
+            if self.clock() < schedule.deadline:
+                env = Envelope(
+                    Kind.FAILURE,
+                    f,
+                    schedule.round,
+                    schedule.model_version,
+                    self.id,
+                    Failure({reason: 1}).to_body(),
+                )
+                self.transport.publish(topics.update(f, self.gateway, self.id), seal(env, self.key))
+            self._publish_status(f"round {schedule.round}: {reason}: {exc}"[:500])
+        except TransportError as report_exc:
+            log.warning(
+                "%s: failure of round %d not reported: %s", self.id, schedule.round, report_exc
+            )
+        return RoundOutcome(
+            schedule.round, schedule.model_version, n, error=str(exc), reason=reason
+        )
+
+    def _publish_status(self, detail: str) -> None:
+        """Online, with what went wrong last ("" once a round succeeds again)."""
+        status = Status(self.id, "device", State.ONLINE, __version__, detail)
+        try:
+            self.transport.publish(
+                topics.status(self.fleet.fleet, self.id), status.to_json(), retain=True
+            )
+            self._detail = detail
+        except TransportError as exc:
+            log.warning("%s: status not sent: %s", self.id, exc)

@@ -2,17 +2,21 @@
 
 A trainer is one pure step: from the global weights and the device's local data to
 new weights, all randomness from the Generator it is given. The WebAssembly trainer
-plugs in behind the same Protocol later.
+(kernels/wasm.py) implements the same Protocol; `trainer_for("wasm")` pins the
+packaged kernel, while a DeviceAgent without a trainer runs the kernel each round's
+schedule names.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from kernels.reference import train_local
+from kernels.wasm import WasmTrainer
 from tern.messages import TrainConfig
 from tern.spec import ModelSpec
 
@@ -54,7 +58,7 @@ class NumpyTrainer:
         return train_local(spec, weights, x, y, config, rng)
 
 
-TRAINERS: dict[str, type[NumpyTrainer]] = {"numpy": NumpyTrainer}
+TRAINERS: dict[str, Callable[[], Trainer]] = {"numpy": NumpyTrainer, "wasm": WasmTrainer}
 
 
 def trainer_for(name: str) -> Trainer:

@@ -28,7 +28,16 @@ from tern.collect import Collector
 from tern.envelope import Envelope, Kind, seal
 from tern.errors import TernError
 from tern.fleet import COORDINATOR, Fleet
-from tern.messages import GlobalModel, RoundSchedule, encode_update, open_model, open_schedule
+from tern.messages import (
+    Failure,
+    GlobalModel,
+    RoundSchedule,
+    Update,
+    encode_update,
+    open_kernel,
+    open_model,
+    open_schedule,
+)
 from tern.reports import RoundMetrics, State, Status
 
 __all__ = ["Gateway", "depth", "expected_contributors"]
@@ -107,6 +116,7 @@ class Gateway:
         self._models: dict[int, GlobalModel] = {}
         self._model_bytes: bytes | None = None
         self._schedule_bytes: bytes | None = None
+        self._kernel_bytes: dict[str, bytes] = {}  # sha256 -> the signed kernel, relayed
         self._pending: RoundSchedule | None = None
         self._latest_round = -1
         # (round, deadline) of the last round opened: a restarted coordinator re-issues
@@ -167,6 +177,7 @@ class Gateway:
             self.upstream = up
             up.subscribe(topics.global_model(f), self._on_model)
             up.subscribe(topics.round_schedule(f), self._on_schedule)
+            up.subscribe(topics.kernels(f), self._on_kernel)
             up.connect(timeout)
             up.publish(topics.status(f, self.id), self._status(State.ONLINE), retain=True)
         except (BrokerError, TransportError) as exc:
@@ -256,6 +267,20 @@ class Gateway:
             self._model_bytes = message.payload
             self._relay(topics.global_model(self.fleet.fleet), message.payload)
             self._maybe_open()
+
+    def _on_kernel(self, message: Message) -> None:
+        try:
+            digest = topics.parse(message.topic).digest
+            assert digest is not None  # our filter is a kernel topic
+            open_kernel(message.payload, self.fleet.coordinator_key, self.fleet.fleet, digest)
+        except TernError as exc:
+            log.warning("gateway %s: rejected kernel (%s): %s", self.id, exc.reason, exc)
+            return
+        with self._lock:
+            if self._kernel_bytes.get(digest) == message.payload:
+                return  # a retained copy after a reconnect
+            self._kernel_bytes[digest] = message.payload
+            self._relay(topics.kernel(self.fleet.fleet, digest), message.payload)
 
     def _on_schedule(self, message: Message) -> None:
         try:
@@ -356,10 +381,18 @@ class Gateway:
             rnd.timer.cancel()
         s, collector, f = rnd.schedule, rnd.collector, self.fleet.fleet
         result = collector.result()
+        failed = dict(sorted(collector.failed.items()))
+        body: dict[str, object] | None = None
+        kind = Kind.PARTIAL
         if result.count > 0:
             update, _ = encode_update(Float32Codec(), collector.spec, result)
-            env = Envelope(Kind.PARTIAL, f, s.round, s.model_version, self.id, update.to_body())
-            data = seal(env, self.key)
+            body = Update(
+                update.codec, update.weight, update.count, update.tensors, failed
+            ).to_body()
+        elif failed:  # nothing to fold, but the parent learns why and stops waiting
+            kind, body = Kind.FAILURE, Failure(failed).to_body()
+        if body is not None:
+            data = seal(Envelope(kind, f, s.round, s.model_version, self.id, body), self.key)
             self.partials[s.round] = data
             self._publish_up(topics.partial(f, self.parent, self.id), data, retain=False)
         dropped = sum(
@@ -373,6 +406,7 @@ class Gateway:
             contributors=result.count,
             dropped=dropped,
             rejected=dict(collector.rejected + rnd.extra_rejected),
+            failed=failed,
             bytes_up=collector.bytes_in,  # received from below (topics.md "Metrics")
             bytes_down=self._bytes_down,
             round_seconds=max(self.clock() - rnd.opened_at, 0.0),
@@ -409,3 +443,5 @@ class Gateway:
                     self._relay(topics.global_model(f), self._model_bytes)
                 if self._schedule_bytes is not None:
                     self._relay(topics.round_schedule(f), self._schedule_bytes)
+                for digest, data in self._kernel_bytes.items():
+                    self._relay(topics.kernel(f, digest), data)

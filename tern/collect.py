@@ -5,7 +5,9 @@ coordinator collects its gateways' partials. Both the same way: each message is
 opened (size, CBOR, signature, fleet, kind, round) and checked against the spec, at
 most one per sender is kept, the rest is counted by reason, and the result is folded
 in ascending sender id (so it does not depend on arrival order). A rejected message
-never touches what was accepted.
+never touches what was accepted. A sender may report a failure instead of an update
+(its own, or those of devices below it); that settles it for the round, and the
+reasons are tallied in `failed`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from nacl.signing import VerifyKey
 from tern.aggregate import Accumulator, Partial
 from tern.envelope import Kind, open_envelope
 from tern.errors import TernError
-from tern.messages import CheckedUpdate, Update
+from tern.messages import CheckedUpdate, Failure, Update
 from tern.spec import ModelSpec
 
 __all__ = ["Collector", "Offer", "Outcome", "max_update_bytes"]
@@ -34,6 +36,7 @@ def max_update_bytes(spec: ModelSpec) -> int:
 class Outcome(StrEnum):
     ACCEPTED = "accepted"
     REJECTED = "rejected"
+    FAILED = "failed"  # a signed failure report in place of an update
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +58,7 @@ class Collector:
         spec: ModelSpec,
         keys: Mapping[str, VerifyKey],
         expected: Collection[str],
-        kinds: Collection[Kind] = (Kind.UPDATE, Kind.PARTIAL),
+        kinds: Collection[Kind] = (Kind.UPDATE, Kind.PARTIAL, Kind.FAILURE),
     ) -> None:
         self.fleet = fleet
         self.round = round
@@ -65,16 +68,27 @@ class Collector:
         self.kinds = frozenset(kinds)
         self.max_bytes = max_update_bytes(spec)
         self.accepted: dict[str, CheckedUpdate] = {}
+        self.failures: dict[str, Failure] = {}  # sender -> what it reported instead
         self.rejected: Counter[str] = Counter()
         self.bytes_in = 0
 
     @property
     def complete(self) -> bool:
-        return self.expected <= self.accepted.keys()
+        return self.expected <= self.accepted.keys() | self.failures.keys()
 
     @property
     def missing(self) -> frozenset[str]:
-        return self.expected - self.accepted.keys()
+        return self.expected - self.accepted.keys() - self.failures.keys()
+
+    @property
+    def failed(self) -> Counter[str]:
+        """Participants below this receiver that could not contribute, by reason."""
+        out: Counter[str] = Counter()
+        for failure in self.failures.values():
+            out.update(failure.failed)
+        for checked in self.accepted.values():
+            out.update(checked.failed)
+        return out
 
     def offer(self, data: bytes, topic_sender: str | None = None) -> Offer:
         """Validate one message; accept it or count why not. Never raises a TernError."""
@@ -96,12 +110,15 @@ class Collector:
                 return self._reject(
                     env.sender, "unexpected_sender", "not a participant of this round"
                 )
-            if env.sender in self.accepted:
+            if env.sender in self.accepted or env.sender in self.failures:
                 return self._reject(env.sender, "duplicate", "already contributed to this round")
+            if env.kind is Kind.FAILURE:
+                self.failures[env.sender] = Failure.from_body(env.body)
+                return Offer(Outcome.FAILED, env.sender)
             update = Update.from_body(env.body)
-            if env.kind is Kind.UPDATE and update.count != 1:
+            if env.kind is Kind.UPDATE and (update.count != 1 or update.failed):
                 return self._reject(
-                    env.sender, "malformed", "a device update counts one contributor"
+                    env.sender, "malformed", "a device update counts one contributor, no failures"
                 )
             checked = update.check(self.spec)
         except TernError as exc:

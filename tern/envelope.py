@@ -54,6 +54,8 @@ class Kind(StrEnum):
     SCHEDULE = "schedule"
     UPDATE = "update"
     PARTIAL = "partial"
+    KERNEL = "kernel"
+    FAILURE = "failure"
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "BadSignature",
+    "DigestMismatch",
     "InvalidTrits",
     "MalformedMessage",
     "NonFiniteValue",
@@ -19,6 +20,7 @@ __all__ = [
     "UnexpectedMessage",
     "UnknownCodec",
     "UnknownSchemaVersion",
+    "Unsigned",
 ]
 
 
@@ -93,6 +95,18 @@ class BadSignature(TernError):
     """The signature does not verify, or the sender's key is unknown."""
 
     reason = "bad_signature"
+
+
+class Unsigned(TernError):
+    """Bare content where a signed envelope is required (a raw .wasm on a kernel topic)."""
+
+    reason = "unsigned"
+
+
+class DigestMismatch(TernError):
+    """Content whose SHA-256 is not the one its topic or schedule names."""
+
+    reason = "digest_mismatch"
 
 
 class UnexpectedMessage(TernError):

@@ -6,39 +6,58 @@ checking ``from_body()``; field-by-field schemas are in topics.md.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
-from nacl.signing import VerifyKey
+from nacl.signing import SigningKey, VerifyKey
 
 from tern.aggregate import Accumulator, Partial
 from tern.codecs import CheckedTensor, Codec, CodecName, codec_for
-from tern.envelope import Envelope, Kind, open_envelope
-from tern.errors import MalformedMessage, NonFiniteValue, ShapeMismatch, UnknownCodec
+from tern.envelope import Envelope, Kind, open_envelope, seal
+from tern.errors import (
+    DigestMismatch,
+    MalformedMessage,
+    NonFiniteValue,
+    PayloadTooLarge,
+    ShapeMismatch,
+    UnknownCodec,
+    Unsigned,
+)
 from tern.fleet import COORDINATOR
 from tern.spec import ModelSpec
 from tern.tensors import TypedArrayTag, decode_array, encode_array
 
 __all__ = [
+    "MAX_KERNEL_BYTES",
     "CheckedUpdate",
+    "Failure",
     "GlobalModel",
+    "KernelFile",
+    "KernelRef",
     "RoundSchedule",
     "TrainConfig",
     "Update",
     "encode_update",
+    "open_kernel",
     "open_model",
     "open_schedule",
+    "seal_kernel",
 ]
+
+MAX_KERNEL_BYTES = 1 << 20  # the shipped MLP kernel is ~16 KB
 
 F32Array = npt.NDArray[np.float32]
 
 
-def _map(value: object, keys: frozenset[str], what: str) -> Mapping[str, object]:
+def _map(
+    value: object, keys: frozenset[str], what: str, optional: frozenset[str] = frozenset()
+) -> Mapping[str, object]:
     if not isinstance(value, Mapping):
         raise MalformedMessage(f"{what} body must be a map")
-    if set(value) != keys:
+    if not keys <= set(value) <= keys | optional:
         got = sorted(map(str, value))
         raise MalformedMessage(f"{what} body keys {got} are not {sorted(keys)}")
     return value
@@ -62,6 +81,30 @@ def _count(value: object, what: str, minimum: int = 0) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value < 2**32:
         raise MalformedMessage(f"{what} must be an integer in [{minimum}, 2**32)")
     return value
+
+
+def _count64(value: object, what: str, minimum: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value < 2**63:
+        raise MalformedMessage(f"{what} must be an integer in [{minimum}, 2**63)")
+    return value
+
+
+def _digest(value: object, what: str) -> str:
+    if not isinstance(value, bytes) or len(value) != 32:
+        raise MalformedMessage(f"{what} must be a 32-byte SHA-256")
+    return value.hex()
+
+
+def _tally(value: object, what: str) -> dict[str, int]:
+    """A {reason: count} map of positive counts with slug-like reasons."""
+    if not isinstance(value, Mapping) or len(value) > 64:
+        raise MalformedMessage(f"{what} must be a map of at most 64 reasons")
+    out: dict[str, int] = {}
+    for reason, count in value.items():
+        if not isinstance(reason, str) or not 0 < len(reason) <= 64 or not reason.isascii():
+            raise MalformedMessage(f"{what} reasons must be short ASCII text")
+        out[reason] = _count(count, f"{what}[{reason!r}]", 1)
+    return dict(sorted(out.items()))
 
 
 def _codec_name(value: object) -> CodecName:
@@ -135,6 +178,34 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KernelRef:
+    """The training kernel a round runs, and the budget a device gives it."""
+
+    sha256: str  # hex; the kernel's topic level
+    abi: int
+    fuel: int  # wasmtime fuel units for the whole local training of one round
+    memory: int  # bytes of linear memory
+
+    def to_cbor(self) -> dict[str, object]:
+        return {
+            "sha256": bytes.fromhex(self.sha256),
+            "abi": self.abi,
+            "fuel": self.fuel,
+            "memory": self.memory,
+        }
+
+    @classmethod
+    def from_cbor(cls, value: object) -> KernelRef:
+        m = _map(value, frozenset({"sha256", "abi", "fuel", "memory"}), "schedule.kernel")
+        return cls(
+            _digest(m["sha256"], "schedule.kernel.sha256"),
+            _count(m["abi"], "schedule.kernel.abi", 1),
+            _count64(m["fuel"], "schedule.kernel.fuel", 1),
+            _count64(m["memory"], "schedule.kernel.memory", 1),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class RoundSchedule:
     """What round `round` asks of participants, built on model `model_version`."""
 
@@ -146,9 +217,11 @@ class RoundSchedule:
     participants: tuple[str, ...] | None = None  # None: everyone
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
+    kernel: KernelRef | None = None  # None: devices train with what they shipped with
 
     def to_body(self) -> dict[str, object]:
         return {
+            "kernel": None if self.kernel is None else self.kernel.to_cbor(),
             "round": self.round,
             "model": self.model_version,
             "codec": str(self.codec),
@@ -171,6 +244,7 @@ class RoundSchedule:
                 "participants",
                 "seed",
                 "train",
+                "kernel",
             }
         )
         m = _map(body, keys, "schedule")
@@ -190,6 +264,7 @@ class RoundSchedule:
             participants=participants,
             seed=_count(m["seed"], "schedule.seed"),
             train=TrainConfig.from_cbor(m["train"]),
+            kernel=None if m["kernel"] is None else KernelRef.from_cbor(m["kernel"]),
         )
 
 
@@ -206,18 +281,23 @@ class Update:
     weight: float
     count: int
     tensors: tuple[object, ...]  # wire values, spec order
+    # devices below the sender that could not contribute, by reason (partials only)
+    failed: Mapping[str, int] = field(default_factory=dict)
 
     def to_body(self) -> dict[str, object]:
-        return {
+        body: dict[str, object] = {
             "codec": str(self.codec),
             "weight": self.weight,
             "count": self.count,
             "tensors": list(self.tensors),
         }
+        if self.failed:
+            body["failed"] = dict(self.failed)
+        return body
 
     @classmethod
     def from_body(cls, body: object) -> Update:
-        m = _map(body, _UPDATE_KEYS, "update")
+        m = _map(body, _UPDATE_KEYS, "update", frozenset({"failed"}))
         tensors = m["tensors"]
         if not isinstance(tensors, list | tuple):
             raise MalformedMessage("update tensors must be an array")
@@ -226,6 +306,7 @@ class Update:
             weight=_number(m["weight"], "update.weight", positive=True),
             count=_count(m["count"], "update.count", 1),
             tensors=tuple(tensors),
+            failed=_tally(m["failed"], "update.failed") if "failed" in m else {},
         )
 
     def check(self, spec: ModelSpec) -> CheckedUpdate:
@@ -239,7 +320,7 @@ class Update:
             codec.check(wire, t.shape, f"tensor {t.name!r}")
             for t, wire in zip(spec.tensors, self.tensors, strict=True)
         )
-        return CheckedUpdate(spec, checked, self.weight, self.count)
+        return CheckedUpdate(spec, checked, self.weight, self.count, dict(self.failed))
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +329,7 @@ class CheckedUpdate:
     tensors: tuple[CheckedTensor, ...]
     weight: float
     count: int
+    failed: Mapping[str, int] = field(default_factory=dict)
 
     def add_to(self, acc: Accumulator) -> None:
         """Decode straight into `acc`: the same bits as ``acc.add(self.to_partial())``."""
@@ -264,6 +346,29 @@ class CheckedUpdate:
         acc = Accumulator(self.spec.size)
         self.add_to(acc)
         return acc.result()
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """In place of an update: participants that could not contribute, by reason.
+
+    A device sends one for itself when its round failed (a refused kernel, a trap);
+    a gateway sends one when nothing below it contributed but some reported failures.
+    Either way the receiver stops waiting for the sender and counts the reasons.
+    """
+
+    failed: Mapping[str, int]
+
+    def to_body(self) -> dict[str, object]:
+        return {"failed": dict(self.failed)}
+
+    @classmethod
+    def from_body(cls, body: object) -> Failure:
+        m = _map(body, frozenset({"failed"}), "failure")
+        failed = _tally(m["failed"], "failure.failed")
+        if not failed:
+            raise MalformedMessage("a failure names at least one reason")
+        return cls(failed)
 
 
 def encode_update(
@@ -316,3 +421,57 @@ def open_schedule(
     """A signed round schedule from the coordinator of `fleet`; a TernError otherwise."""
     env = open_envelope(data, {COORDINATOR: coordinator_key}, fleet=fleet, kinds=(Kind.SCHEDULE,))
     return env, RoundSchedule.from_body(env.body)
+
+
+# -- training kernels ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KernelFile:
+    """A WebAssembly training kernel as the coordinator publishes it."""
+
+    abi: int
+    wasm: bytes
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.wasm).hexdigest()
+
+    def to_body(self) -> dict[str, object]:
+        return {"abi": self.abi, "sha256": bytes.fromhex(self.sha256), "wasm": self.wasm}
+
+    @classmethod
+    def from_body(cls, body: object) -> KernelFile:
+        m = _map(body, frozenset({"abi", "sha256", "wasm"}), "kernel")
+        wasm = m["wasm"]
+        if not isinstance(wasm, bytes) or not wasm:
+            raise MalformedMessage("kernel wasm must be a non-empty byte string")
+        if len(wasm) > MAX_KERNEL_BYTES:
+            raise PayloadTooLarge(len(wasm), MAX_KERNEL_BYTES)
+        kernel = cls(_count(m["abi"], "kernel.abi", 1), wasm)
+        if _digest(m["sha256"], "kernel.sha256") != kernel.sha256:
+            raise DigestMismatch("kernel bytes do not hash to the sha256 they carry")
+        return kernel
+
+
+def seal_kernel(kernel: KernelFile, fleet: str, key: SigningKey) -> bytes:
+    """The coordinator's signed kernel message (round and model fields are 0: unbound)."""
+    return seal(Envelope(Kind.KERNEL, fleet, 0, 0, COORDINATOR, kernel.to_body()), key)
+
+
+def open_kernel(data: bytes, coordinator_key: VerifyKey, fleet: str, sha256: str) -> KernelFile:
+    """The signed kernel whose SHA-256 is `sha256`; Unsigned, BadSignature,
+    DigestMismatch or another TernError otherwise."""
+    if data[:4] == b"\0asm":
+        raise Unsigned("a bare WebAssembly module, not a kernel signed by the coordinator")
+    env = open_envelope(
+        data,
+        {COORDINATOR: coordinator_key},
+        fleet=fleet,
+        kinds=(Kind.KERNEL,),
+        max_bytes=MAX_KERNEL_BYTES + 4096,
+    )
+    kernel = KernelFile.from_body(env.body)
+    if kernel.sha256 != sha256:
+        raise DigestMismatch(f"kernel {kernel.sha256[:12]}… where {sha256[:12]}… was asked for")
+    return kernel

@@ -97,6 +97,7 @@ class RoundMetrics:
     accuracy: float | None = None
     loss: float | None = None
     round_seconds: float = 0.0
+    failed: dict[str, int] = field(default_factory=dict)  # devices that reported why not
 
     def to_json(self) -> bytes:
         return _dumps(asdict(self))
@@ -119,11 +120,13 @@ class RoundMetrics:
             return isinstance(x, int | float) and not isinstance(x, bool)
 
         counts = ("round", "model_version", "contributors", "dropped", "bytes_up", "bytes_down")
-        rejected = v.get("rejected", {})
+        def is_tally(x: object) -> bool:
+            return isinstance(x, dict) and all(is_int(c) for c in x.values())
+
         if (
             not isinstance(v["component"], str)
             or not all(is_int(v.get(k, 0)) for k in counts)
-            or not (isinstance(rejected, dict) and all(is_int(c) for c in rejected.values()))
+            or not (is_tally(v.get("rejected", {})) and is_tally(v.get("failed", {})))
             or not all(v.get(k) is None or is_num(v[k]) for k in ("accuracy", "loss"))
             or not is_num(v.get("round_seconds", 0.0))
         ):

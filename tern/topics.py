@@ -19,6 +19,8 @@ __all__ = [
     "Topic",
     "TopicKind",
     "global_model",
+    "kernel",
+    "kernels",
     "mcu_model",
     "metrics",
     "parse",
@@ -31,6 +33,7 @@ __all__ = [
     "telemetry_all",
     "update",
     "updates_to",
+    "validate_digest",
     "validate_id",
 ]
 
@@ -39,6 +42,8 @@ ROOT = "tern"
 # Ids become single topic levels: no '/', no MQTT wildcards, nothing a shell or a
 # file name would trip over.
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# A kernel's topic level is the SHA-256 of its bytes, as 64 lowercase hex digits.
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 class TopicKind(StrEnum):
@@ -50,6 +55,7 @@ class TopicKind(StrEnum):
     TELEMETRY = "telemetry"
     METRICS = "metrics"
     STATUS = "status"
+    KERNEL = "kernel"
 
 
 # kind -> names of the id levels after "tern/<fleet>/<kind>"
@@ -62,7 +68,10 @@ _LEVELS: dict[TopicKind, tuple[str, ...]] = {
     TopicKind.TELEMETRY: ("sender",),
     TopicKind.METRICS: ("sender",),
     TopicKind.STATUS: ("sender",),
+    TopicKind.KERNEL: ("digest",),
 }
+
+_LEVEL_NAMES = ("receiver", "sender", "digest")
 
 
 def validate_id(value: str, what: str = "id") -> str:
@@ -75,6 +84,13 @@ def validate_id(value: str, what: str = "id") -> str:
     return value
 
 
+def validate_digest(value: str) -> str:
+    """Return `value` if it is a SHA-256 in lowercase hex, else raise TopicError."""
+    if not isinstance(value, str) or not _DIGEST.fullmatch(value):
+        raise TopicError(f"kernel digest {value!r} is not 64 lowercase hex digits (SHA-256)")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Topic:
     """One concrete topic, or a subscription filter when an id is ``None`` (``+``)."""
@@ -83,17 +99,21 @@ class Topic:
     fleet: str
     receiver: str | None = None
     sender: str | None = None
+    digest: str | None = None
 
     def __post_init__(self) -> None:
         validate_id(self.fleet, "fleet")
         levels = _LEVELS[self.kind]
-        for name in ("receiver", "sender"):
+        for name in _LEVEL_NAMES:
             value = getattr(self, name)
             if name not in levels:
                 if value is not None:
                     raise TopicError(f"a {self.kind} topic has no {name}")
             elif value is not None:
-                validate_id(value, name)
+                if name == "digest":
+                    validate_digest(value)
+                else:
+                    validate_id(value, name)
 
     @property
     def is_filter(self) -> bool:
@@ -198,3 +218,13 @@ def status(fleet: str, component: str) -> Topic:
 
 def status_all(fleet: str) -> Topic:
     return Topic(TopicKind.STATUS, fleet)
+
+
+def kernel(fleet: str, digest: str) -> Topic:
+    """Where the coordinator publishes (retained) the signed kernel whose SHA-256 is `digest`."""
+    return _concrete(Topic(TopicKind.KERNEL, fleet, digest=digest))
+
+
+def kernels(fleet: str) -> Topic:
+    """Filter for every kernel of `fleet` (gateways relay them all downstream)."""
+    return Topic(TopicKind.KERNEL, fleet)

@@ -20,6 +20,7 @@ from device import DeviceAgent, DeviceError, NumpyTrainer, local_update, trainer
 from device.__main__ import main as device_main
 from device.data import main as data_main
 from kernels.reference import init_weights, mlp_spec, train_local
+from kernels.wasm import WasmTrainer
 from tern import topics
 from tern.aggregate import Partial
 from tern.codecs import CodecName, codec_for
@@ -167,8 +168,8 @@ def test_device_ignores_a_forged_schedule_and_sends_a_signed_update(
     keys = {"dev-01": kit.keys["dev-01"].verify_key}
     env = open_envelope(message.payload, keys, fleet=kit.fleet.fleet, kinds=(Kind.UPDATE,))
     x, y = data()
-    want, _ = local_update(NumpyTrainer(), model(), x, y, schedule(1), "dev-01", None)
-    assert (env.round, Update.from_body(env.body)) == (1, want)
+    want, _ = local_update(WasmTrainer(), model(), x, y, schedule(1), "dev-01", None)
+    assert (env.round, Update.from_body(env.body)) == (1, want)  # the shipped kernel trained
 
 
 def test_device_joining_mid_round_takes_part_from_the_next_schedule(

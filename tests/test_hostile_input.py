@@ -31,7 +31,16 @@ from tern.errors import (
     ShapeMismatch,
     TernError,
 )
-from tern.messages import GlobalModel, RoundSchedule, TrainConfig, Update
+from tern.messages import (
+    Failure,
+    GlobalModel,
+    KernelFile,
+    KernelRef,
+    RoundSchedule,
+    TrainConfig,
+    Update,
+    open_kernel,
+)
 from tern.reports import RoundMetrics, Status, Telemetry
 from tern.spec import ModelSpec
 from tern.tensors import TypedArrayTag, encode_array
@@ -41,6 +50,8 @@ if TYPE_CHECKING:
 
 SLUG = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*")
 LIMIT = 1 << 20
+EMPTY_MODULE = KernelFile(1, b"\0asm\1\0\0\0")  # the smallest valid WebAssembly module
+EMPTY_MODULE_SHA256 = EMPTY_MODULE.sha256
 REJECTED = object()
 
 FUZZ = settings(
@@ -75,6 +86,9 @@ def decode_body(value: object, spec: ModelSpec) -> None:
     """Every body-level decoder, on `value` as a body and as each codec's tensors."""
     only_tern_errors(GlobalModel.from_body, value)
     only_tern_errors(RoundSchedule.from_body, value)
+    only_tern_errors(KernelRef.from_cbor, value)
+    only_tern_errors(KernelFile.from_body, value)
+    only_tern_errors(Failure.from_body, value)
     only_tern_errors(TrainConfig.from_cbor, value)
     only_tern_errors(ModelSpec.from_cbor, value)
     only_tern_errors(check_update, value, spec)
@@ -98,6 +112,7 @@ def decode_bytes(data: bytes, kit: ProtocolKit) -> object:
             only_tern_errors(trits.validate_packed, data, n)
             only_tern_errors(trits.unpack, data, n)
     only_tern_errors(topics.parse, data.decode("utf-8", "surrogateescape"))
+    only_tern_errors(open_kernel, data, kit.key.verify_key, kit.fleet, EMPTY_MODULE_SHA256)
     for report in (Status, RoundMetrics, Telemetry):
         only_tern_errors(report.from_json, data)
     return env
@@ -109,10 +124,19 @@ def sealed_messages(kit: ProtocolKit) -> dict[str, bytes]:
         "schedule": kit.seal(Kind.SCHEDULE, kit.schedule().to_body()),
         **{f"update-{c}": kit.sealed_update(c) for c in CodecName},
         "partial-ternary": kit.sealed_update(CodecName.TERNARY, Kind.PARTIAL),
+        "kernel": kit.seal(Kind.KERNEL, EMPTY_MODULE.to_body()),
+        "failure": kit.seal(Kind.FAILURE, Failure({"kernel_trap": 1}).to_body()),
     }
 
 
-MESSAGE_NAMES = ["model", "schedule", *(f"update-{c}" for c in CodecName), "partial-ternary"]
+MESSAGE_NAMES = [
+    "model",
+    "schedule",
+    *(f"update-{c}" for c in CodecName),
+    "partial-ternary",
+    "kernel",
+    "failure",
+]
 
 
 # -- strategies: CBOR-shaped Python values ---------------------------------------------
@@ -123,6 +147,7 @@ WORDS = [
     "float32", "float16", "ternary", "shape", "scale", "trits", "spec", "weights", "codec",
     "weight", "count", "tensors", "round", "model", "deadline", "min_contributors",
     "participants", "seed", "train", "epochs", "batch_size", "lr", "w", "b",
+    "kernel", "sha256", "abi", "fuel", "memory", "wasm", "failed",
 ]  # fmt: skip
 
 tags = st.sampled_from(ARRAY_TAGS + SEMANTIC_TAGS) | st.integers(0, 2**64 - 1)

@@ -31,6 +31,7 @@ from tern.fleet import COORDINATOR
 from tern.messages import (
     CheckedUpdate,
     GlobalModel,
+    KernelRef,
     RoundSchedule,
     TrainConfig,
     Update,
@@ -240,6 +241,14 @@ schedules = st.builds(
         epochs=st.integers(min_value=1, max_value=2**32 - 1),
         batch_size=st.integers(min_value=1, max_value=2**32 - 1),
         lr=st.floats(min_value=1e-12, max_value=1e6),
+    ),
+    kernel=st.none()
+    | st.builds(
+        KernelRef,
+        sha256=st.binary(min_size=32, max_size=32).map(bytes.hex),
+        abi=st.integers(min_value=1, max_value=2**32 - 1),
+        fuel=st.integers(min_value=1, max_value=2**63 - 1),
+        memory=st.integers(min_value=1, max_value=2**63 - 1),
     ),
 )
 

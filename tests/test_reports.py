@@ -20,10 +20,11 @@ def test_status_round_trips_and_serves_as_last_will() -> None:
     assert json.loads(will.to_json())["state"] == "offline"
 
 
-def test_metrics_round_trip_with_rejections_by_reason() -> None:
+def test_metrics_round_trip_with_rejections_and_failures_by_reason() -> None:
     m = RoundMetrics(
-        "coordinator", 3, 3, 5, 1, {"bad_signature": 2, "non_finite": 1}, 10, 20, 0.8, 0.5, 1.2
-    )
+        "coordinator", 3, 3, 5, 1, {"bad_signature": 2, "non_finite": 1}, 10, 20, 0.8, 0.5, 1.2,
+        failed={"kernel_unsigned": 1},
+    )  # fmt: skip
 
     assert RoundMetrics.from_json(m.to_json()) == m
 
@@ -33,7 +34,7 @@ def test_metrics_accept_missing_optional_fields() -> None:
 
     m = RoundMetrics.from_json(data)
 
-    assert m.accuracy is None and m.rejected == {}
+    assert m.accuracy is None and m.rejected == {} and m.failed == {}
 
 
 @pytest.mark.parametrize(

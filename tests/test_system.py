@@ -21,9 +21,9 @@ from coordinator import Coordinator, CoordinatorConfig
 from coordinator.store import StateStore
 from coordinator.strategy import FedAvg
 from device.agent import DeviceAgent, local_update
-from device.trainer import NumpyTrainer
 from gateway import Gateway, GatewayConfig
 from kernels.reference import mlp_spec
+from kernels.wasm import WasmTrainer
 from tern import topics
 from tern.aggregate import Partial, fold_sorted
 from tern.codecs import CodecName, Float32Codec
@@ -37,22 +37,24 @@ from tests.mqtt_fixtures import AmqttBroker, Inbox, MakeTransport, RunningBroker
 LAYERS = (8, 6, 3)
 SPEC = mlp_spec(LAYERS)
 TRAIN = TrainConfig(epochs=1, batch_size=8, lr=0.1)
+SHIPPED = WasmTrainer()  # the packaged kernel, which a coordinator publishes by default
 SEED = 7
 WAIT = 20.0
 REPO = Path(__file__).resolve().parents[1]
 
 
 class SlowTrainer:
-    """The numpy trainer after a pause: keeps a round open long enough to break something."""
+    """The shipped Wasm kernel after a pause: keeps a round open long enough to break
+    something, and trains as a device with the default kernel does."""
 
-    name = "slow-numpy"
+    name = "slow-wasm"
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
     def train(self, spec: ModelSpec, weights: Any, x: Any, y: Any, config: Any, rng: Any) -> Any:
         time.sleep(self.seconds)
-        return NumpyTrainer().train(spec, weights, x, y, config, rng)
+        return SHIPPED.train(spec, weights, x, y, config, rng)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
@@ -86,7 +88,8 @@ def device_partial(
     """One device's update as its gateway decodes it, and the residual it keeps."""
     x, y = device_data(device)
     model = GlobalModel(SPEC, weights)
-    update, new_residual = local_update(NumpyTrainer(), model, x, y, schedule, device, residual)
+    # devices train in the Wasm kernel the coordinator publishes: the packaged one here
+    update, new_residual = local_update(SHIPPED, model, x, y, schedule, device, residual)
     return update.check(SPEC).to_partial(), new_residual
 
 
