@@ -5,6 +5,7 @@ model bytes."""
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import subprocess
 import sys
@@ -23,13 +24,21 @@ from coordinator.strategy import FedAvg
 from device.agent import DeviceAgent, local_update
 from gateway import Gateway, GatewayConfig
 from kernels.reference import mlp_spec
-from kernels.wasm import WasmTrainer
+from kernels.wasm import ABI_VERSION, WasmTrainer, packaged_kernel
 from tern import topics
 from tern.aggregate import Partial, fold_sorted
 from tern.codecs import CodecName, Float32Codec
 from tern.envelope import Kind, open_envelope
 from tern.fleet import COORDINATOR, Fleet
-from tern.messages import GlobalModel, RoundSchedule, TrainConfig, encode_update
+from tern.messages import (
+    GlobalModel,
+    KernelFile,
+    RoundSchedule,
+    TrainConfig,
+    encode_update,
+    seal_kernel,
+)
+from tern.reports import RoundMetrics
 from tern.spec import ModelSpec
 from tests.fleet_fixtures import FleetKit, build_fleet, device_data, simple_layout, write_fleet
 from tests.mqtt_fixtures import AmqttBroker, Inbox, MakeTransport, RunningBroker, free_port
@@ -423,3 +432,89 @@ def test_a_gateway_that_reported_before_the_kill_takes_part_in_the_rerun_round(
     record = StateStore(state).load_round(1)
     assert code == 0
     assert record.ok and record.contributors == 4
+
+
+# -- training kernels over MQTT ------------------------------------------------------------
+
+# The shipped kernel plus a custom section: a valid kernel that trains the same, under
+# another SHA-256, so a switch shows in what each device reports it trained with.
+VARIANT_KERNEL = packaged_kernel() + b"\x00\x09\x08tern-alt"
+
+
+def test_publishing_a_new_kernel_switches_the_fleet_without_restarting_a_device(
+    amqtt_broker: AmqttBroker, stack: ExitStack, tmp_path: Path
+) -> None:
+    kit = build_fleet(simple_layout(2, 2))
+    rig = Rig(kit, amqtt_broker.url, tmp_path / "state", stack).all()
+    coordinator = rig.coordinator(rounds=2, interval=3.0)  # time to switch between rounds
+    shipped = coordinator.kernel.sha256
+
+    coordinator.start()
+    first = coordinator.wait_for_round(1, WAIT)
+    switched = coordinator.publish_kernel(VARIANT_KERNEL)
+    second = coordinator.wait_for_round(2, WAIT)
+
+    assert switched.sha256 == hashlib.sha256(VARIANT_KERNEL).hexdigest() != shipped
+    assert (first.kernel, second.kernel) == (shipped, switched.sha256)
+    assert first.ok and second.ok and second.contributors == len(kit.fleet.devices)
+    for dev, agent in rig.devices.items():
+        used = (agent.wait_for_round(1, WAIT).kernel, agent.wait_for_round(2, WAIT).kernel)
+        assert used == (shipped, switched.sha256), dev
+
+
+def test_devices_that_cannot_train_are_reported_by_reason_in_the_coordinators_metrics(
+    amqtt_broker: AmqttBroker, stack: ExitStack, tmp_path: Path, make_transport: MakeTransport
+) -> None:
+    kit = build_fleet(simple_layout(2, 2))
+    rig = Rig(kit, amqtt_broker.url, tmp_path / "state", stack)
+    rig.gateway("gw-1")
+    rig.gateway("gw-2")
+    for dev in kit.fleet.gateways["gw-1"].devices:
+        rig.device(dev, trainer=SlowTrainer(0.0))  # pinned: trains whatever the schedule says
+    for dev in kit.fleet.gateways["gw-2"].devices:
+        rig.device(dev)  # the fleet's kernel, with a budget far too small below
+    metrics = Inbox()
+    make_transport(amqtt_broker.url, "dashboard").subscribe(
+        topics.metrics(kit.fleet.fleet, COORDINATOR), metrics
+    )
+    coordinator = rig.coordinator(kernel_fuel=1_000, round_timeout=10.0)
+
+    coordinator.start()
+    record = coordinator.wait_for_round(1, WAIT)
+
+    assert record.ok and record.contributors == 2 and record.dropped == 2
+    assert record.failed == {"kernel_fuel": 2} and record.rejected == {}
+    assert record.round_seconds < 10.0  # every participant settled: no wait for the deadline
+    shown = RoundMetrics.from_json(metrics.wait_for(timeout=WAIT).payload)
+    assert shown.failed == {"kernel_fuel": 2}
+    gw2 = rig.gateways["gw-2"].wait_for_round(1, WAIT)
+    assert (gw2.contributors, gw2.failed) == (0, {"kernel_fuel": 2})
+
+
+def test_a_tampered_kernel_on_a_gateways_broker_is_refused_and_reported_upstream(
+    amqtt_broker: AmqttBroker, stack: ExitStack, tmp_path: Path, make_transport: MakeTransport
+) -> None:
+    """Someone on the factory floor overwrites the relayed kernel on the gateway's broker:
+    the devices refuse it, say why, and the coordinator's record counts them."""
+    kit = build_fleet(simple_layout(1, 2))
+    rig = Rig(kit, amqtt_broker.url, tmp_path / "state", stack).all()
+    coordinator = rig.coordinator(rounds=2, interval=3.0)
+    digest = hashlib.sha256(VARIANT_KERNEL).hexdigest()
+    downstream = rig.gateways["gw-1"].downstream_url
+    relayed = Inbox()
+    attacker = make_transport(downstream, "attacker")
+    attacker.subscribe(topics.kernel(kit.fleet.fleet, digest), relayed)
+
+    coordinator.start()
+    assert coordinator.wait_for_round(1, WAIT).ok
+    coordinator.publish_kernel(VARIANT_KERNEL)
+    relayed.wait_for(timeout=WAIT)  # the genuine kernel reached the gateway's broker
+    forged = seal_kernel(KernelFile(ABI_VERSION, VARIANT_KERNEL), kit.fleet.fleet, kit.keys["gw-1"])
+    attacker.publish(topics.kernel(kit.fleet.fleet, digest), forged, retain=True, wait=True)
+    second = coordinator.wait_for_round(2, WAIT)
+
+    assert not second.ok and second.contributors == 0
+    assert second.failed == {"kernel_bad_signature": 2}
+    assert all(
+        a.wait_for_round(2, WAIT).reason == "kernel_bad_signature" for a in rig.devices.values()
+    )
