@@ -23,6 +23,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator, TestSet
 from coordinator.store import RoundRecord
 from device.agent import DeviceAgent
+from device.trainer import NumpyTrainer
 from gateway.config import GatewayConfig
 from gateway.service import Gateway
 from kernels.partition import dirichlet_partition, load_mnist1d
@@ -39,6 +40,7 @@ LAYERS = (40, 100, 100, 10)
 class DemoResult:
     codec: str
     params: int
+    trainer: str = "wasm"  # shown in the summary; the JSON keeps its documented keys
     rounds: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -66,12 +68,17 @@ def run_demo(
     rounds: int = 50,
     codec: CodecName = CodecName.TERNARY,
     seed: int = 0,
+    trainer: str = "wasm",
     alpha: float = 0.5,
     round_timeout: float = 20.0,
     out: TextIO | None = sys.stderr,
 ) -> DemoResult:
+    """`trainer`: "wasm" (devices run the kernel the coordinator publishes, as in a real
+    fleet) or "numpy" (the reference trainer on every device)."""
     if gateways < 1 or devices < gateways:
         raise ValueError("need at least one gateway and at least one device per gateway")
+    if trainer not in ("wasm", "numpy"):
+        raise ValueError(f"trainer {trainer!r} is not wasm or numpy")
     data = load_mnist1d(seed=42)
     parts = dirichlet_partition(data.y, devices, alpha, np.random.default_rng(seed))
     dev_ids = [f"dev-{i + 1:02d}" for i in range(devices)]
@@ -89,7 +96,7 @@ def run_demo(
             for g, gw in enumerate(gw_ids)
         },
     )
-    result = DemoResult(str(codec), 0)
+    result = DemoResult(str(codec), 0, trainer)
     with tempfile.TemporaryDirectory(prefix="tern-demo-") as state, EmbeddedBroker(port=0) as top:
         gws = [
             Gateway(GatewayConfig(gw, top.url, listen_port=0), fleet, keys[gw]).start()
@@ -104,6 +111,7 @@ def run_demo(
                 by_id[fleet.gateway_of(d)].downstream_url,
                 data.x[idx],
                 data.y[idx],
+                trainer=NumpyTrainer() if trainer == "numpy" else None,
             ).start()
             for d, idx in zip(dev_ids, parts, strict=True)
         ]
@@ -171,7 +179,9 @@ def run_demo(
 def _summary(result: DemoResult, out: TextIO) -> None:
     rows = result.rounds
     print(
-        f"\ntern demo: {len(rows)} rounds, codec {result.codec}, {result.params:,} params", file=out
+        f"\ntern demo: {len(rows)} rounds, codec {result.codec}, {result.params:,} params, "
+        f"{result.trainer} trainer",
+        file=out,
     )
     print(
         f"{'round':>5} {'accuracy':>9} {'devices':>8} {'dev->gw B':>11} "
@@ -206,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--codec", choices=[str(c) for c in CodecName], default="ternary")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--trainer",
+        choices=["wasm", "numpy"],
+        default="wasm",
+        help="wasm: devices train in the kernel the coordinator publishes (default);"
+        " numpy: the reference trainer",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
     args = ap.parse_args(argv)
     result = run_demo(
@@ -214,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds,
         codec=CodecName(args.codec),
         seed=args.seed,
+        trainer=args.trainer,
     )
     _summary(result, sys.stdout)
     if args.json:

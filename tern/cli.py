@@ -116,6 +116,7 @@ def _topics(args: argparse.Namespace) -> int:
     rows = [
         ("global model (retained)", topics.global_model(f)),
         ("round schedule (retained)", topics.round_schedule(f)),
+        ("all kernels (retained)", topics.kernels(f)),
         ("device update", topics.update(f, gw, dev)),
         ("all updates to the gateway", topics.updates_to(f, gw)),
         ("partial to the parent", topics.partial(f, parent, gw)),
