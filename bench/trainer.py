@@ -52,7 +52,6 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import wasmtime
 from nacl.signing import SigningKey
 
 from broker.embedded import EmbeddedBroker
@@ -63,7 +62,7 @@ from device.trainer import TRAINERS, NumpyTrainer, Trainer
 from gateway import Gateway, GatewayConfig
 from kernels.partition import load_mnist1d
 from kernels.reference import init_weights, mlp_spec
-from kernels.wasm import Kernel, WasmTrainer, _Session, packaged_kernel
+from kernels.wasm import WasmTrainer
 from tern import topics
 from tern.errors import TernError
 from tern.fleet import COORDINATOR, Fleet, GatewayEntry
@@ -96,36 +95,13 @@ Runner = Callable[[str, str, int], float]
 # -- trainers -----------------------------------------------------------------------------
 
 
-class _UnmeteredSession(_Session):
-    """A kernel session without a fuel budget: an engine that does not meter fuel
-    rejects set_fuel, which `_Session.__init__` always calls."""
-
-    def __init__(self, kernel: Kernel, memory_limit: int) -> None:
-        self.fuel = 0
-        self.memory_limit = memory_limit
-        self.store = wasmtime.Store(kernel.engine)
-        self.store.set_limits(memory_size=memory_limit)
-        self.exports = wasmtime.Instance(self.store, kernel.module, []).exports(self.store)
-        memory = self.exports["memory"]
-        if not isinstance(memory, wasmtime.Memory):
-            raise TypeError("kernel export 'memory' is not a memory")
-        self.memory = memory
-
-
 class _UnmeteredTrainer(WasmTrainer):
     """WasmTrainer on the packaged kernel compiled with consume_fuel=False."""
 
     name = "wasm_nofuel"
 
     def __init__(self) -> None:
-        super().__init__()
-        config = wasmtime.Config()
-        config.consume_fuel = False
-        engine = wasmtime.Engine(config)
-        self.kernel = Kernel(engine, wasmtime.Module(engine, packaged_kernel()))
-
-    def _session(self) -> _Session:
-        return _UnmeteredSession(self.kernel, self.memory_limit)
+        super().__init__(fuel=None)
 
 
 class _Epochs:

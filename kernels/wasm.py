@@ -9,6 +9,7 @@ catches per round.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -40,7 +41,7 @@ F32Array = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.integer]
 
 ABI_VERSION = 1
-DEFAULT_FUEL = 20_000_000_000  # ~420 epochs of a 40-100-100-10 MLP on 400 samples (47M each)
+DEFAULT_FUEL = 20_000_000_000  # per call; ~420 epochs of 40-100-100-10 on 400 samples (47M each)
 DEFAULT_MEMORY_LIMIT = 64 << 20  # bytes of linear memory
 
 _OK = 0
@@ -117,16 +118,22 @@ def mlp_sizes(spec: ModelSpec) -> list[int]:
 
 @dataclass(frozen=True, slots=True)
 class Kernel:
-    """A compiled kernel module and the engine (fuel metering on) it was compiled for."""
+    """A compiled kernel module and the engine it was compiled for (`metered`: the engine
+    counts fuel, so every call needs a budget)."""
 
     engine: wasmtime.Engine
     module: wasmtime.Module
+    metered: bool = True
 
 
-def load_kernel(wasm: bytes) -> Kernel:
-    """Compile `wasm` and check it exports the tern ABI; AbiMismatch if it does not."""
+def load_kernel(wasm: bytes, *, consume_fuel: bool = True) -> Kernel:
+    """Compile `wasm` and check it exports the tern ABI; AbiMismatch if it does not.
+
+    `consume_fuel=False` compiles without fuel metering (for measuring what metering
+    costs): such a kernel runs unbounded in time, so only `WasmTrainer(fuel=None)` uses it.
+    """
     config = wasmtime.Config()
-    config.consume_fuel = True
+    config.consume_fuel = consume_fuel
     engine = wasmtime.Engine(config)
     try:
         module = wasmtime.Module(engine, wasm)
@@ -137,7 +144,7 @@ def load_kernel(wasm: bytes) -> Kernel:
     exported = {e.name for e in module.exports}
     if "tern_abi_version" not in exported:
         raise AbiMismatch("module does not export tern_abi_version")
-    return Kernel(engine, module)
+    return Kernel(engine, module, consume_fuel)
 
 
 def _initial_memory(module: wasmtime.Module) -> int:
@@ -149,14 +156,21 @@ def _initial_memory(module: wasmtime.Module) -> int:
 
 
 class _Session:
-    """One instance in a fresh store, with the caller's fuel and memory limits."""
+    """One instance in its own store under the caller's memory limit, reused for
+    consecutive calls; `begin` refills the fuel before each call.
 
-    def __init__(self, kernel: Kernel, fuel: int, memory_limit: int) -> None:
+    The host's inputs live in one arena block at the bottom of the arena (the kernel's
+    scratch goes above it and is freed by every kernel call); a call whose inputs fit
+    in the block writes over it, a larger one frees the arena and allocates afresh.
+    Each call into the instance costs more host time than copying a few kilobytes."""
+
+    def __init__(self, kernel: Kernel, fuel: int | None, memory_limit: int) -> None:
         self.fuel = fuel
         self.memory_limit = memory_limit
         self.store = wasmtime.Store(kernel.engine)
         self.store.set_limits(memory_size=memory_limit)
-        self.store.set_fuel(fuel)
+        if fuel is not None:
+            self.store.set_fuel(fuel)
         needed = _initial_memory(kernel.module)
         if needed > memory_limit:
             raise MemoryLimitExceeded(memory_limit, needed)
@@ -181,10 +195,17 @@ class _Session:
             raise AbiMismatch("kernel export 'memory' is not a memory")
         self.memory = memory
         self.exports = exports
+        self._block = 0  # address of the inputs' block; 0: none
+        self._capacity = 0
+
+    def begin(self) -> None:
+        """Start a call with the full fuel budget."""
+        if self.fuel is not None:
+            self.store.set_fuel(self.fuel)
 
     def _translate(self, exc: Exception) -> KernelError:
         if isinstance(exc, wasmtime.Trap) and exc.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
-            return FuelExhausted(self.fuel)
+            return FuelExhausted(self.fuel or 0)
         code = exc.trap_code.name if isinstance(exc, wasmtime.Trap) and exc.trap_code else None
         return KernelTrap(f"kernel trapped: {exc}", code)
 
@@ -204,20 +225,21 @@ class _Session:
             raise KernelTrap(f"{what} returned unknown status {status}")
 
     def put(self, *arrays: npt.NDArray[Any]) -> list[int]:
-        """Copy `arrays` (C order) into one fresh arena block; their 16-byte aligned addresses.
-
-        One `tern_alloc` and one write for all of them: each call into the instance costs
-        more host time than copying a few kilobytes.
-        """
+        """Copy `arrays` (C order) into the inputs' block; their 16-byte aligned addresses."""
         blobs = [np.ascontiguousarray(a).tobytes() for a in arrays]
         offsets: list[int] = []
         total = 0
         for blob in blobs:
             offsets.append(total)
             total += (len(blob) + 15) & ~15
-        ptr = int(self.call("tern_alloc", max(total, 1)))
-        if ptr == 0:
-            raise MemoryLimitExceeded(self.memory_limit, total)
+        if total > self._capacity or self._block == 0:
+            self._block = self._capacity = 0
+            self.call("tern_reset")
+            self._block = int(self.call("tern_alloc", max(total, 1)))
+            if self._block == 0:
+                raise MemoryLimitExceeded(self.memory_limit, total)
+            self._capacity = total
+        ptr = self._block
         data = bytearray(total)
         for offset, blob in zip(offsets, blobs, strict=True):
             data[offset : offset + len(blob)] = blob
@@ -270,6 +292,13 @@ class WasmTrainer:
 
     Same contract as `device.trainer.NumpyTrainer` and the same result to float32
     rounding: the host draws each epoch's order from `rng` exactly as the reference does.
+
+    Consecutive calls reuse one wasmtime instance (creating a store and an instance costs
+    more than training a small model on a few hundred samples); each call still starts
+    with an empty arena and exactly `fuel` fuel. A call that fails for any reason drops the
+    instance, since its state after a trap is unknown, and the next call builds a new one.
+    Calls on one trainer are serialised by a lock. `fuel=None` runs without fuel metering
+    (the kernel is compiled without it): unbounded time, for benchmarks only.
     """
 
     name = "wasm"
@@ -278,17 +307,29 @@ class WasmTrainer:
         self,
         kernel: bytes | None = None,
         *,
-        fuel: int = DEFAULT_FUEL,
+        fuel: int | None = DEFAULT_FUEL,
         memory_limit: int = DEFAULT_MEMORY_LIMIT,
     ) -> None:
-        if fuel < 1 or memory_limit < 1:
+        if (fuel is not None and fuel < 1) or memory_limit < 1:
             raise ValueError("fuel and memory_limit must be positive")
         self.fuel = fuel
         self.memory_limit = memory_limit
-        self.kernel = load_kernel(packaged_kernel() if kernel is None else kernel)
+        wasm = packaged_kernel() if kernel is None else kernel
+        self.kernel = load_kernel(wasm, consume_fuel=fuel is not None)
+        self._lock = threading.Lock()
+        self._idle: _Session | None = None  # the instance between successful calls
 
     def _session(self) -> _Session:
-        return _Session(self.kernel, self.fuel, self.memory_limit)
+        """The idle instance (or a new one), taken for one call and reset for it; only a
+        call that succeeds hands it back (`_release`). Called with the lock held."""
+        session, self._idle = self._idle, None
+        if session is None:
+            session = _Session(self.kernel, self.fuel, self.memory_limit)
+        session.begin()
+        return session
+
+    def _release(self, session: _Session) -> None:
+        self._idle = session
 
     def train(
         self,
@@ -300,7 +341,22 @@ class WasmTrainer:
         rng: np.random.Generator,
     ) -> F32Array:
         """New flat float32 weights after local training; `weights` is left unchanged."""
-        session = self._session()
+        with self._lock:
+            session = self._session()
+            out = self._train(session, spec, weights, x, y, config, rng)
+            self._release(session)
+        return out
+
+    def _train(
+        self,
+        session: _Session,
+        spec: ModelSpec,
+        weights: F32Array,
+        x: F32Array,
+        y: IntArray,
+        config: TrainConfig,
+        rng: np.random.Generator,
+    ) -> F32Array:
         order = np.zeros(np.shape(x)[0] if np.ndim(x) else 0, dtype=np.int32)
         nl, inp, (order_ptr,) = _prepare(session, spec, weights, x, y, order)
         lr = float(np.float32(config.lr))
@@ -327,7 +383,15 @@ class WasmTrainer:
         self, spec: ModelSpec, weights: F32Array, x: F32Array, y: IntArray
     ) -> tuple[float, F32Array]:
         """Mean cross-entropy over all of x and its flat gradient (for testing the kernel)."""
-        session = self._session()
+        with self._lock:
+            session = self._session()
+            out = self._loss_and_grad(session, spec, weights, x, y)
+            self._release(session)
+        return out
+
+    def _loss_and_grad(
+        self, session: _Session, spec: ModelSpec, weights: F32Array, x: F32Array, y: IntArray
+    ) -> tuple[float, F32Array]:
         nl, inp, (grad_ptr, loss_ptr) = _prepare(
             session, spec, weights, x, y, np.zeros(spec.size, np.float32), np.zeros(1, np.float64)
         )
@@ -350,7 +414,15 @@ class WasmTrainer:
         self, spec: ModelSpec, weights: F32Array, x: F32Array, y: IntArray
     ) -> tuple[float, float]:
         """(mean cross-entropy, accuracy in [0, 1]), as `kernels.reference.evaluate`."""
-        session = self._session()
+        with self._lock:
+            session = self._session()
+            out = self._evaluate(session, spec, weights, x, y)
+            self._release(session)
+        return out
+
+    def _evaluate(
+        self, session: _Session, spec: ModelSpec, weights: F32Array, x: F32Array, y: IntArray
+    ) -> tuple[float, float]:
         nl, inp, (out_ptr,) = _prepare(session, spec, weights, x, y, np.zeros(2, np.float64))
         status = session.call(
             "tern_evaluate", nl, inp.sizes, inp.weights, inp.x, inp.y, inp.n, _EVAL_CHUNK, out_ptr

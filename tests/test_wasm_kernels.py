@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from device.trainer import Trainer
 from kernels import reference
 from kernels.wasm import (
     ABI_VERSION,
+    DEFAULT_FUEL,
     AbiMismatch,
     FuelExhausted,
     KernelError,
@@ -228,3 +230,98 @@ def test_committed_kernel_equals_a_fresh_build(tmp_path: Path) -> None:
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_wasm_trainer_reuses_its_instance_with_identical_results() -> None:
+    small = _problem([7, 13, 5, 3], n=40, seed=2)
+    large = _problem([40, 100, 100, 10], n=101, seed=3)  # more input bytes: a new block
+    config = TrainConfig(batch_size=16, lr=0.1)
+    reused = WasmTrainer()
+
+    got = [
+        reused.train(*problem, config, np.random.default_rng(5))
+        for problem in (small, large, small, large)
+    ]
+
+    for problem, result in zip((small, large, small, large), got, strict=True):
+        fresh = WasmTrainer().train(*problem, config, np.random.default_rng(5))
+        np.testing.assert_array_equal(result, fresh)
+
+
+def test_every_call_on_a_reused_instance_gets_the_full_fuel_budget() -> None:
+    spec, weights, x, y = _problem([40, 100, 100, 10], n=64, seed=4)
+    probe = WasmTrainer()
+    probe.train(spec, weights, x, y, TrainConfig(), np.random.default_rng(0))
+    assert probe._idle is not None
+    used = DEFAULT_FUEL - probe._idle.store.get_fuel()
+    trainer = WasmTrainer(fuel=used + used // 10)  # enough for one call, not for two
+
+    results = [
+        trainer.train(spec, weights, x, y, TrainConfig(), np.random.default_rng(0))
+        for _ in range(3)
+    ]
+
+    for result in results[1:]:
+        np.testing.assert_array_equal(result, results[0])
+
+
+def test_instance_is_replaced_after_fuel_exhaustion_and_next_call_succeeds() -> None:
+    small = _problem([4, 3], n=8, seed=1)
+    large = _problem([40, 100, 100, 10], n=200, seed=1)
+    trainer = WasmTrainer(fuel=200_000)
+    trainer.train(*small, TrainConfig(), np.random.default_rng(0))
+
+    with pytest.raises(FuelExhausted):
+        trainer.train(*large, TrainConfig(), np.random.default_rng(0))
+    got = trainer.train(*small, TrainConfig(), np.random.default_rng(0))
+
+    want = reference.train_local(*small, TrainConfig(), np.random.default_rng(0))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_instance_is_replaced_after_a_trap_and_next_call_succeeds(trainer: WasmTrainer) -> None:
+    spec, weights, x, y = _problem([4, 3], n=8, seed=1)
+
+    class BadOrder(np.random.Generator):
+        def permutation(self, x: object, axis: int = 0) -> np.ndarray:
+            return np.full(8, 99, dtype=np.int64)
+
+    with pytest.raises(KernelTrap):
+        trainer.train(spec, weights, x, y, TrainConfig(), BadOrder(np.random.PCG64(0)))
+    got = trainer.train(spec, weights, x, y, TrainConfig(), np.random.default_rng(0))
+
+    want = reference.train_local(spec, weights, x, y, TrainConfig(), np.random.default_rng(0))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_unmetered_trainer_trains_exactly_as_the_metered_one() -> None:
+    spec, weights, x, y = _problem([11, 18, 9, 6], n=50, seed=6)
+    config = TrainConfig(batch_size=8)
+
+    metered = WasmTrainer().train(spec, weights, x, y, config, np.random.default_rng(1))
+    unmetered = WasmTrainer(fuel=None).train(spec, weights, x, y, config, np.random.default_rng(1))
+
+    np.testing.assert_array_equal(unmetered, metered)
+
+
+def test_wasm_trainer_serialises_calls_from_two_threads() -> None:
+    spec, weights, x, y = _problem([12, 16, 4], n=64, seed=7)
+    trainer = WasmTrainer()
+    want = trainer.train(spec, weights, x, y, TrainConfig(), np.random.default_rng(2))
+    results: list[np.ndarray] = []
+
+    def work() -> None:
+        for _ in range(5):
+            results.append(
+                trainer.train(spec, weights, x, y, TrainConfig(), np.random.default_rng(2))
+            )
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60.0)
+
+    assert len(results) == 10
+    for result in results:
+        np.testing.assert_array_equal(result, want)
