@@ -58,7 +58,7 @@ from broker.embedded import EmbeddedBroker
 from broker.lifecycle import quiet_third_party_logs
 from broker.transport import Message, MqttTransport
 from coordinator import Coordinator, CoordinatorConfig
-from device.trainer import TRAINERS, NumpyTrainer, Trainer
+from device.trainer import NumpyTrainer, Trainer
 from gateway import Gateway, GatewayConfig
 from kernels.partition import load_mnist1d
 from kernels.reference import init_weights, mlp_spec
@@ -255,28 +255,18 @@ def measure_trainers(
 
 # -- the device agent's peak RSS ----------------------------------------------------------
 
-# Until device/trainer.py registers the Wasm trainer: the device's own main, with it added.
-_WASM_DEVICE = (
-    "import sys\n"
-    "from device.__main__ import main\n"
-    "from device.trainer import TRAINERS\n"
-    "from kernels.wasm import WasmTrainer\n"
-    "TRAINERS['wasm'] = WasmTrainer\n"
-    "sys.exit(main(sys.argv[1:]))\n"
-)
-
 
 def agent_command(
     device: str, fleet_file: Path, key_file: Path, gateway_url: str, data_file: Path
 ) -> list[str]:
-    """The device agent's command line, training with the Wasm trainer."""
+    """The device agent's command line: the Wasm trainer on the kernel the coordinator
+    publishes, fetched over MQTT and cached next to the fleet file."""
     flags = [
         *("--id", device, "--fleet-file", str(fleet_file), "--key", str(key_file)),
         *("--gateway-url", gateway_url, "--data", str(data_file), "--trainer", "wasm"),
+        *("--kernel-cache", str(fleet_file.parent / "kernels")),
     ]
-    if "wasm" in TRAINERS:
-        return [sys.executable, "-m", "device", *flags]
-    return [sys.executable, "-c", _WASM_DEVICE, *flags]
+    return [sys.executable, "-m", "device", *flags]
 
 
 @dataclass(frozen=True, slots=True)
