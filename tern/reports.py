@@ -120,6 +120,7 @@ class RoundMetrics:
             return isinstance(x, int | float) and not isinstance(x, bool)
 
         counts = ("round", "model_version", "contributors", "dropped", "bytes_up", "bytes_down")
+
         def is_tally(x: object) -> bool:
             return isinstance(x, dict) and all(is_int(c) for c in x.values())
 
