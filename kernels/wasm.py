@@ -10,9 +10,10 @@ catches per round.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -37,6 +38,7 @@ __all__ = [
     "packaged_kernel",
 ]
 
+_T = TypeVar("_T")
 F32Array = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.integer]
 
@@ -331,6 +333,15 @@ class WasmTrainer:
     def _release(self, session: _Session) -> None:
         self._idle = session
 
+    def _call(self, method: Callable[..., _T], *args: Any) -> _T:
+        """`method(session, *args)` on the idle instance, one caller at a time; a failure
+        leaves no instance behind, so the next call starts from a fresh one."""
+        with self._lock:
+            session = self._session()
+            out = method(session, *args)
+            self._release(session)
+        return out
+
     def train(
         self,
         spec: ModelSpec,
@@ -341,11 +352,7 @@ class WasmTrainer:
         rng: np.random.Generator,
     ) -> F32Array:
         """New flat float32 weights after local training; `weights` is left unchanged."""
-        with self._lock:
-            session = self._session()
-            out = self._train(session, spec, weights, x, y, config, rng)
-            self._release(session)
-        return out
+        return self._call(self._train, spec, weights, x, y, config, rng)
 
     def _train(
         self,
@@ -383,11 +390,7 @@ class WasmTrainer:
         self, spec: ModelSpec, weights: F32Array, x: F32Array, y: IntArray
     ) -> tuple[float, F32Array]:
         """Mean cross-entropy over all of x and its flat gradient (for testing the kernel)."""
-        with self._lock:
-            session = self._session()
-            out = self._loss_and_grad(session, spec, weights, x, y)
-            self._release(session)
-        return out
+        return self._call(self._loss_and_grad, spec, weights, x, y)
 
     def _loss_and_grad(
         self, session: _Session, spec: ModelSpec, weights: F32Array, x: F32Array, y: IntArray
@@ -414,11 +417,7 @@ class WasmTrainer:
         self, spec: ModelSpec, weights: F32Array, x: F32Array, y: IntArray
     ) -> tuple[float, float]:
         """(mean cross-entropy, accuracy in [0, 1]), as `kernels.reference.evaluate`."""
-        with self._lock:
-            session = self._session()
-            out = self._evaluate(session, spec, weights, x, y)
-            self._release(session)
-        return out
+        return self._call(self._evaluate, spec, weights, x, y)
 
     def _evaluate(
         self, session: _Session, spec: ModelSpec, weights: F32Array, x: F32Array, y: IntArray

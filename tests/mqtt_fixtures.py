@@ -21,6 +21,7 @@ import pytest
 from broker.embedded import EmbeddedBroker
 from broker.mosquitto import MosquittoProcess, find_mosquitto, free_port, wait_until_accepting
 from broker.transport import Message, MqttTransport, format_url
+from tern.topics import Topic
 
 __all__ = [
     "AmqttBroker",
@@ -28,6 +29,7 @@ __all__ = [
     "MosquittoBroker",
     "RunningBroker",
     "free_port",
+    "listen",
     "wait_until_accepting",
 ]
 
@@ -148,3 +150,10 @@ class Inbox:
             if not self._changed.wait_for(seen, timeout):
                 raise AssertionError(f"no matching message within {timeout} s: {self.messages}")
             return found[0]
+
+
+def listen(make_transport: MakeTransport, url: str, topic: Topic, client_id: str) -> Inbox:
+    """An Inbox of everything published under `topic` on `url` from now on."""
+    inbox = Inbox()
+    make_transport(url, client_id).subscribe(topic, inbox)
+    return inbox

@@ -29,7 +29,7 @@ from tern.fleet import COORDINATOR
 from tern.messages import GlobalModel, RoundSchedule, TrainConfig, Update, encode_update
 from tern.reports import State, Status
 from tests.fleet_fixtures import FleetKit, build_fleet, write_fleet
-from tests.mqtt_fixtures import AmqttBroker, Inbox, MakeTransport
+from tests.mqtt_fixtures import AmqttBroker, Inbox, MakeTransport, listen
 
 SPEC = mlp_spec([5, 4, 3])
 TRAIN = TrainConfig(epochs=2, batch_size=4, lr=0.2)
@@ -120,11 +120,8 @@ def kit() -> FleetKit:
 
 @pytest.fixture
 def updates(amqtt_broker: AmqttBroker, make_transport: MakeTransport, kit: FleetKit) -> Inbox:
-    inbox = Inbox()
-    make_transport(amqtt_broker.url, "listener").subscribe(
-        topics.updates_to(kit.fleet.fleet, "gw-1"), inbox
-    )
-    return inbox
+    topic = topics.updates_to(kit.fleet.fleet, "gw-1")
+    return listen(make_transport, amqtt_broker.url, topic, "listener")
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ from tern.messages import (
 )
 from tern.reports import Status
 from tests.fleet_fixtures import FleetKit, build_fleet
-from tests.mqtt_fixtures import AmqttBroker, Inbox, MakeTransport
+from tests.mqtt_fixtures import AmqttBroker, Inbox, MakeTransport, listen
 
 SPEC = mlp_spec([5, 4, 3])
 TRAIN = TrainConfig(epochs=2, batch_size=4, lr=0.2)
@@ -123,20 +123,14 @@ def coordinator(amqtt_broker: AmqttBroker, make_transport: MakeTransport, kit: F
 
 @pytest.fixture
 def updates(amqtt_broker: AmqttBroker, make_transport: MakeTransport, kit: FleetKit) -> Inbox:
-    inbox = Inbox()
-    make_transport(amqtt_broker.url, "listener").subscribe(
-        topics.updates_to(kit.fleet.fleet, "gw-1"), inbox
-    )
-    return inbox
+    topic = topics.updates_to(kit.fleet.fleet, "gw-1")
+    return listen(make_transport, amqtt_broker.url, topic, "listener")
 
 
 @pytest.fixture
 def statuses(amqtt_broker: AmqttBroker, make_transport: MakeTransport, kit: FleetKit) -> Inbox:
-    inbox = Inbox()
-    make_transport(amqtt_broker.url, "status-watcher").subscribe(
-        topics.status(kit.fleet.fleet, "dev-01"), inbox
-    )
-    return inbox
+    topic = topics.status(kit.fleet.fleet, "dev-01")
+    return listen(make_transport, amqtt_broker.url, topic, "status-watcher")
 
 
 @pytest.fixture

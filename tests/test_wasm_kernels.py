@@ -182,12 +182,15 @@ def test_wasm_trainer_raises_kernel_trap_when_the_kernel_traps() -> None:
         trainer.train(spec, weights, x, y, TrainConfig(), np.random.default_rng(0))
 
 
+class BadOrder(np.random.Generator):
+    """Shuffles 8 samples into indices that are all out of range: the kernel traps."""
+
+    def permutation(self, x: object, axis: int = 0) -> np.ndarray:
+        return np.full(8, 99, dtype=np.int64)
+
+
 def test_real_kernel_traps_on_an_out_of_range_shuffle_index(trainer: WasmTrainer) -> None:
     spec, weights, x, y = _problem([4, 3], n=8, seed=1)
-
-    class BadOrder(np.random.Generator):
-        def permutation(self, x: object, axis: int = 0) -> np.ndarray:
-            return np.full(8, 99, dtype=np.int64)
 
     with pytest.raises(KernelTrap):
         trainer.train(spec, weights, x, y, TrainConfig(), BadOrder(np.random.PCG64(0)))
@@ -281,10 +284,6 @@ def test_instance_is_replaced_after_fuel_exhaustion_and_next_call_succeeds() -> 
 
 def test_instance_is_replaced_after_a_trap_and_next_call_succeeds(trainer: WasmTrainer) -> None:
     spec, weights, x, y = _problem([4, 3], n=8, seed=1)
-
-    class BadOrder(np.random.Generator):
-        def permutation(self, x: object, axis: int = 0) -> np.ndarray:
-            return np.full(8, 99, dtype=np.int64)
 
     with pytest.raises(KernelTrap):
         trainer.train(spec, weights, x, y, TrainConfig(), BadOrder(np.random.PCG64(0)))
