@@ -4,7 +4,9 @@ cleanly on SIGINT or SIGTERM."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +18,13 @@ from nacl.signing import SigningKey
 from tern.fleet import Fleet
 from tern.keys import signing_key_from_text
 
-__all__ = ["configure_logging", "load_identity", "quiet_third_party_logs", "stop_on_signals"]
+__all__ = [
+    "configure_logging",
+    "load_identity",
+    "quiet_third_party_logs",
+    "stop_on_signals",
+    "write_atomic",
+]
 
 _FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
@@ -60,3 +68,18 @@ def load_identity(fleet_file: str | Path, key_file: str | Path) -> tuple[Fleet, 
     """The fleet file and this component's own secret key (OSError or TernError)."""
     fleet = Fleet.from_json(Path(fleet_file).read_text(encoding="utf-8"))
     return fleet, signing_key_from_text(Path(key_file).read_text(encoding="utf-8"))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so a reader sees the old file or the whole new one, never a
+    part: a temporary file in the same directory, flushed to disk, then renamed over."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

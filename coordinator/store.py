@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from broker.lifecycle import write_atomic
 from coordinator.config import CoordinatorError
 from tern.reports import RoundMetrics
 
@@ -102,19 +101,6 @@ class Snapshot:
     momentum: F32Array
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _npy(a: F32Array) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(a, dtype=np.float32), allow_pickle=False)
@@ -133,8 +119,8 @@ class StateStore:
 
     def save_model(self, version: int, weights: F32Array, momentum: F32Array) -> None:
         # momentum first: a model file implies its momentum is already there
-        _write_atomic(self.models / f"m{version}.npy", _npy(momentum))
-        _write_atomic(self.models / f"v{version}.npy", _npy(weights))
+        write_atomic(self.models / f"m{version}.npy", _npy(momentum))
+        write_atomic(self.models / f"v{version}.npy", _npy(weights))
 
     def load_model(self, version: int, size: int) -> tuple[F32Array, F32Array]:
         out = []
@@ -150,7 +136,7 @@ class StateStore:
         return out[0], out[1]
 
     def save_round(self, record: RoundRecord) -> None:
-        _write_atomic(self.rounds / f"{record.round}.json", record.to_json().encode())
+        write_atomic(self.rounds / f"{record.round}.json", record.to_json().encode())
 
     def load_round(self, round: int) -> RoundRecord:
         path = self.rounds / f"{round}.json"

@@ -332,17 +332,8 @@ class DeviceAgent:
             update, residual = local_update(
                 trainer, model, self.x, self.y, schedule, self.id, carried
             )
-            env = Envelope(
-                Kind.UPDATE,
-                self.fleet.fleet,
-                schedule.round,
-                schedule.model_version,
-                self.id,
-                update.to_body(),
-            )
-            data = seal(env, self.key)
             seconds = time.monotonic() - start
-            self.transport.publish(topics.update(self.fleet.fleet, self.gateway, self.id), data)
+            data = self._send(Kind.UPDATE, schedule, update.to_body())
             outcome = RoundOutcome(
                 schedule.round, schedule.model_version, n, len(data), seconds, kernel=kernel
             )
@@ -377,18 +368,9 @@ class DeviceAgent:
         reason = failure_reason(exc)
         log.warning("%s: round %d failed (%s): %s", self.id, schedule.round, reason, exc)
         n = int(self.x.shape[0])
-        f = self.fleet.fleet
         try:
             if self.clock() < schedule.deadline:
-                env = Envelope(
-                    Kind.FAILURE,
-                    f,
-                    schedule.round,
-                    schedule.model_version,
-                    self.id,
-                    Failure({reason: 1}).to_body(),
-                )
-                self.transport.publish(topics.update(f, self.gateway, self.id), seal(env, self.key))
+                self._send(Kind.FAILURE, schedule, Failure({reason: 1}).to_body())
             self._publish_status(f"round {schedule.round}: {reason}: {exc}"[:500])
         except TransportError as report_exc:
             log.warning(
@@ -397,6 +379,14 @@ class DeviceAgent:
         return RoundOutcome(
             schedule.round, schedule.model_version, n, error=str(exc), reason=reason
         )
+
+    def _send(self, kind: Kind, schedule: RoundSchedule, body: object) -> bytes:
+        """Seal `body` for the schedule's round and publish it to this device's gateway."""
+        f = self.fleet.fleet
+        env = Envelope(kind, f, schedule.round, schedule.model_version, self.id, body)
+        data = seal(env, self.key)
+        self.transport.publish(topics.update(f, self.gateway, self.id), data)
+        return data
 
     def _publish_status(self, detail: str) -> None:
         """Online, with what went wrong last ("" once a round succeeds again)."""

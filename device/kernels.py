@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 from pathlib import Path
 
+from broker.lifecycle import write_atomic
 from device.errors import DeviceError
 from kernels.wasm import ABI_VERSION, WasmTrainer
 from tern.errors import TernError
@@ -83,10 +83,7 @@ class KernelShelf:
             return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
+            write_atomic(path, data)
         except OSError as exc:  # a full or read-only disk costs a refetch, not the round
             log.warning("kernel %s… not cached: %s", sha256[:12], exc)
 

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from nacl.signing import SigningKey, VerifyKey
@@ -32,7 +32,6 @@ from tern.messages import (
     Failure,
     GlobalModel,
     RoundSchedule,
-    Update,
     encode_update,
     open_kernel,
     open_model,
@@ -386,9 +385,7 @@ class Gateway:
         kind = Kind.PARTIAL
         if result.count > 0:
             update, _ = encode_update(Float32Codec(), collector.spec, result)
-            body = Update(
-                update.codec, update.weight, update.count, update.tensors, failed
-            ).to_body()
+            body = replace(update, failed=failed).to_body()
         elif failed:  # nothing to fold, but the parent learns why and stops waiting
             kind, body = Kind.FAILURE, Failure(failed).to_body()
         if body is not None:
