@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import wasmtime
 
+from kernels.calls import Export, Signature, signature_of
 from tern.messages import TrainConfig
 from tern.spec import ModelSpec
 
@@ -49,15 +50,16 @@ DEFAULT_MEMORY_LIMIT = 64 << 20  # bytes of linear memory
 _OK = 0
 _ENOMEM = 1
 _EVAL_CHUNK = 256
-_EXPORTS = (
-    "memory",
-    "tern_abi_version",
-    "tern_reset",
-    "tern_alloc",
-    "tern_loss_and_grad",
-    "tern_train_epoch",
-    "tern_evaluate",
-)
+_I32 = ("i32",)
+_SIGNATURES = {  # ABI 1's functions (kernels/README.md); the module also exports "memory"
+    "tern_abi_version": Signature((), _I32),
+    "tern_reset": Signature((), ()),
+    "tern_alloc": Signature(_I32, _I32),
+    "tern_loss_and_grad": Signature(_I32 * 8, _I32),
+    "tern_train_epoch": Signature(_I32 * 8 + ("f32",), _I32),
+    "tern_evaluate": Signature(_I32 * 8, _I32),
+}
+_EXPORTS = ("memory", *_SIGNATURES)
 
 
 class KernelError(Exception):
@@ -164,7 +166,8 @@ class _Session:
     The host's inputs live in one arena block at the bottom of the arena (the kernel's
     scratch goes above it and is freed by every kernel call); a call whose inputs fit
     in the block writes over it, a larger one frees the arena and allocates afresh.
-    Each call into the instance costs more host time than copying a few kilobytes."""
+    Each call into the instance costs more host time than copying a few kilobytes, and
+    the copies go straight between numpy arrays and linear memory."""
 
     def __init__(self, kernel: Kernel, fuel: int | None, memory_limit: int) -> None:
         self.fuel = fuel
@@ -183,7 +186,11 @@ class _Session:
         except wasmtime.WasmtimeError as exc:
             raise AbiMismatch(f"kernel failed to instantiate: {exc}") from exc
         exports = instance.exports(self.store)
-        version = self._call_raw(exports["tern_abi_version"])
+        probe = exports.get("tern_abi_version")
+        want = _SIGNATURES["tern_abi_version"]
+        if not isinstance(probe, wasmtime.Func) or signature_of(probe, self.store) != want:
+            raise AbiMismatch(f"kernel export tern_abi_version is not a function {want}")
+        version = self._call_raw(probe)
         if version != ABI_VERSION:
             raise AbiMismatch(
                 f"kernel speaks ABI version {version}, this host speaks {ABI_VERSION}",
@@ -196,7 +203,16 @@ class _Session:
         if not isinstance(memory, wasmtime.Memory):
             raise AbiMismatch("kernel export 'memory' is not a memory")
         self.memory = memory
-        self.exports = exports
+        self.exports: dict[str, Export] = {}
+        for name, expected in _SIGNATURES.items():
+            func = exports[name]
+            found = signature_of(func, self.store) if isinstance(func, wasmtime.Func) else None
+            if found != expected or not isinstance(func, wasmtime.Func):
+                raise AbiMismatch(
+                    f"kernel export {name} has type {found or 'of a non-function'}, "
+                    f"ABI {ABI_VERSION} needs {expected}"
+                )
+            self.exports[name] = Export(self.store, func, expected)
         self._block = 0  # address of the inputs' block; 0: none
         self._capacity = 0
 
@@ -211,14 +227,17 @@ class _Session:
         code = exc.trap_code.name if isinstance(exc, wasmtime.Trap) and exc.trap_code else None
         return KernelTrap(f"kernel trapped: {exc}", code)
 
-    def _call_raw(self, func: Any, *args: Any) -> Any:
+    def _call_raw(self, func: wasmtime.Func, *args: Any) -> Any:
         try:
             return func(self.store, *args)
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
             raise self._translate(exc) from exc
 
     def call(self, name: str, *args: Any) -> Any:
-        return self._call_raw(self.exports[name], *args)
+        try:
+            return self.exports[name](*args)
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            raise self._translate(exc) from exc
 
     def check_status(self, status: int, what: str) -> None:
         if status == _ENOMEM:
@@ -226,14 +245,24 @@ class _Session:
         if status != _OK:
             raise KernelTrap(f"{what} returned unknown status {status}")
 
+    def _span(self, ptr: int, size: int) -> npt.NDArray[np.uint8]:
+        """Bytes [ptr, ptr + size) of linear memory as a uint8 array, valid only until
+        the memory grows (so every use takes a fresh one); KernelTrap if they lie
+        outside it (a block the kernel handed out must lie inside)."""
+        length = self.memory.data_len(self.store)
+        if ptr < 0 or size < 0 or ptr + size > length:
+            raise KernelTrap(f"bytes [{ptr}, {ptr + size}) lie outside the kernel's {length}")
+        memory = np.ctypeslib.as_array(self.memory.data_ptr(self.store), shape=(length,))
+        return memory[ptr : ptr + size]
+
     def put(self, *arrays: npt.NDArray[Any]) -> list[int]:
         """Copy `arrays` (C order) into the inputs' block; their 16-byte aligned addresses."""
-        blobs = [np.ascontiguousarray(a).tobytes() for a in arrays]
+        blobs = [np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in arrays]
         offsets: list[int] = []
         total = 0
         for blob in blobs:
             offsets.append(total)
-            total += (len(blob) + 15) & ~15
+            total += (blob.size + 15) & ~15
         if total > self._capacity or self._block == 0:
             self._block = self._capacity = 0
             self.call("tern_reset")
@@ -242,16 +271,18 @@ class _Session:
                 raise MemoryLimitExceeded(self.memory_limit, total)
             self._capacity = total
         ptr = self._block
-        data = bytearray(total)
+        block = self._span(ptr, total)
         for offset, blob in zip(offsets, blobs, strict=True):
-            data[offset : offset + len(blob)] = blob
-        if data:
-            self.memory.write(self.store, data, ptr)
+            block[offset : offset + blob.size] = blob
         return [ptr + offset for offset in offsets]
+
+    def write(self, ptr: int, array: npt.NDArray[Any]) -> None:
+        blob = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        self._span(ptr, blob.size)[:] = blob
 
     def get(self, ptr: int, count: int, dtype: type[np.generic]) -> npt.NDArray[Any]:
         size = count * np.dtype(dtype).itemsize
-        return np.frombuffer(self.memory.read(self.store, ptr, ptr + size), dtype=dtype).copy()
+        return self._span(ptr, size).view(dtype).copy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,7 +400,7 @@ class WasmTrainer:
         lr = float(np.float32(config.lr))
         for _ in range(config.epochs):
             order = rng.permutation(inp.n).astype(np.int32)
-            session.memory.write(session.store, order.tobytes(), order_ptr)
+            session.write(order_ptr, order)
             status = session.call(
                 "tern_train_epoch",
                 nl,
