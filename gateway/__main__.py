@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
 
 from broker.lifecycle import configure_logging, load_identity, stop_on_signals
 from gateway.config import DEFAULT_LISTEN_PORT, DEFAULT_MARGIN, GatewayConfig, GatewayError
 from gateway.service import Gateway
 from tern.errors import TernError
+from tern.mcu import DEFAULT_IN_EXP
 
 __all__ = ["add_arguments", "build_parser", "main", "parse_listen", "run"]
 
@@ -45,6 +49,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MARGIN,
         help=f"seconds closed before the deadline per tree level ({DEFAULT_MARGIN})",
     )
+    p.add_argument(
+        "--boards",
+        metavar="FILE",
+        help="its microcontroller boards (JSON with their keys); SIGHUP re-reads it",
+    )
+    p.add_argument(
+        "--mcu-in-exp",
+        type=int,
+        default=DEFAULT_IN_EXP,
+        metavar="N",
+        help=f"input exponent of the boards' int8 models: x stands for x/2^N ({DEFAULT_IN_EXP})",
+    )
     p.add_argument("--verbose", "-v", action="store_true", help="log amqtt's own messages")
 
 
@@ -56,11 +72,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
-    with stop_on_signals(log) as stop:
-        return _serve(args, stop)
+    with stop_on_signals(log) as stop, _hangups() as hangup:
+        return _serve(args, stop, hangup)
 
 
-def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
+@contextmanager
+def _hangups() -> Iterator[threading.Event]:
+    """An Event set by SIGHUP (the usual "re-read your configuration") while the block runs."""
+    hangup = threading.Event()
+    if not hasattr(signal, "SIGHUP"):  # Windows
+        yield hangup
+        return
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        hangup.set()
+
+    previous = signal.signal(signal.SIGHUP, on_signal)
+    try:
+        yield hangup
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def _serve(args: argparse.Namespace, stop: threading.Event, hangup: threading.Event) -> int:
     try:
         fleet, key = load_identity(args.fleet_file, args.key)
         host, port = args.listen
@@ -71,6 +105,8 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
             listen_host=host,
             listen_port=port,
             margin=args.margin,
+            boards_file=args.boards,
+            mcu_in_exp=args.mcu_in_exp,
         )
         gateway = Gateway(config, fleet, key).start()
     except (OSError, TernError, GatewayError) as exc:
@@ -79,9 +115,20 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
     # The line a supervisor or a test reads to find the downstream broker.
     print(f"gateway {args.id} serving on {gateway.downstream_url}", flush=True)
     while not stop.wait(0.5):
-        pass
+        if hangup.is_set():
+            hangup.clear()
+            _reload(gateway)
     gateway.stop()
     return 0
+
+
+def _reload(gateway: Gateway) -> None:
+    try:
+        boards = gateway.reload_boards()
+    except GatewayError as exc:  # a bad file: keep serving the boards we had
+        log.error("SIGHUP: boards not reloaded: %s", exc)
+        return
+    log.info("SIGHUP: serving %d boards", len(boards.boards))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

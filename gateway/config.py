@@ -36,6 +36,8 @@ class GatewayConfig:
     margin: float = DEFAULT_MARGIN
     backoff_min: float = 0.5
     backoff_max: float = 30.0
+    boards_file: str | None = None  # the microcontroller boards it serves (gateway.boards)
+    mcu_in_exp: int = 5  # input exponent of the boards' models (tern.mcu.DEFAULT_IN_EXP)
 
     def __post_init__(self) -> None:
         validate_id(self.id, "gateway")
@@ -47,6 +49,8 @@ class GatewayConfig:
             raise GatewayError(str(exc)) from exc
         if self.margin < 0:
             raise GatewayError("margin must be non-negative")
+        if not -128 <= self.mcu_in_exp <= 127:
+            raise GatewayError("mcu_in_exp must fit a signed byte (-128..127)")
 
     def check(self, fleet: Fleet) -> None:
         if self.id not in fleet.gateways:

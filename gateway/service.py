@@ -21,7 +21,9 @@ from nacl.signing import SigningKey, VerifyKey
 from broker.embedded import EmbeddedBroker
 from broker.errors import BrokerError, TransportError
 from broker.transport import Message, MqttTransport
+from gateway.boards import Boards, BoardsError, load_boards
 from gateway.config import GatewayConfig, GatewayError
+from gateway.mcu import BoardRelay
 from tern import __version__, topics
 from tern.codecs import Float32Codec
 from tern.collect import Collector
@@ -132,6 +134,7 @@ class Gateway:
         self._rng = rng if rng is not None else np.random.default_rng()
         self.upstream: MqttTransport | None = None
         self.downstream: MqttTransport | None = None
+        self._boards: BoardRelay | None = None  # with config.boards_file: its ESP32 boards
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -150,6 +153,10 @@ class Gateway:
     def start(self, timeout: float = 10.0) -> Gateway:
         """Serve downstream, connect both ways, announce online; GatewayError on failure."""
         f, cfg = self.fleet.fleet, self.config
+        if cfg.boards_file is not None:
+            self._boards = BoardRelay(
+                self._read_boards(), cfg.mcu_in_exp, self._publish_down, self._publish_up
+            )
         try:
             if cfg.downstream_url is None:
                 self._broker = EmbeddedBroker(cfg.listen_host, cfg.listen_port).start(timeout)
@@ -164,6 +171,10 @@ class Gateway:
             self.downstream = down
             down.subscribe(topics.updates_to(f, self.id), self._on_contribution)
             down.subscribe(topics.partials_to(f, self.id), self._on_contribution)
+            if self._boards is not None:
+                telemetry, status = self._boards.filters()
+                down.subscribe(telemetry, self._boards.on_telemetry)
+                down.subscribe(status, self._boards.on_status)
             down.connect(timeout)
             up = MqttTransport(
                 cfg.upstream_url,
@@ -266,6 +277,8 @@ class Gateway:
             self._model_bytes = message.payload
             self._relay(topics.global_model(self.fleet.fleet), message.payload)
             self._maybe_open()
+        if self._boards is not None:  # outside the round lock: quantizing takes a moment
+            self._boards.on_model(env.model_version, model)
 
     def _on_kernel(self, message: Message) -> None:
         try:
@@ -414,6 +427,16 @@ class Gateway:
         self._lock.notify_all()
         log.info("gateway %s: round %d closed: %s", self.id, s.round, metrics)
 
+    def _publish_down(
+        self, topic: topics.Topic, data: bytes, *, retain: bool, qos: int = 1
+    ) -> None:
+        if self.downstream is None:
+            return
+        try:
+            self.downstream.publish(topic, data, qos=qos, retain=retain)
+        except TransportError as exc:
+            log.warning("gateway %s: publish to %s failed: %s", self.id, topic, exc)
+
     def _publish_up(self, topic: topics.Topic, data: bytes, *, retain: bool, qos: int = 1) -> None:
         if self.upstream is None:
             return
@@ -442,3 +465,34 @@ class Gateway:
                     self._relay(topics.round_schedule(f), self._schedule_bytes)
                 for digest, data in self._kernel_bytes.items():
                     self._relay(topics.kernel(f, digest), data)
+            if self._boards is not None:
+                self._boards.republish()
+
+    # -- microcontroller boards (gateway.mcu) -------------------------------------------
+
+    def _read_boards(self) -> Boards:
+        assert self.config.boards_file is not None
+        boards = load_boards(self.config.boards_file)
+        if (boards.fleet, boards.gateway) != (self.fleet.fleet, self.id):
+            raise BoardsError(
+                f"lists boards of gateway {boards.gateway!r} in fleet {boards.fleet!r}, "
+                f"not {self.id!r} in {self.fleet.fleet!r}",
+                self.config.boards_file,
+            )
+        return boards
+
+    def reload_boards(self) -> Boards:
+        """Re-read the boards file (SIGHUP); a board added gets the current model at once.
+
+        A bad file raises BoardsError and leaves the boards served until now in place.
+        """
+        if self._boards is None:
+            raise GatewayError(f"gateway {self.id} was started without a boards file")
+        boards = self._read_boards()
+        self._boards.set_boards(boards)
+        return boards
+
+    @property
+    def mcu_stats(self) -> Counter[str]:
+        """What the boards' relay has done (gateway.mcu.BoardRelay.stats); empty without boards."""
+        return Counter() if self._boards is None else Counter(self._boards.stats)

@@ -1,0 +1,392 @@
+"""A gateway serving ESP32 boards: sealed int8 models down, telemetry and status up.
+
+Real brokers throughout: the test plays the coordinator upstream and the boards on the
+gateway's own broker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from broker.transport import Message
+from gateway import Gateway, GatewayConfig, GatewayError
+from gateway.boards import (
+    BoardEntry,
+    Boards,
+    BoardsError,
+    load_boards,
+    new_board_entry,
+    save_boards,
+)
+from kernels.reference import init_weights, mlp_spec
+from tern import topics
+from tern.envelope import Envelope, Kind, seal
+from tern.fleet import COORDINATOR
+from tern.mcu import McuModel, open_mcu, quantize
+from tern.messages import GlobalModel
+from tern.reports import State, Status, Telemetry
+from tern.spec import ModelSpec
+from tests.fleet_fixtures import build_fleet, write_fleet
+from tests.mqtt_fixtures import AmqttBroker, Inbox, MakeTransport, MosquittoBroker, listen
+
+SPEC = mlp_spec([8, 6, 3])
+WAIT = 10.0
+QUIET = 0.5  # how long "nothing arrives" is watched for
+REPO = Path(__file__).resolve().parents[1]
+KIT = build_fleet({"gw-1": (COORDINATOR, ["dev-01"])})
+FLEET = KIT.fleet.fleet
+
+
+def entry(seed: int) -> BoardEntry:
+    return BoardEntry(bytes([seed]) * 32, f"user-{seed}", f"password-{seed}")
+
+
+def weights(version: int) -> np.ndarray:
+    return init_weights(SPEC, np.random.default_rng(version))
+
+
+def publish_model(
+    transport_url: str, make_transport: MakeTransport, version: int, spec: ModelSpec = SPEC
+) -> None:
+    """Seal and publish (retained) the global model `version`, as the coordinator does."""
+    w = weights(version) if spec is SPEC else np.zeros(spec.size, dtype=np.float32)
+    env = Envelope(Kind.MODEL, FLEET, version, version, COORDINATOR, GlobalModel(spec, w).to_body())
+    coord = make_transport(transport_url, f"coord-{version}-{time.monotonic_ns()}")
+    coord.publish(
+        topics.global_model(FLEET), seal(env, KIT.coordinator_key), retain=True, wait=True
+    )
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.02)
+
+
+def board_model(inbox: Inbox, board: BoardEntry, device: str, version: int) -> McuModel:
+    """The first sealed model for `device` of `version` that arrives in `inbox`."""
+
+    def is_version(m: Message) -> bool:
+        return open_mcu(m.payload, board.key, FLEET, device).model_version == version
+
+    return open_mcu(inbox.wait_for(is_version, WAIT).payload, board.key, FLEET, device)
+
+
+@pytest.fixture
+def stack() -> Iterator[ExitStack]:
+    with ExitStack() as s:
+        yield s
+
+
+def start_gateway(
+    stack: ExitStack, upstream_url: str, boards_file: Path, downstream_url: str | None = None
+) -> Gateway:
+    config = GatewayConfig(
+        "gw-1",
+        upstream_url,
+        downstream_url=downstream_url,
+        listen_port=0,
+        backoff_min=0.05,
+        backoff_max=0.3,
+        boards_file=str(boards_file),
+    )
+    gateway = Gateway(config, KIT.fleet, KIT.keys["gw-1"], rng=np.random.default_rng(1))
+    stack.callback(gateway.stop)
+    return gateway.start()
+
+
+@pytest.fixture
+def boards_file(tmp_path: Path) -> Path:
+    path = tmp_path / "boards.json"
+    save_boards(path, Boards(FLEET, "gw-1", {"esp-1": entry(1)}))
+    return path
+
+
+# -- the boards file -------------------------------------------------------------------
+
+
+def test_boards_file_round_trips_and_is_private(tmp_path: Path) -> None:
+    boards = Boards(FLEET, "gw-1").with_board("esp-1", new_board_entry("esp-1"))
+    boards = boards.with_board("esp-2", entry(2))
+    path = tmp_path / "boards.json"
+
+    save_boards(path, boards)
+
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    back = load_boards(path)
+    assert back == boards and dict(back.boards) == dict(boards.boards)
+    doc = json.loads(path.read_text())
+    assert set(doc) == {"fleet", "gateway", "boards"}
+    assert doc["boards"]["esp-2"] == {
+        "key": (bytes([2]) * 32).hex(),
+        "mqtt_user": "user-2",
+        "mqtt_password": "password-2",
+    }
+
+
+def test_new_board_entries_are_fresh() -> None:
+    a, b = new_board_entry("esp-1"), new_board_entry("esp-1")
+
+    assert len(a.key) == 32 and a.mqtt_user == "esp-1"
+    assert a.key != b.key and a.mqtt_password != b.mqtt_password
+    assert a.key.hex() not in repr(a) and a.mqtt_password not in repr(a)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not json",
+        "[]",
+        '{"fleet": "f", "gateway": "gw-1"}',
+        '{"fleet": "f", "gateway": "gw-1", "boards": {"esp-1": {"key": "00"}}}',
+        '{"fleet": "f", "gateway": "gw-1", "boards": {"esp-1": '
+        '{"key": "zz", "mqtt_user": "u", "mqtt_password": "p"}}}',
+        '{"fleet": "f", "gateway": "gw-1", "boards": {"esp/1": '
+        '{"key": "' + "00" * 32 + '", "mqtt_user": "u", "mqtt_password": "p"}}}',
+        '{"fleet": "f", "gateway": "gw-1", "boards": {"esp-1": '
+        '{"key": "' + "00" * 32 + '", "mqtt_user": "", "mqtt_password": "p"}}}',
+    ],
+    ids=["json", "array", "missing", "fields", "key", "id", "user"],
+)
+def test_a_bad_boards_file_is_a_clear_gateway_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "boards.json"
+    path.write_text(text)
+
+    with pytest.raises(BoardsError, match=r"boards file .*boards\.json"):
+        load_boards(path)
+
+
+def test_a_missing_boards_file_is_a_gateway_error(tmp_path: Path) -> None:
+    with pytest.raises(GatewayError, match="cannot be read"):
+        load_boards(tmp_path / "absent.json")
+
+
+def test_gateway_refuses_boards_of_another_gateway(
+    amqtt_broker: AmqttBroker, tmp_path: Path, stack: ExitStack
+) -> None:
+    path = tmp_path / "boards.json"
+    save_boards(path, Boards(FLEET, "gw-9", {"esp-1": entry(1)}))
+
+    with pytest.raises(BoardsError, match="gw-9"):
+        start_gateway(stack, amqtt_broker.url, path)
+
+
+# -- models down -----------------------------------------------------------------------
+
+
+def test_registered_board_gets_each_new_model_sealed_for_it(
+    amqtt_broker: AmqttBroker, make_transport: MakeTransport, boards_file: Path, stack: ExitStack
+) -> None:
+    gateway = start_gateway(stack, amqtt_broker.url, boards_file)
+    inbox = listen(make_transport, gateway.downstream_url, topics.mcu_model(FLEET, "esp-1"), "b1")
+
+    publish_model(amqtt_broker.url, make_transport, 1)
+    first = board_model(inbox, entry(1), "esp-1", 1)
+    publish_model(amqtt_broker.url, make_transport, 2)
+    second = board_model(inbox, entry(1), "esp-1", 2)
+
+    assert first.to_bytes() == quantize(SPEC, weights(1), 1).to_bytes()
+    assert second.to_bytes() == quantize(SPEC, weights(2), 2).to_bytes()
+    assert all(m.retain is False for m in inbox.messages)  # live deliveries
+    late = listen(make_transport, gateway.downstream_url, topics.mcu_model(FLEET, "esp-1"), "b2")
+    retained = late.wait_for(timeout=WAIT)
+    assert retained.retain and open_mcu(retained.payload, entry(1).key, FLEET, "esp-1") == second
+    assert gateway.mcu_stats["models"] == 2
+
+
+def test_unregistered_board_gets_nothing_and_its_telemetry_is_not_relayed(
+    amqtt_broker: AmqttBroker, make_transport: MakeTransport, boards_file: Path, stack: ExitStack
+) -> None:
+    gateway = start_gateway(stack, amqtt_broker.url, boards_file)
+    down = gateway.downstream_url
+    stranger = listen(make_transport, down, topics.mcu_model(FLEET, "esp-9"), "stranger")
+    known = listen(make_transport, down, topics.mcu_model(FLEET, "esp-1"), "known")
+    upstream = listen(make_transport, amqtt_broker.url, topics.telemetry_all(FLEET), "up")
+
+    publish_model(amqtt_broker.url, make_transport, 1)
+    known.wait_for(timeout=WAIT)
+    report = Telemetry("esp-9", 1, 0, 2, 0.5, 100).to_json()
+    make_transport(down, "esp-9").publish(topics.telemetry(FLEET, "esp-9"), report, qos=0)
+    wait_until(lambda: gateway.mcu_stats["unregistered"] == 1)
+    time.sleep(QUIET)
+
+    assert stranger.messages == []
+    assert upstream.messages == []
+
+
+def test_a_board_added_by_reload_gets_the_current_model(
+    amqtt_broker: AmqttBroker, make_transport: MakeTransport, boards_file: Path, stack: ExitStack
+) -> None:
+    gateway = start_gateway(stack, amqtt_broker.url, boards_file)
+    added = listen(make_transport, gateway.downstream_url, topics.mcu_model(FLEET, "esp-2"), "b2")
+    publish_model(amqtt_broker.url, make_transport, 3)
+    wait_until(lambda: gateway.mcu_stats["models"] == 1)
+
+    save_boards(boards_file, load_boards(boards_file).with_board("esp-2", entry(2)))
+    boards = gateway.reload_boards()
+
+    assert sorted(boards.boards) == ["esp-1", "esp-2"]
+    model = board_model(added, entry(2), "esp-2", 3)
+    assert model.to_bytes() == quantize(SPEC, weights(3), 3).to_bytes()
+
+
+def test_a_bad_reload_keeps_the_boards_served_so_far(
+    amqtt_broker: AmqttBroker, boards_file: Path, stack: ExitStack
+) -> None:
+    gateway = start_gateway(stack, amqtt_broker.url, boards_file)
+    boards_file.write_text("{")
+
+    with pytest.raises(BoardsError):
+        gateway.reload_boards()
+
+    save_boards(boards_file, Boards(FLEET, "gw-1", {"esp-3": entry(3)}))
+    assert sorted(gateway.reload_boards().boards) == ["esp-3"]
+
+
+def test_a_model_that_is_not_an_mlp_is_skipped_and_the_last_one_stays(
+    amqtt_broker: AmqttBroker, make_transport: MakeTransport, boards_file: Path, stack: ExitStack
+) -> None:
+    gateway = start_gateway(stack, amqtt_broker.url, boards_file)
+    publish_model(amqtt_broker.url, make_transport, 1)
+    wait_until(lambda: gateway.mcu_stats["models"] == 1)
+
+    publish_model(amqtt_broker.url, make_transport, 2, ModelSpec.of({"conv": (3, 3, 2)}))
+    wait_until(lambda: gateway.mcu_stats["model_skipped"] == 1)
+
+    late = listen(make_transport, gateway.downstream_url, topics.mcu_model(FLEET, "esp-1"), "l")
+    kept = open_mcu(late.wait_for(timeout=WAIT).payload, entry(1).key, FLEET, "esp-1")
+    assert kept.model_version == 1
+    assert gateway.mcu_stats["models"] == 1
+
+
+def test_boards_get_their_model_again_after_the_downstream_broker_restarts(
+    amqtt_broker: AmqttBroker,
+    mosquitto_broker: MosquittoBroker,
+    make_transport: MakeTransport,
+    boards_file: Path,
+    stack: ExitStack,
+) -> None:
+    # Downstream on mosquitto, as in test_gateway: it restarts cleanly with clients attached.
+    gateway = start_gateway(stack, amqtt_broker.url, boards_file, mosquitto_broker.url)
+    publish_model(amqtt_broker.url, make_transport, 1)
+    wait_until(lambda: gateway.mcu_stats["models"] == 1)
+
+    mosquitto_broker.restart()  # a fresh broker: no retained messages
+    wait_until(lambda: gateway.mcu_stats["models"] == 2)
+
+    late = listen(make_transport, mosquitto_broker.url, topics.mcu_model(FLEET, "esp-1"), "l")
+    again = open_mcu(late.wait_for(timeout=WAIT).payload, entry(1).key, FLEET, "esp-1")
+    assert again.model_version == 1
+
+
+# -- reports up ------------------------------------------------------------------------
+
+
+def test_board_telemetry_and_status_are_relayed_upstream_and_malformed_ones_dropped(
+    amqtt_broker: AmqttBroker, make_transport: MakeTransport, boards_file: Path, stack: ExitStack
+) -> None:
+    gateway = start_gateway(stack, amqtt_broker.url, boards_file)
+    up_telemetry = listen(make_transport, amqtt_broker.url, topics.telemetry_all(FLEET), "t")
+    up_status = listen(make_transport, amqtt_broker.url, topics.status(FLEET, "esp-1"), "s")
+    board = make_transport(gateway.downstream_url, "esp-1")
+    good = Telemetry("esp-1", 1, 7, 3, 0.75, 5120).to_json()
+    online = Status("esp-1", "board", State.ONLINE, "0.1.0").to_json()
+    topic = topics.telemetry(FLEET, "esp-1")
+
+    board.publish(topic, b"{not json", qos=0)
+    board.publish(topic, Telemetry("esp-2", 1, 7, 3, 0.75, 5120).to_json(), qos=0)  # posing
+    board.publish(topic, good, qos=0)
+    board.publish(topics.status(FLEET, "esp-1"), b"{}", retain=True, wait=True)
+    board.publish(topics.status(FLEET, "esp-1"), online, retain=True, wait=True)
+
+    assert up_telemetry.wait_for(timeout=WAIT).payload == good
+    assert up_status.wait_for(lambda m: m.payload == online, WAIT)
+    wait_until(lambda: gateway.mcu_stats["status"] == 1)
+    assert [m.payload for m in up_telemetry.messages] == [good]
+    stats = gateway.mcu_stats
+    assert (stats["telemetry"], stats["telemetry_malformed"], stats["status_malformed"]) == (
+        1,
+        2,
+        1,
+    )
+    retained = listen(make_transport, amqtt_broker.url, topics.status(FLEET, "esp-1"), "late")
+    assert retained.wait_for(timeout=WAIT).payload == online
+
+
+# -- the command line ------------------------------------------------------------------
+
+
+def test_gateway_command_serves_boards_and_rereads_them_on_sighup(
+    amqtt_broker: AmqttBroker, make_transport: MakeTransport, tmp_path: Path, boards_file: Path
+) -> None:
+    fleet_file = write_fleet(KIT, tmp_path / "fleet")
+    argv = [
+        sys.executable,
+        "-m",
+        "gateway",
+        "--id",
+        "gw-1",
+        "--fleet-file",
+        str(fleet_file),
+        "--key",
+        str(tmp_path / "fleet" / "gw-1.key"),
+        "--upstream",
+        amqtt_broker.url,
+        "--listen",
+        "127.0.0.1:0",
+        "--boards",
+        str(boards_file),
+        "--mcu-in-exp",
+        "4",
+    ]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO)
+    try:
+        lines: list[bytes] = []
+        reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()))  # type: ignore[union-attr]
+        reader.start()
+        reader.join(WAIT)
+        assert lines and b"serving on " in lines[0], lines
+        down = lines[0].decode().split("serving on ")[1].strip()
+        publish_model(amqtt_broker.url, make_transport, 5)
+        first = listen(make_transport, down, topics.mcu_model(FLEET, "esp-1"), "b1")
+        assert board_model(first, entry(1), "esp-1", 5).in_exp == 4
+
+        save_boards(boards_file, load_boards(boards_file).with_board("esp-2", entry(2)))
+        os.kill(proc.pid, signal.SIGHUP)
+        added = listen(make_transport, down, topics.mcu_model(FLEET, "esp-2"), "b2")
+
+        assert board_model(added, entry(2), "esp-2", 5) == quantize(SPEC, weights(5), 5, 4)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_gateway_without_boards_file_has_none_to_reload(
+    amqtt_broker: AmqttBroker, stack: ExitStack
+) -> None:
+    config = GatewayConfig("gw-1", amqtt_broker.url, listen_port=0)
+    gateway = Gateway(config, KIT.fleet, KIT.keys["gw-1"])
+    stack.callback(gateway.stop)
+    gateway.start()
+
+    with pytest.raises(GatewayError, match="without a boards file"):
+        gateway.reload_boards()
+    assert gateway.mcu_stats == {}
