@@ -33,6 +33,7 @@ COMPONENTS: dict[str, tuple[str, str]] = {
     "device": ("device.__main__", "train on local data and send quantized updates"),
     "data": ("device.data", "write per-device MNIST-1D partitions and a test set"),
     "demo": ("demo.run", "a whole fleet over real MQTT on this machine"),
+    "firmware": ("firmware.__main__", "provision ESP32 boards (MicroPython firmware)"),
 }
 
 

@@ -1,0 +1,346 @@
+"""The board app's control flow under CPython, with an in-memory MQTT client.
+
+Only pure control flow is tested here (which model is kept, what the status says, how
+long it backs off); the real broker and gateway are in the end-to-end test.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kernels.reference import init_weights, mlp_spec
+from tern import mcu
+from tern.reports import State, Status, Telemetry
+
+ESP32 = Path(__file__).resolve().parents[1] / "firmware" / "esp32"
+KEY = bytes(range(32))
+FLEET, DEVICE = "demo", "esp-1"
+TOPICS = {
+    "model": f"tern/{FLEET}/mcu/{DEVICE}",
+    "telemetry": f"tern/{FLEET}/telemetry/{DEVICE}",
+    "status": f"tern/{FLEET}/status/{DEVICE}",
+}
+
+
+@pytest.fixture(scope="module")
+def fw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, ModuleType]]:
+    """(tern_board, tern_sensors) imported from firmware/esp32."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(ESP32))
+        yield importlib.import_module("tern_board"), importlib.import_module("tern_sensors")
+
+
+@pytest.fixture(scope="module")
+def sealed() -> Callable[[int], bytes]:
+    spec = mlp_spec((40, 16, 10))
+    weights = init_weights(spec, np.random.default_rng(1))
+
+    def make(version: int) -> bytes:
+        body = mcu.quantize(spec, weights, version).to_bytes()
+        return mcu.seal_mcu(body, KEY, FLEET, DEVICE)
+
+    return make
+
+
+class FakeBroker:
+    """Retained messages and a log of publishes; `down` makes every call fail."""
+
+    def __init__(self) -> None:
+        self.retained: dict[bytes, bytes] = {}
+        self.published: list[tuple[bytes, bytes, bool]] = []
+        self.clients: list[FakeClient] = []
+        self.down = False
+
+    def factory(self, *args: Any) -> FakeClient:
+        client = FakeClient(self, *args)
+        self.clients.append(client)
+        return client
+
+    def deliver(self, topic: str, payload: bytes) -> None:
+        for c in self.clients:
+            if c.connected and topic.encode() in c.subscribed:
+                c.inbox.append((topic.encode(), payload))
+
+    def last(self, topic: str) -> bytes:
+        return [p for t, p, _ in self.published if t == topic.encode()][-1]
+
+
+class FakeClient:
+    """umqtt.simple.MQTTClient's surface, in memory."""
+
+    def __init__(self, broker: FakeBroker, client_id: str, *args: Any) -> None:
+        self.broker, self.client_id, self.args = broker, client_id, args
+        self.cb: Callable[[bytes, bytes], None] | None = None
+        self.will: tuple[bytes, bytes, bool, int] | None = None
+        self.subscribed: set[bytes] = set()
+        self.inbox: list[tuple[bytes, bytes]] = []
+        self.connected = False
+        self.pings = 0
+
+    def _up(self) -> None:
+        if self.broker.down:
+            raise OSError("connection refused")
+
+    def set_callback(self, cb: Callable[[bytes, bytes], None]) -> None:
+        self.cb = cb
+
+    def set_last_will(self, topic: bytes, msg: bytes, retain: bool, qos: int) -> None:
+        self.will = (topic, msg, retain, qos)
+
+    def connect(self) -> int:
+        self._up()
+        self.connected = True
+        return 0
+
+    def publish(self, topic: bytes, msg: bytes, retain: bool = False, qos: int = 0) -> None:
+        self._up()
+        self.broker.published.append((topic, msg, retain))
+        if retain:
+            self.broker.retained[topic] = msg
+
+    def subscribe(self, topic: bytes, qos: int = 0) -> None:
+        self._up()
+        self.subscribed.add(topic)
+        if topic in self.broker.retained:
+            assert self.cb is not None
+            self.cb(topic, self.broker.retained[topic])
+
+    def check_msg(self) -> None:
+        self._up()
+        if self.inbox:
+            assert self.cb is not None
+            self.cb(*self.inbox.pop(0))
+
+    def ping(self) -> None:
+        self._up()
+        self.pings += 1
+
+    def disconnect(self) -> None:
+        self.connected = False
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.ms = 0
+
+    def ticks_ms(self) -> int:
+        return self.ms
+
+    def ticks_us(self) -> int:
+        return self.ms * 1000
+
+    def ticks_diff(self, a: int, b: int) -> int:
+        return a - b
+
+    def sleep_ms(self, ms: int) -> None:
+        self.ms += ms
+
+
+class FixedSensor:
+    def read(self) -> list[int]:
+        return [(i * 7) % 255 - 127 for i in range(40)]
+
+
+def _config(**extra: Any) -> dict[str, Any]:
+    return {
+        "fleet": FLEET,
+        "device": DEVICE,
+        "key": KEY.hex(),
+        "broker": {"host": "gw", "port": 1883, "user": DEVICE, "password": "pw", "keepalive": 60},
+        "topics": TOPICS,
+        "rate_hz": 10,
+        "sensor": {"kind": "replay", "path": "windows.txt"},
+        "version": "0.1.0",
+        "max_model_bytes": 65536,
+        **extra,
+    }
+
+
+def _board(fw: tuple[ModuleType, ModuleType], broker: FakeBroker, store: Path, **kw: Any) -> Any:
+    return fw[0].Board(
+        _config(),
+        FixedSensor(),
+        mqtt_factory=broker.factory,
+        clock=FakeClock(),
+        store_dir=str(store),
+        **kw,
+    )
+
+
+def _status(broker: FakeBroker) -> Status:
+    return Status.from_json(broker.last(TOPICS["status"]))
+
+
+def test_board_runs_retained_model_and_publishes_status_and_telemetry(
+    fw: tuple[ModuleType, ModuleType], sealed: Callable[[int], bytes], tmp_path: Path
+) -> None:
+    broker = FakeBroker()
+    broker.retained[TOPICS["model"].encode()] = sealed(7)
+    board = _board(fw, broker, tmp_path)
+
+    board.connect()
+    for _ in range(3):
+        board.step()
+        board.clock.sleep_ms(100)
+
+    client = broker.clients[0]
+    assert client.will is not None
+    will = Status.from_json(client.will[1])
+    assert (will.state, will.detail, client.will[2]) == (State.OFFLINE, "connection lost", True)
+    assert _status(broker) == Status(DEVICE, "board", State.ONLINE, "0.1.0", "")
+    assert board.model.model_version == 7 and board.stats["accepted"] == 1
+    sent = [
+        Telemetry.from_json(p) for t, p, _ in broker.published if t == b"tern/demo/telemetry/esp-1"
+    ]
+    assert [t.seq for t in sent] == [0, 1, 2] and board.stats["telemetry"] == 3
+    want = mcu.infer(mcu.open_mcu(sealed(7), KEY, FLEET, DEVICE), FixedSensor().read())
+    assert all(t.label == want.label and t.model_version == 7 for t in sent)
+    assert abs(sent[0].confidence - want.confidence) < 1e-12
+
+
+def test_board_refuses_tampered_model_keeps_last_good_and_says_why(
+    fw: tuple[ModuleType, ModuleType], sealed: Callable[[int], bytes], tmp_path: Path
+) -> None:
+    broker = FakeBroker()
+    broker.retained[TOPICS["model"].encode()] = sealed(7)
+    board = _board(fw, broker, tmp_path)
+    board.connect()
+    tampered = bytearray(sealed(8))
+    tampered[200] ^= 1
+
+    broker.deliver(TOPICS["model"], bytes(tampered))
+    board.step()
+
+    assert board.model.model_version == 7
+    assert board.stats["rejected"] == {"bad_mac": 1}
+    assert _status(broker).detail == "model refused: bad_mac"
+    assert (tmp_path / "model.bin").read_bytes() == sealed(7)
+
+
+def test_board_ignores_retained_copy_and_refuses_older_model(
+    fw: tuple[ModuleType, ModuleType], sealed: Callable[[int], bytes], tmp_path: Path
+) -> None:
+    broker = FakeBroker()
+    broker.retained[TOPICS["model"].encode()] = sealed(7)
+    board = _board(fw, broker, tmp_path)
+    board.connect()
+
+    broker.deliver(TOPICS["model"], sealed(7))
+    board.step()
+    broker.deliver(TOPICS["model"], sealed(5))
+    board.step()
+    broker.deliver(TOPICS["model"], sealed(9))
+    board.step()
+
+    assert board.stats["ignored"] == 1 and board.stats["rejected"] == {"stale": 1}
+    assert board.model.model_version == 9 and board.stats["accepted"] == 2
+    assert _status(broker).detail == ""
+
+
+def test_board_loads_its_stored_model_at_boot_and_refuses_a_damaged_one(
+    fw: tuple[ModuleType, ModuleType], sealed: Callable[[int], bytes], tmp_path: Path
+) -> None:
+    broker = FakeBroker()
+    broker.retained[TOPICS["model"].encode()] = sealed(7)
+    _board(fw, broker, tmp_path).connect()
+    assert not (tmp_path / "model.bin.tmp").exists()
+
+    rebooted = _board(fw, FakeBroker(), tmp_path)
+    (tmp_path / "model.bin").write_bytes(sealed(7)[:-1])
+    damaged = _board(fw, FakeBroker(), tmp_path)
+
+    assert rebooted.model.model_version == 7
+    assert damaged.model is None and damaged.stats["rejected"] == {"bad_mac": 1}
+    assert damaged.detail == "stored model refused: bad_mac"
+
+
+def test_board_backoff_is_jittered_doubling_and_capped(
+    fw: tuple[ModuleType, ModuleType], tmp_path: Path
+) -> None:
+    tern_board = fw[0]
+    low = _board(fw, FakeBroker(), tmp_path, getrandbits=lambda n: 0)
+    high = _board(fw, FakeBroker(), tmp_path, getrandbits=lambda n: (1 << n) - 1)
+
+    lows = [low.next_backoff_ms() for _ in range(10)]
+    highs = [high.next_backoff_ms() for _ in range(10)]
+
+    base = [min(tern_board.BACKOFF_MIN_MS * 2**i, tern_board.BACKOFF_MAX_MS) for i in range(10)]
+    assert lows == [b - b // 2 for b in base]
+    assert all(b - b // 2 <= h <= b for h, b in zip(highs, base, strict=True))
+    assert highs[-1] > lows[-1] and max(highs) <= tern_board.BACKOFF_MAX_MS
+
+
+def test_board_reconnects_after_losing_its_broker_and_stops_cleanly(
+    fw: tuple[ModuleType, ModuleType], sealed: Callable[[int], bytes], tmp_path: Path
+) -> None:
+    broker = FakeBroker()
+    broker.retained[TOPICS["model"].encode()] = sealed(7)
+    board = _board(fw, broker, tmp_path, getrandbits=lambda n: 0)
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        if calls["n"] == 20:
+            broker.down = True  # the gateway restarts ...
+        if calls["n"] == 40:
+            broker.down = False  # ... and comes back
+        return calls["n"] > 80
+
+    board.run(stop)
+
+    assert board.stats["reconnects"] >= 1 and len(broker.clients) >= 2
+    assert board.model.model_version == 7
+    assert _status(broker) == Status(DEVICE, "board", State.OFFLINE, "0.1.0", "shutdown")
+    assert board.client is None
+
+
+def test_payload_helpers_match_tern_reports_byte_for_byte(
+    fw: tuple[ModuleType, ModuleType],
+) -> None:
+    tern_board = fw[0]
+
+    status = tern_board.status_json(DEVICE, "online", "0.1.0", 'model refused: "x"')
+    telemetry = tern_board.telemetry_json(DEVICE, 12, 881, 3, 0.9312345678901234, 5120)
+
+    assert status == Status(DEVICE, "board", State.ONLINE, "0.1.0", 'model refused: "x"').to_json()
+    assert telemetry == Telemetry(DEVICE, 12, 881, 3, 0.9312345678901234, 5120).to_json()
+
+
+def test_replay_sensor_cycles_through_its_windows_and_clamps(
+    fw: tuple[ModuleType, ModuleType], tmp_path: Path
+) -> None:
+    path = tmp_path / "windows.txt"
+    path.write_text("# two windows\n1,2,3\n\n-200,0,200\n")
+    sensor = fw[1].make_sensor({"kind": "replay", "path": str(path)})
+
+    seen = [list(sensor.read()) for _ in range(3)]
+    sensor.close()
+
+    assert seen == [[1, 2, 3], [-127, 0, 127], [1, 2, 3]]
+    with pytest.raises(ValueError, match="unknown sensor kind"):
+        fw[1].make_sensor({"kind": "i2c"})
+
+
+def test_board_config_with_a_short_key_is_refused(fw: tuple[ModuleType, ModuleType]) -> None:
+    with pytest.raises(ValueError, match="64 hex"):
+        fw[0].Board({**_config(), "key": "00" * 16}, FixedSensor(), clock=FakeClock())
+
+
+def test_status_json_round_trips(fw: tuple[ModuleType, ModuleType]) -> None:
+    raw = fw[0].status_json(DEVICE, "offline", "0.1.0", "connection lost")
+
+    assert json.loads(raw) == {
+        "detail": "connection lost",
+        "id": DEVICE,
+        "role": "board",
+        "state": "offline",
+        "version": "0.1.0",
+    }
