@@ -353,6 +353,16 @@ class Coordinator:
                 when = datetime.now(UTC) + timedelta(seconds=self.config.round_timeout)
                 self._add_job(self._close_round, when, r)
 
+    def _publish_model_locked(self, r: int) -> None:
+        """Publish the current model, retained, as of round `r` (caller holds the lock)."""
+        fleet = self.fleet.fleet
+        body = GlobalModel(self.spec, self._weights).to_body()
+        sealed = seal(Envelope(Kind.MODEL, fleet, r, self._version, COORDINATOR, body), self._key)
+        try:
+            self._transport.publish(topics.global_model(fleet), sealed, retain=True)
+        except BrokerError as exc:
+            log.warning("round %d: publishing model v%d failed: %s", r, self._version, exc)
+
     def _on_partial(self, message: Message) -> None:
         try:
             sender = topics.parse(message.topic).sender
@@ -434,6 +444,10 @@ class Coordinator:
                 partial.count,
                 record.rejected,
             )
+            if ok and (self._done(r) or self.config.interval > 0):
+                # The next round does not open right away (or ever): publish the new model
+                # now, so gateways derive their boards' models and dashboards see it.
+                self._publish_model_locked(r)
             if self._done(r):
                 self._finished.set()
             else:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, NoReturn
 
 import numpy as np
 import pytest
@@ -25,3 +26,11 @@ def all_codecs() -> list[Any]:
             for r in TernaryRule
         ],
     ]
+
+
+def unavailable(reason: str) -> NoReturn:
+    """A test needs something absent here (node, PyPI, mosquitto): skip with the reason,
+    or fail when TERN_REQUIRE_ALL=1 (CI sets it: there everything must run)."""
+    if os.environ.get("TERN_REQUIRE_ALL") == "1":
+        pytest.fail(f"required in CI: {reason}")
+    pytest.skip(reason)

@@ -22,6 +22,7 @@ from broker.embedded import EmbeddedBroker
 from broker.mosquitto import MosquittoProcess, find_mosquitto, free_port, wait_until_accepting
 from broker.transport import Message, MqttTransport, format_url
 from tern.topics import Topic
+from tests.helpers import unavailable
 
 __all__ = [
     "AmqttBroker",
@@ -86,7 +87,7 @@ def amqtt_broker() -> Iterator[AmqttBroker]:
 def mosquitto_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
     binary = find_mosquitto()
     if binary is None:
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+        unavailable("mosquitto is not installed (apt-get install mosquitto)")
     broker = MosquittoBroker(binary, tmp_path)
     try:
         yield broker

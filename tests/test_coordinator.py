@@ -247,6 +247,22 @@ def test_round_closes_when_every_gateway_reported_with_weights_plus_mean(
     assert metrics.bytes_up > 0 and metrics.bytes_down > 0 and metrics.rejected == {}
 
 
+def test_the_last_rounds_model_is_published_when_the_run_ends(
+    any_broker: TestBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
+) -> None:
+    """No next round will carry it, yet gateways derive their boards' models from it."""
+    watcher = Watcher(make_transport, any_broker)
+    AutoGateways(make_transport(any_broker.url, "gateways"), ["gw-1", "gw-2"])
+    c = running(Coordinator(config(any_broker, tmp_path, rounds=1), make_fleet(), COORD_KEY))
+
+    record = c.wait_for_round(1, WAIT)
+    final = watcher.models.wait_for(lambda m: model_of(m)[1] == record.model_version, WAIT)
+
+    assert record.ok and record.model_version == 1
+    assert model_of(final)[0] == 1 and final.retain is False
+    assert model_of(final)[2].weights.tobytes() == c.weights.tobytes()
+
+
 def test_coordinator_announces_itself_online(
     amqtt_broker: TestBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
 ) -> None:

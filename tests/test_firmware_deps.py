@@ -12,6 +12,7 @@ import pytest
 from firmware import deps
 from firmware.deps import UMQTT_MEMBER, fetch_url, sys_path_dirs, umqtt_dir
 from firmware.errors import DepsHashMismatch, DepsUnavailable
+from tests.helpers import unavailable
 
 FAKE_SIMPLE = b"class MQTTClient:\n    pass\n"
 
@@ -122,7 +123,7 @@ def test_the_real_umqtt_simple_comes_from_pypi_with_the_pinned_hash(tmp_path: Pa
     try:
         dirs = sys_path_dirs(tmp_path)
     except DepsUnavailable as exc:
-        pytest.skip(f"PyPI is unreachable: {exc}")
+        unavailable(f"PyPI is unreachable: {exc}")
 
     simple = dirs[0] / "umqtt" / "simple.py"
     assert _sha(simple.read_bytes()) == deps.UMQTT_SIMPLE_SHA256

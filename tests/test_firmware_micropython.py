@@ -23,6 +23,7 @@ from kernels.reference import init_weights, mlp_spec, train_local
 from tern import mcu
 from tern.messages import TrainConfig
 from tern.reports import State, Status, Telemetry
+from tests.helpers import unavailable
 
 ESP32 = Path(__file__).resolve().parents[1] / "firmware" / "esp32"
 KEY = bytes(range(32))
@@ -38,7 +39,7 @@ def micropython() -> None:
         find_node()
         npm_install()
     except MicroPythonUnavailable as exc:
-        pytest.skip(str(exc))
+        unavailable(str(exc))
 
 
 @pytest.fixture(scope="module")

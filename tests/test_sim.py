@@ -15,6 +15,7 @@ from kernels.reference import mlp_spec
 from tern import topics
 from tern.mcu import quantize, quantize_window, seal_mcu
 from tern.reports import Status, Telemetry
+from tests.helpers import unavailable
 from tests.mqtt_fixtures import AmqttBroker, MakeTransport, listen
 
 FLEET, DEVICE = "plant-7", "esp-1"
@@ -41,7 +42,7 @@ def board(amqtt_broker: AmqttBroker, tmp_path: Path) -> Iterator[SimulatedBoard]
     try:
         sim = SimulatedBoard(config, windows, work_dir=tmp_path / "store", rng=rng)
     except DepsUnavailable as exc:
-        pytest.skip(f"umqtt.simple is not cached and PyPI is unreachable: {exc}")
+        unavailable(f"umqtt.simple is not cached and PyPI is unreachable: {exc}")
     yield sim
     if sim.running:
         sim.stop()
@@ -101,7 +102,7 @@ def test_a_board_with_no_broker_backs_off_and_stops_on_time(tmp_path: Path) -> N
     try:
         sim = SimulatedBoard(config, windows, rng=np.random.default_rng(0)).start()
     except DepsUnavailable as exc:
-        pytest.skip(f"umqtt.simple is not cached and PyPI is unreachable: {exc}")
+        unavailable(f"umqtt.simple is not cached and PyPI is unreachable: {exc}")
 
     assert not sim.wait_until(lambda b: b.stats["accepted"] > 0, timeout=0.5)
     sim.stop(timeout=2)
