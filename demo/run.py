@@ -22,6 +22,7 @@ from broker.embedded import EmbeddedBroker
 from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator, TestSet
 from coordinator.store import RoundRecord
+from demo.boards import DemoBoards
 from device.agent import DeviceAgent
 from device.trainer import NumpyTrainer
 from gateway.config import GatewayConfig
@@ -42,6 +43,8 @@ class DemoResult:
     params: int
     trainer: str = "wasm"  # shown in the summary; the JSON keeps its documented keys
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    boards: list[dict[str, Any]] = field(default_factory=list)  # simulated ESP32 boards
+    boards_skipped: str | None = None  # why no board ran, when none did
 
     @property
     def final_accuracy(self) -> float | None:
@@ -53,6 +56,7 @@ class DemoResult:
             "params": self.params,
             "final_accuracy": self.final_accuracy,
             "rounds": self.rounds,
+            "boards": self.boards,
         }
 
 
@@ -69,16 +73,20 @@ def run_demo(
     codec: CodecName = CodecName.TERNARY,
     seed: int = 0,
     trainer: str = "wasm",
+    boards: int = 3,
     alpha: float = 0.5,
     round_timeout: float = 20.0,
     out: TextIO | None = sys.stderr,
 ) -> DemoResult:
     """`trainer`: "wasm" (devices run the kernel the coordinator publishes, as in a real
-    fleet) or "numpy" (the reference trainer on every device)."""
+    fleet) or "numpy" (the reference trainer on every device). `boards`: simulated ESP32
+    boards (the real firmware under CPython), spread over the gateways."""
     if gateways < 1 or devices < gateways:
         raise ValueError("need at least one gateway and at least one device per gateway")
     if trainer not in ("wasm", "numpy"):
         raise ValueError(f"trainer {trainer!r} is not wasm or numpy")
+    if boards < 0:
+        raise ValueError("boards must be zero or more")
     data = load_mnist1d(seed=42)
     parts = dirichlet_partition(data.y, devices, alpha, np.random.default_rng(seed))
     dev_ids = [f"dev-{i + 1:02d}" for i in range(devices)]
@@ -98,8 +106,13 @@ def run_demo(
     )
     result = DemoResult(str(codec), 0, trainer)
     with tempfile.TemporaryDirectory(prefix="tern-demo-") as state, EmbeddedBroker(port=0) as top:
+        mcus = DemoBoards("demo", gw_ids, boards, Path(state), np.random.default_rng([seed, 1]))
         gws = [
-            Gateway(GatewayConfig(gw, top.url, listen_port=0), fleet, keys[gw]).start()
+            Gateway(
+                GatewayConfig(gw, top.url, listen_port=0, boards_file=mcus.boards_file(gw)),
+                fleet,
+                keys[gw],
+            ).start()
             for gw in gw_ids
         ]
         by_id = {g.id: g for g in gws}
@@ -162,11 +175,18 @@ def run_demo(
         )
         result.params = coordinator.spec.size
         try:
+            mcus.start({g.id: g.downstream_url for g in gws}, top.url, data.x_test, data.y_test)
+            result.boards_skipped = mcus.skipped
+            if mcus.skipped is not None and out is not None:
+                print(f"boards: none run ({mcus.skipped})", file=out)
             coordinator.start()
             if not coordinator.wait_finished(timeout=rounds * (round_timeout + 5)):
                 raise TimeoutError(f"the demo did not finish {rounds} rounds in time")
+            time.sleep(2.0)  # the boards run the final model for a moment
         finally:
             coordinator.stop()
+            mcus.stop()
+            result.boards = mcus.rows()
             for a in agents:
                 a.stop()
             for g in gws:
@@ -209,6 +229,35 @@ def _summary(result: DemoResult, out: TextIO) -> None:
         )
 
 
+def _boards_summary(result: DemoResult, out: TextIO) -> None:
+    if result.boards_skipped is not None:
+        print(f"boards: none ran ({result.boards_skipped})", file=out)
+    if not result.boards:
+        return
+    print(
+        "\nboards (firmware under CPython; int8 model from their gateway; "
+        "accuracy of the last model they ran, on their replayed test windows):",
+        file=out,
+    )
+    print(
+        f"{'board':>6} {'gateway':>8} {'predictions':>12} {'model':>6} {'accuracy':>9} "
+        f"{'latency':>10} refused",
+        file=out,
+    )
+    for b in result.boards:
+        acc = (
+            "n/a" if b["accuracy_last_model"] is None else f"{100 * b['accuracy_last_model']:.1f}%"
+        )
+        lat = "n/a" if b["latency_us_median"] is None else f"{b['latency_us_median']:,.0f} us"
+        version = "none" if b["model_version"] is None else f"v{b['model_version']}"
+        refused = ", ".join(f"{k} {v}" for k, v in sorted(b["refused"].items())) or "-"
+        print(
+            f"{b['device']:>6} {b['gateway']:>8} {b['predictions']:>12,} {version:>6} "
+            f"{acc:>9} {lat:>10} {refused}",
+            file=out,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tern demo", description=__doc__)
     ap.add_argument("--devices", type=int, default=20)
@@ -223,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
         help="wasm: devices train in the kernel the coordinator publishes (default);"
         " numpy: the reference trainer",
     )
+    ap.add_argument(
+        "--boards",
+        type=int,
+        default=3,
+        help="simulated ESP32 boards (the real firmware under CPython), default 3; 0: none",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
     args = ap.parse_args(argv)
     result = run_demo(
@@ -232,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         codec=CodecName(args.codec),
         seed=args.seed,
         trainer=args.trainer,
+        boards=args.boards,
     )
     _summary(result, sys.stdout)
+    _boards_summary(result, sys.stdout)
     if args.json:
         print(json.dumps(result.to_json()))
     return 0

@@ -56,12 +56,27 @@ def test_demo_command_prints_the_documented_json_on_its_last_line() -> None:
 
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(result) == {"codec", "params", "final_accuracy", "rounds"}
+    assert set(result) == {"codec", "params", "final_accuracy", "rounds", "boards"}
     assert result["codec"] == "ternary" and result["params"] > 0
     assert [set(r) for r in result["rounds"]] == [ROUND_KEYS, ROUND_KEYS]
     assert [r["round"] for r in result["rounds"]] == [1, 2]
     assert all(r["contributors"] == 4 for r in result["rounds"])
     assert result["final_accuracy"] == result["rounds"][-1]["accuracy"]
+    # three simulated boards ran the final model and their telemetry reached the top broker
+    boards = result["boards"]
+    assert [b["device"] for b in boards] == ["esp-1", "esp-2", "esp-3"]
+    assert [b["gateway"] for b in boards] == ["gw-1", "gw-2", "gw-1"]
+    for b in boards:
+        assert b["model_version"] == 2 and b["predictions_last_model"] > 0, b
+        assert 0 <= b["accuracy_last_model"] <= 1 and b["latency_us_median"] > 0
+        assert b["refused"] == {}
+    assert "boards (firmware under CPython" in done.stdout
+
+
+def test_demo_without_boards_runs_none() -> None:
+    result = run_demo(devices=2, gateways=1, rounds=1, boards=0, out=None)
+
+    assert result.boards == [] and result.boards_skipped is None
 
 
 def test_demo_with_the_wasm_trainer_reaches_the_accuracy_of_the_numpy_trainer() -> None:
