@@ -30,7 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from firmware.micropython import MicroPythonUnavailable, find_node, npm_install, run_micropython
+from firmware.micropython import (
+    MicroPythonUnavailable,
+    find_node,
+    heap_use,
+    npm_install,
+    run_micropython,
+)
 from kernels.partition import load_mnist1d
 from kernels.reference import init_weights, mlp_spec, train_local
 from tern import mcu
@@ -76,27 +82,17 @@ def measure_micropython(
 ) -> dict[str, float]:
     """us per inference (median of runs), and heap bytes, under MicroPython on node."""
     old = mcu.McuModel(model.model_version - 1, model.in_exp, model.sizes, model.layers)
+    base, grown = heap_use(
+        _sealed(old), _sealed(model), windows[0], key=KEY, fleet=FLEET, device=DEVICE,
+        timeout=TIMEOUT,
+    )  # fmt: skip
     source = f"""
-import gc, time
-gc.collect()
+import time
 import tern_model
-gc.collect()
-base = gc.mem_alloc()
-gc.disable()
 def receive(name):
-    import os
-    buf = bytearray(os.stat(name)[6])
     with open(name, "rb") as f:
-        f.readinto(buf)
-    return buf
-old = tern_model.load(receive("old.bin"), {KEY!r}, {FLEET!r}, {DEVICE!r})
-new = tern_model.load(receive("new.bin"), {KEY!r}, {FLEET!r}, {DEVICE!r}, old.model_version)
-new.infer({windows[0]!r})
-grown = gc.mem_alloc() - base
-gc.enable()
-del old
-gc.collect()
-print("heap", base, grown)
+        return f.read()
+new = tern_model.load(receive("new.bin"), {KEY!r}, {FLEET!r}, {DEVICE!r})
 WINDOWS = [[int(v) for v in line.split(",")] for line in open("windows.txt")]
 for _ in range({repeats}):
     t0 = time.ticks_us()
@@ -106,14 +102,11 @@ for _ in range({repeats}):
 """
     files = {
         "tern_model.py": (ESP32 / "tern_model.py").read_bytes(),
-        "old.bin": _sealed(old),
         "new.bin": _sealed(model),
         "windows.txt": "".join(",".join(map(str, w)) + "\n" for w in windows).encode(),
     }
     lines = run_micropython(source, timeout=TIMEOUT, files=files).split("\n")
-    heap = next(line.split() for line in lines if line.startswith("heap "))
     runs = [float(line.split()[1]) for line in lines if line.startswith("run ")]
-    base, grown = int(heap[1]), int(heap[2])
     return {
         "us_per_inference": statistics.median(runs),
         "heap_base_bytes": base,

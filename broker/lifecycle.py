@@ -72,7 +72,8 @@ def load_identity(fleet_file: str | Path, key_file: str | Path) -> tuple[Fleet, 
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so a reader sees the old file or the whole new one, never a
-    part: a temporary file in the same directory, flushed to disk, then renamed over."""
+    part: a temporary file in the same directory, flushed to disk, then renamed over.
+    The file is readable by its owner only (mkstemp creates it 0600): secrets rely on it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:

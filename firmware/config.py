@@ -7,12 +7,11 @@ Keys are those firmware/esp32/tern_board.py reads (config.example.json).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from broker.lifecycle import write_atomic
 from firmware.errors import ProvisionError
 from tern import __version__, topics
 from tern.mcu import KEY_BYTES, MAX_MCU_BYTES
@@ -97,13 +96,4 @@ def board_config(
 def write_secret_json(path: Path, value: Mapping[str, Any]) -> None:
     """Write `value` as JSON readable by its owner only (0600), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(value, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"))

@@ -15,12 +15,12 @@ import hashlib
 import io
 import os
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from broker.lifecycle import write_atomic
 from firmware.errors import DepsError, DepsHashMismatch, DepsUnavailable
 
 __all__ = [
@@ -110,18 +110,9 @@ def _extract_member(tarball: bytes, member: str) -> bytes:
         raise DepsError(f"the tarball is not a readable .tar.gz: {exc}") from exc
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data)
 
 
 def umqtt_dir(
@@ -148,7 +139,7 @@ def umqtt_dir(
     source = _extract_member(tarball, UMQTT_MEMBER)
     if (got := _sha256(source)) != UMQTT_SIMPLE_SHA256:
         raise DepsHashMismatch(UMQTT_MEMBER, UMQTT_SIMPLE_SHA256, got)
-    _write_atomic(simple, source)
+    _write(simple, source)
     return target
 
 

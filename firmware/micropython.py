@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from firmware.errors import FirmwareError
@@ -28,6 +28,7 @@ __all__ = [
     "MicroPythonUnavailable",
     "find_micropython",
     "find_node",
+    "heap_use",
     "npm_install",
     "run_micropython",
 ]
@@ -165,3 +166,53 @@ def run_micropython(
             proc.stderr,
         )
     return proc.stdout
+
+
+# Everything after importing tern_model is counted, with the collector off so the growth
+# bounds the peak: reading both messages, the old model, the new one (while the old one is
+# still held, as on a board that keeps its last good model), and one inference.
+_HEAP_PROBE = """
+import gc
+gc.collect()
+import tern_model
+gc.collect()
+base = gc.mem_alloc()
+gc.disable()
+def receive(name):
+    import os
+    buf = bytearray(os.stat(name)[6])
+    with open(name, "rb") as f:
+        f.readinto(buf)
+    return buf
+old = tern_model.load(receive("old.bin"), {key!r}, {fleet!r}, {device!r})
+new = tern_model.load(receive("new.bin"), {key!r}, {fleet!r}, {device!r}, old.model_version)
+new.infer({window!r})
+grown = gc.mem_alloc() - base
+gc.enable()
+print("heap", base, grown)
+"""
+
+
+def heap_use(
+    old: bytes,
+    new: bytes,
+    window: Sequence[int],
+    *,
+    key: bytes,
+    fleet: str,
+    device: str,
+    timeout: float,
+    root: Path = FIRMWARE_DIR,
+) -> tuple[int, int]:
+    """MicroPython heap bytes (after importing tern_model, then grown) for a board that
+    holds the sealed model `old` (a lower version), loads `new` and infers on `window`."""
+    source = _HEAP_PROBE.format(key=key, fleet=fleet, device=device, window=list(window))
+    files = {
+        "tern_model.py": (root / "esp32" / "tern_model.py").read_bytes(),
+        "old.bin": old,
+        "new.bin": new,
+    }
+    out = run_micropython(source, timeout=timeout, files=files, root=root)
+    line = next(x for x in out.splitlines() if x.startswith("heap "))
+    base, grown = (int(v) for v in line.split()[1:3])
+    return base, grown

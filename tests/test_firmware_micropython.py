@@ -15,6 +15,7 @@ import pytest
 from firmware.micropython import (
     MicroPythonUnavailable,
     find_node,
+    heap_use,
     npm_install,
     run_micropython,
 )
@@ -95,32 +96,13 @@ def test_demo_model_and_inference_fit_64k_of_micropython_heap(
     micropython: None, demo: tuple[mcu.McuModel, list[list[int]]]
 ) -> None:
     model, windows = demo
-    # Everything after the module import is counted, with the collector off so the growth
-    # bounds the peak: reading both messages, the old model, the new one, one inference.
-    source = f"""
-import gc
-gc.collect()
-import tern_model
-gc.collect()
-base = gc.mem_alloc()
-gc.disable()
-def receive(name):
-    import os
-    buf = bytearray(os.stat(name)[6])
-    with open(name, "rb") as f:
-        f.readinto(buf)
-    return buf
-old = tern_model.load(receive("old.bin"), {KEY!r}, {FLEET!r}, {DEVICE!r})
-new = tern_model.load(receive("new.bin"), {KEY!r}, {FLEET!r}, {DEVICE!r}, old.model_version)
-new.infer({windows[0]!r})
-grown = gc.mem_alloc() - base
-gc.enable()
-print(base, grown, base + grown)
-"""
-    files = {"old.bin": _sealed(_with_version(model, 6)), "new.bin": _sealed(model)}
+    old, new = _sealed(_with_version(model, 6)), _sealed(model)
 
-    base, grown, total = map(int, _run(source, files)[-1].split())
+    base, grown = heap_use(
+        old, new, windows[0], key=KEY, fleet=FLEET, device=DEVICE, timeout=TIMEOUT
+    )
 
+    total = base + grown
     print(f"MicroPython heap: {base} B after import + {grown} B grown = {total} B")
     assert total <= HEAP_LIMIT
 
