@@ -316,11 +316,8 @@ class Coordinator:
                 train=self.config.train,
                 kernel=self._kernel_ref(self._kernel),
             )
-            model = GlobalModel(self.spec, self._weights)
             fleet = self.fleet.fleet
-            sealed_model = seal(
-                Envelope(Kind.MODEL, fleet, r, v, COORDINATOR, model.to_body()), self._key
-            )
+            sealed_model = self._sealed_model(r)
             sealed_schedule = seal(
                 Envelope(Kind.SCHEDULE, fleet, r, v, COORDINATOR, schedule.to_body()), self._key
             )
@@ -353,13 +350,17 @@ class Coordinator:
                 when = datetime.now(UTC) + timedelta(seconds=self.config.round_timeout)
                 self._add_job(self._close_round, when, r)
 
+    def _sealed_model(self, r: int) -> bytes:
+        """The current model, signed, as of round `r` (caller holds the lock)."""
+        body = GlobalModel(self.spec, self._weights).to_body()
+        env = Envelope(Kind.MODEL, self.fleet.fleet, r, self._version, COORDINATOR, body)
+        return seal(env, self._key)
+
     def _publish_model_locked(self, r: int) -> None:
         """Publish the current model, retained, as of round `r` (caller holds the lock)."""
-        fleet = self.fleet.fleet
-        body = GlobalModel(self.spec, self._weights).to_body()
-        sealed = seal(Envelope(Kind.MODEL, fleet, r, self._version, COORDINATOR, body), self._key)
+        sealed = self._sealed_model(r)
         try:
-            self._transport.publish(topics.global_model(fleet), sealed, retain=True)
+            self._transport.publish(topics.global_model(self.fleet.fleet), sealed, retain=True)
         except BrokerError as exc:
             log.warning("round %d: publishing model v%d failed: %s", r, self._version, exc)
 

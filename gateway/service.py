@@ -256,13 +256,9 @@ class Gateway:
     # -- upstream: model and schedule ---------------------------------------------------
 
     def _relay(self, topic: topics.Topic, data: bytes) -> None:
-        if self.downstream is None:
-            return
-        try:
-            self.downstream.publish(topic, data, retain=True)
+        """Republish a message from upstream, retained, for the devices below."""
+        if self._send(self.downstream, topic, data, retain=True):
             self._bytes_down += len(data)
-        except TransportError as exc:
-            log.warning("gateway %s: relay of %s failed: %s", self.id, topic, exc)
 
     def _on_model(self, message: Message) -> None:
         try:
@@ -427,23 +423,33 @@ class Gateway:
         self._lock.notify_all()
         log.info("gateway %s: round %d closed: %s", self.id, s.round, metrics)
 
+    def _send(
+        self,
+        transport: MqttTransport | None,
+        topic: topics.Topic,
+        data: bytes,
+        *,
+        retain: bool,
+        qos: int = 1,
+    ) -> bool:
+        """Publish on `transport`; True when handed over. A failure is logged, not raised:
+        one lost message must not end the round or the handler it happens in."""
+        if transport is None:
+            return False
+        try:
+            transport.publish(topic, data, qos=qos, retain=retain)
+        except TransportError as exc:
+            log.warning("gateway %s: publish to %s failed: %s", self.id, topic, exc)
+            return False
+        return True
+
     def _publish_down(
         self, topic: topics.Topic, data: bytes, *, retain: bool, qos: int = 1
     ) -> None:
-        if self.downstream is None:
-            return
-        try:
-            self.downstream.publish(topic, data, qos=qos, retain=retain)
-        except TransportError as exc:
-            log.warning("gateway %s: publish to %s failed: %s", self.id, topic, exc)
+        self._send(self.downstream, topic, data, retain=retain, qos=qos)
 
     def _publish_up(self, topic: topics.Topic, data: bytes, *, retain: bool, qos: int = 1) -> None:
-        if self.upstream is None:
-            return
-        try:
-            self.upstream.publish(topic, data, qos=qos, retain=retain)
-        except TransportError as exc:
-            log.warning("gateway %s: publish to %s failed: %s", self.id, topic, exc)
+        self._send(self.upstream, topic, data, retain=retain, qos=qos)
 
     # -- a restarted downstream broker has lost the retained model and schedule -------------
 

@@ -239,11 +239,13 @@ class _Session:
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
             raise self._translate(exc) from exc
 
-    def check_status(self, status: int, what: str) -> None:
+    def run(self, name: str, *args: Any) -> None:
+        """Call an export that returns a status; MemoryLimitExceeded or KernelTrap unless OK."""
+        status = int(self.call(name, *args))
         if status == _ENOMEM:
             raise MemoryLimitExceeded(self.memory_limit)
         if status != _OK:
-            raise KernelTrap(f"{what} returned unknown status {status}")
+            raise KernelTrap(f"{name} returned unknown status {status}")
 
     def _span(self, ptr: int, size: int) -> npt.NDArray[np.uint8]:
         """Bytes [ptr, ptr + size) of linear memory as a uint8 array, valid only until
@@ -401,7 +403,7 @@ class WasmTrainer:
         for _ in range(config.epochs):
             order = rng.permutation(inp.n).astype(np.int32)
             session.write(order_ptr, order)
-            status = session.call(
+            session.run(
                 "tern_train_epoch",
                 nl,
                 inp.sizes,
@@ -413,7 +415,6 @@ class WasmTrainer:
                 config.batch_size,
                 lr,
             )
-            session.check_status(int(status), "tern_train_epoch")
         out: F32Array = session.get(inp.weights, spec.size, np.float32)
         return out
 
@@ -429,7 +430,7 @@ class WasmTrainer:
         nl, inp, (grad_ptr, loss_ptr) = _prepare(
             session, spec, weights, x, y, np.zeros(spec.size, np.float32), np.zeros(1, np.float64)
         )
-        status = session.call(
+        session.run(
             "tern_loss_and_grad",
             nl,
             inp.sizes,
@@ -440,7 +441,6 @@ class WasmTrainer:
             grad_ptr,
             loss_ptr,
         )
-        session.check_status(int(status), "tern_loss_and_grad")
         grad: F32Array = session.get(grad_ptr, spec.size, np.float32)
         return float(session.get(loss_ptr, 1, np.float64)[0]), grad
 
@@ -454,9 +454,8 @@ class WasmTrainer:
         self, session: _Session, spec: ModelSpec, weights: F32Array, x: F32Array, y: IntArray
     ) -> tuple[float, float]:
         nl, inp, (out_ptr,) = _prepare(session, spec, weights, x, y, np.zeros(2, np.float64))
-        status = session.call(
+        session.run(
             "tern_evaluate", nl, inp.sizes, inp.weights, inp.x, inp.y, inp.n, _EVAL_CHUNK, out_ptr
         )
-        session.check_status(int(status), "tern_evaluate")
         loss, accuracy = (float(v) for v in session.get(out_ptr, 2, np.float64))
         return loss, accuracy

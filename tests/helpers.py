@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import threading
 from typing import Any, NoReturn
 
 import numpy as np
@@ -34,3 +36,15 @@ def unavailable(reason: str) -> NoReturn:
     if os.environ.get("TERN_REQUIRE_ALL") == "1":
         pytest.fail(f"required in CI: {reason}")
     pytest.skip(reason)
+
+
+def first_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
+    """The first line `proc` prints on stdout, read on a thread so the wait has a deadline
+    (b"" when none came within `timeout`)."""
+    lines: list[bytes] = []
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    reader = threading.Thread(target=lambda: lines.append(stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return lines[0] if lines else b""

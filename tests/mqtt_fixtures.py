@@ -137,6 +137,10 @@ class Inbox:
             self.messages.append(message)
             self._changed.notify_all()
 
+    def clear(self) -> None:
+        with self._changed:
+            self.messages.clear()
+
     def wait_for(
         self, predicate: Callable[[Message], bool] = lambda m: True, timeout: float = 5.0
     ) -> Message:

@@ -12,7 +12,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,6 +33,7 @@ from tern.keys import signing_key_to_text
 from tern.messages import GlobalModel, RoundSchedule, Update, encode_update
 from tern.reports import RoundMetrics, State, Status
 from tern.tensors import TypedArrayTag, encode_array
+from tests.mqtt_fixtures import Inbox, MakeTransport, RunningBroker
 
 FLEET = "plant-7"
 LAYERS = (4, 3, 2)
@@ -40,46 +41,6 @@ SPEC = mlp_spec(LAYERS)
 WAIT = 10.0
 COORD_KEY = SigningKey(bytes([1]) * 32)
 GW_KEYS = {f"gw-{i}": SigningKey(bytes([1 + i]) * 32) for i in (1, 2, 3)}
-
-MakeTransport = Callable[..., MqttTransport]
-
-
-class TestBroker(Protocol):
-    """What the broker fixtures of tests/mqtt_fixtures.py yield, as far as we use it."""
-
-    __test__: bool = False
-
-    @property
-    def url(self) -> str: ...
-
-
-class Inbox:
-    """A message handler that keeps what it receives; wait_for() has a deadline."""
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-        self._changed = threading.Condition()
-
-    def __call__(self, message: Message) -> None:
-        with self._changed:
-            self.messages.append(message)
-            self._changed.notify_all()
-
-    def clear(self) -> None:
-        with self._changed:
-            self.messages.clear()
-
-    def wait_for(self, predicate: Callable[[Message], bool], timeout: float) -> Message:
-        found: list[Message] = []
-
-        def seen() -> bool:
-            found[:] = [m for m in self.messages if predicate(m)]
-            return bool(found)
-
-        with self._changed:
-            if not self._changed.wait_for(seen, timeout):
-                raise AssertionError(f"no matching message within {timeout} s")
-        return found[0]
 
 
 def make_fleet(gateways: int = 2, devices: int = 2) -> Fleet:
@@ -93,7 +54,7 @@ def make_fleet(gateways: int = 2, devices: int = 2) -> Fleet:
     return Fleet(FLEET, COORD_KEY.verify_key, entries)
 
 
-def config(broker: TestBroker, state: Path, **overrides: Any) -> CoordinatorConfig:
+def config(broker: RunningBroker, state: Path, **overrides: Any) -> CoordinatorConfig:
     values: dict[str, Any] = {
         "broker_url": broker.url,
         "state_dir": state,
@@ -149,7 +110,7 @@ def model_of(message: Message) -> tuple[int, int, GlobalModel]:
 class Watcher:
     """A dashboard-like client: inboxes for schedule, model, metrics and status."""
 
-    def __init__(self, make_transport: MakeTransport, broker: TestBroker) -> None:
+    def __init__(self, make_transport: MakeTransport, broker: RunningBroker) -> None:
         self.schedules, self.models, self.metrics, self.status = Inbox(), Inbox(), Inbox(), Inbox()
         self.transport = make_transport(broker.url, "watcher")
         self.transport.subscribe(topics.round_schedule(FLEET), self.schedules)
@@ -222,7 +183,7 @@ def running() -> Iterator[Callable[[Coordinator], Coordinator]]:
 
 
 def test_round_closes_when_every_gateway_reported_with_weights_plus_mean(
-    any_broker: TestBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
+    any_broker: RunningBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
 ) -> None:
     watcher = Watcher(make_transport, any_broker)
     c = running(Coordinator(config(any_broker, tmp_path, rounds=2), make_fleet(), COORD_KEY))
@@ -248,7 +209,7 @@ def test_round_closes_when_every_gateway_reported_with_weights_plus_mean(
 
 
 def test_the_last_rounds_model_is_published_when_the_run_ends(
-    any_broker: TestBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
+    any_broker: RunningBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
 ) -> None:
     """No next round will carry it, yet gateways derive their boards' models from it."""
     watcher = Watcher(make_transport, any_broker)
@@ -264,7 +225,7 @@ def test_the_last_rounds_model_is_published_when_the_run_ends(
 
 
 def test_coordinator_announces_itself_online(
-    amqtt_broker: TestBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
+    amqtt_broker: RunningBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
 ) -> None:
     watcher = Watcher(make_transport, amqtt_broker)
 
@@ -275,7 +236,7 @@ def test_coordinator_announces_itself_online(
 
 
 def test_round_closes_at_the_deadline_with_a_gateway_missing(
-    amqtt_broker: TestBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
+    amqtt_broker: RunningBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
 ) -> None:
     watcher = Watcher(make_transport, amqtt_broker)
     cfg = config(amqtt_broker, tmp_path, rounds=1, round_timeout=1.0)
@@ -295,7 +256,7 @@ def test_round_closes_at_the_deadline_with_a_gateway_missing(
 
 
 def test_round_with_too_few_contributors_fails_and_keeps_the_model(
-    amqtt_broker: TestBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
+    amqtt_broker: RunningBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
 ) -> None:
     watcher = Watcher(make_transport, amqtt_broker)
     c = running(
@@ -317,7 +278,7 @@ def test_round_with_too_few_contributors_fails_and_keeps_the_model(
 
 
 def test_bad_partials_are_counted_by_reason_and_the_round_completes(
-    amqtt_broker: TestBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
+    amqtt_broker: RunningBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
 ) -> None:
     watcher = Watcher(make_transport, amqtt_broker)
     c = running(Coordinator(config(amqtt_broker, tmp_path, rounds=2), make_fleet(), COORD_KEY))
@@ -370,7 +331,7 @@ def test_bad_partials_are_counted_by_reason_and_the_round_completes(
 
 
 def test_sampling_with_a_seed_is_deterministic_and_respects_the_fraction(
-    amqtt_broker: TestBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
+    amqtt_broker: RunningBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
 ) -> None:
     watcher = Watcher(make_transport, amqtt_broker)
     fleet = make_fleet(gateways=3, devices=4)
@@ -401,7 +362,7 @@ def test_sampling_with_a_seed_is_deterministic_and_respects_the_fraction(
 
 
 def test_restarted_coordinator_resumes_after_the_last_round_with_the_same_model(
-    amqtt_broker: TestBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
+    amqtt_broker: RunningBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
 ) -> None:
     watcher = Watcher(make_transport, amqtt_broker)
     AutoGateways(make_transport(amqtt_broker.url, "gateways"), ["gw-1", "gw-2"])
@@ -430,7 +391,7 @@ def test_restarted_coordinator_resumes_after_the_last_round_with_the_same_model(
 
 
 def test_a_round_open_when_the_coordinator_stopped_runs_again_after_restart(
-    amqtt_broker: TestBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
+    amqtt_broker: RunningBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
 ) -> None:
     watcher = Watcher(make_transport, amqtt_broker)
     AutoGateways(make_transport(amqtt_broker.url, "gateways-1"), ["gw-1", "gw-2"], {1})
@@ -466,7 +427,7 @@ def test_coordinator_refuses_a_key_that_is_not_the_fleets(tmp_path: Path) -> Non
 
 
 def test_evaluates_on_the_test_set_when_given_one(
-    amqtt_broker: TestBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
+    amqtt_broker: RunningBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
 ) -> None:
     watcher = Watcher(make_transport, amqtt_broker)
     AutoGateways(make_transport(amqtt_broker.url, "gateways"), ["gw-1", "gw-2"])
@@ -486,7 +447,7 @@ def test_evaluates_on_the_test_set_when_given_one(
 
 
 def test_command_line_runs_the_configured_rounds(
-    amqtt_broker: TestBroker, make_transport: MakeTransport, tmp_path: Path
+    amqtt_broker: RunningBroker, make_transport: MakeTransport, tmp_path: Path
 ) -> None:
     watcher = Watcher(make_transport, amqtt_broker)
     AutoGateways(make_transport(amqtt_broker.url, "gateways"), ["gw-1", "gw-2"])
@@ -524,7 +485,7 @@ def test_command_line_runs_the_configured_rounds(
 
 
 def test_rounds_open_no_sooner_than_the_interval_and_report_to_on_round(
-    amqtt_broker: TestBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
+    amqtt_broker: RunningBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
 ) -> None:
     watcher = Watcher(make_transport, amqtt_broker)
     AutoGateways(make_transport(amqtt_broker.url, "gateways"), ["gw-1", "gw-2"])
@@ -553,7 +514,7 @@ def test_a_model_written_without_its_round_record_is_not_resumed(tmp_path: Path)
 
 
 def test_the_command_stops_cleanly_on_sigterm(
-    amqtt_broker: TestBroker, make_transport: MakeTransport, tmp_path: Path
+    amqtt_broker: RunningBroker, make_transport: MakeTransport, tmp_path: Path
 ) -> None:
     watcher = Watcher(make_transport, amqtt_broker)
     (tmp_path / "fleet.json").write_text(make_fleet().to_json())

@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 
 from kernels.reference import init_weights, mlp_spec
-from tern import mcu
+from tern import mcu, topics
 from tern.reports import State, Status, Telemetry
 
 ESP32 = Path(__file__).resolve().parents[1] / "firmware" / "esp32"
 KEY = bytes(range(32))
 FLEET, DEVICE = "demo", "esp-1"
 TOPICS = {
-    "model": f"tern/{FLEET}/mcu/{DEVICE}",
-    "telemetry": f"tern/{FLEET}/telemetry/{DEVICE}",
-    "status": f"tern/{FLEET}/status/{DEVICE}",
+    "model": topics.mcu_model(FLEET, DEVICE).path,
+    "telemetry": topics.telemetry(FLEET, DEVICE).path,
+    "status": topics.status(FLEET, DEVICE).path,
 }
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +30,7 @@ from tern.reports import RoundMetrics, State, Status
 from tern.spec import ModelSpec
 from tern.tensors import TypedArrayTag, encode_array
 from tests.fleet_fixtures import FleetKit, build_fleet, device_data, simple_layout, write_fleet
+from tests.helpers import first_line
 from tests.mqtt_fixtures import AmqttBroker, Inbox, MakeTransport, MosquittoBroker, RunningBroker
 
 SPEC = mlp_spec([8, 6, 3])
@@ -439,11 +439,8 @@ def test_gateway_command_serves_and_shuts_down_cleanly_on_sigterm(
     ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO)
     try:
-        lines: list[bytes] = []
-        reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()))  # type: ignore[union-attr]
-        reader.start()
-        reader.join(WAIT)
-        assert lines and b"serving on mqtt://127.0.0.1:" in lines[0], lines
+        line = first_line(proc, WAIT)
+        assert b"serving on mqtt://127.0.0.1:" in line, line
         status.wait_for(lambda m: Status.from_json(m.payload).state is State.ONLINE, WAIT)
 
         proc.send_signal(signal.SIGTERM)

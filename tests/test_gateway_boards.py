@@ -12,7 +12,6 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -40,6 +39,7 @@ from tern.messages import GlobalModel
 from tern.reports import State, Status, Telemetry
 from tern.spec import ModelSpec
 from tests.fleet_fixtures import build_fleet, write_fleet
+from tests.helpers import first_line
 from tests.mqtt_fixtures import AmqttBroker, Inbox, MakeTransport, MosquittoBroker, listen
 
 SPEC = mlp_spec([8, 6, 3])
@@ -356,12 +356,9 @@ def test_gateway_command_serves_boards_and_rereads_them_on_sighup(
     ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO)
     try:
-        lines: list[bytes] = []
-        reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()))  # type: ignore[union-attr]
-        reader.start()
-        reader.join(WAIT)
-        assert lines and b"serving on " in lines[0], lines
-        down = lines[0].decode().split("serving on ")[1].strip()
+        line = first_line(proc, WAIT)
+        assert b"serving on " in line, line
+        down = line.decode().split("serving on ")[1].strip()
         publish_model(amqtt_broker.url, make_transport, 5)
         first = listen(make_transport, down, topics.mcu_model(FLEET, "esp-1"), "b1")
         assert board_model(first, entry(1), "esp-1", 5).in_exp == 4
