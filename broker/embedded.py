@@ -121,6 +121,7 @@ class EmbeddedBroker:
         self._started = threading.Event()
         self._abandoned = threading.Event()
         self._start_error: BaseException | None = None
+        self._grace = 2.5  # set by stop(): each step of _shutdown waits this long at most
 
     @property
     def port(self) -> int:
@@ -161,9 +162,17 @@ class EmbeddedBroker:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Shut down: close client sessions and the listeners, end the loop thread."""
+        """Shut down: close the listeners, then the client sessions; end the loop thread.
+
+        The port is free as soon as this starts. Clients that amqtt cannot close in
+        time are disconnected hard (see `_shutdown`); BrokerStopError only if the loop
+        thread still has not ended after `timeout`.
+        """
         if self._thread is None or not self._thread.is_alive():
             return
+        # amqtt gets a quarter of the time, another after its clients are aborted and
+        # another once cancelled (see _shutdown); the rest is for the thread to end.
+        self._grace = timeout / 4
         self._request_stop()
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -203,9 +212,26 @@ class EmbeddedBroker:
         # Imported here so that `tern` commands other than `broker` do not load amqtt.
         from amqtt.broker import Broker
 
+        class _Broker(Broker):  # type: ignore[misc]  # amqtt ships untyped
+            """amqtt's broker, keeping each TCP client's transport so a stuck one can be cut."""
+
+            def __init__(self, config: dict[str, Any]) -> None:
+                super().__init__(config)
+                self.clients: set[asyncio.WriteTransport] = set()
+
+            async def stream_connected(
+                self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+            ) -> None:
+                transport = writer.transport
+                self.clients.add(transport)
+                try:
+                    await super().stream_connected(reader, writer, listener_name)
+                finally:
+                    self.clients.discard(transport)
+
         listening = False
         try:
-            broker = Broker(self.config)
+            broker = _Broker(self.config)
             await broker.start()
             listening = True
             self._port = _bound_port(broker)
@@ -218,7 +244,37 @@ class EmbeddedBroker:
         self._started.set()
         if not self._abandoned.is_set():  # start() gave up waiting: do not serve anyway
             await self._stop_requested.wait()
-        await broker.shutdown()
+        await self._shutdown(broker, broker.clients)
+
+    async def _shutdown(self, broker: Broker, clients: set[asyncio.WriteTransport]) -> None:
+        """Stop listening at once, then give amqtt's shutdown a bounded time.
+
+        The listeners close first, so the port is free for a restart right away and no
+        client reconnects into a broker that is going away (amqtt itself closes them
+        last). amqtt's shutdown waits for each client's reader to end, and a reader can
+        miss its cancellation (a PUBACK arriving just as it is cancelled, on Python
+        3.11) and wait for that client to hang up. After `grace` seconds the remaining
+        client connections are aborted, which ends their readers; a shutdown still not
+        done after that is cancelled, so the loop thread always ends.
+        """
+        for listener in _listeners(broker):
+            listener.close()
+        shutdown = asyncio.ensure_future(broker.shutdown())
+        done, _ = await asyncio.wait({shutdown}, timeout=self._grace)
+        if not done:
+            log.warning(
+                "broker on %s: amqtt had not shut down after %g s; aborting %d client(s)",
+                self.url, self._grace, len(clients),
+            )  # fmt: skip
+            for transport in list(clients):
+                transport.abort()
+            done, _ = await asyncio.wait({shutdown}, timeout=self._grace)
+        if not done:
+            log.warning("broker on %s: amqtt's shutdown is stuck; cancelling it", self.url)
+            shutdown.cancel()
+            await asyncio.wait({shutdown}, timeout=self._grace)
+        elif not shutdown.cancelled() and shutdown.exception() is not None:
+            log.warning("broker on %s: amqtt's shutdown failed: %r", self.url, shutdown.exception())
 
 
 def _describe(exc: BaseException) -> str:
@@ -235,13 +291,22 @@ def _bind_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def _bound_port(broker: Broker) -> int:
-    """The default listener's real port.
+def _listeners(broker: Broker) -> list[asyncio.Server]:
+    """amqtt's TCP listening servers.
 
-    amqtt has no public accessor for its listening sockets, so this is the one place
-    we read its internals (`Broker._servers`); the port-0 test fails loudly if an
-    amqtt upgrade moves them.
+    amqtt has no public accessor for them, so this is the one place we read its
+    internals (`Broker._servers`); the port-0 and shutdown tests fail loudly if an amqtt
+    upgrade moves them.
     """
+    try:
+        servers = [server.instance for server in broker._servers.values()]
+    except (AttributeError, TypeError) as exc:
+        raise BrokerError("cannot read amqtt's listeners (internals changed?)") from exc
+    return [server for server in servers if isinstance(server, asyncio.Server)]
+
+
+def _bound_port(broker: Broker) -> int:
+    """The default listener's real port."""
     try:
         sockets = broker._servers["default"].instance.sockets
         ports = {sock.getsockname()[1] for sock in sockets}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import re
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,50 @@ def test_embedded_broker_restarts_on_the_same_port_as_a_new_instance() -> None:
         assert second.port == port and accepts(port)
         with pytest.raises(BrokerError, match="starts once"):
             second.start()
+
+
+def connect_raw(port: int, client_id: bytes) -> socket.socket:
+    """A bare MQTT 3.1.1 client: CONNECT, read the CONNACK, then never hang up."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(client_id).to_bytes(2, "big") + client_id
+    sock.sendall(bytes([0x10, len(body)]) + body)
+    assert sock.recv(4) == b"\x20\x02\x00\x00"
+    return sock
+
+
+def stop_in_background(embedded: EmbeddedBroker, timeout: float) -> threading.Thread:
+    stopping = threading.Thread(target=embedded.stop, kwargs={"timeout": timeout})
+    stopping.start()
+    return stopping
+
+
+@pytest.mark.parametrize("plugin", ["WaitForClientsOnShutdown", "NeverShutDown"])
+def test_stop_frees_the_port_at_once_and_ends_in_time_when_amqtt_hangs(
+    plugin: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """amqtt's shutdown can wait for a client that never hangs up; stop() must not."""
+    config = {"plugins": {f"tests.broker_plugins.{plugin}": {}}}
+    embedded = EmbeddedBroker("127.0.0.1", 0, config=config).start()
+    port = embedded.port
+    client = connect_raw(port, b"never-hangs-up")
+    started = time.monotonic()
+
+    stopping = stop_in_background(embedded, timeout=4.0)
+    # the listener closes first: a new broker can take the port while the old one winds down
+    successor = None
+    while successor is None and stopping.is_alive():
+        with contextlib.suppress(BrokerStartError):
+            successor = EmbeddedBroker("127.0.0.1", port).start(timeout=5)
+    stopping.join()
+    elapsed = time.monotonic() - started
+
+    assert successor is not None, "the port stayed taken until stop() returned"
+    successor.stop()
+    assert elapsed < 4.0 and not embedded.running
+    assert client.recv(1) == b"", "the stuck client was not disconnected"
+    client.close()
+    assert "aborting 1 client(s)" in caplog.text
+    assert ("cancelling it" in caplog.text) == (plugin == "NeverShutDown")
 
 
 def test_config_file_is_merged_over_the_defaults(tmp_path: Path) -> None:
