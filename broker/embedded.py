@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml  # type: ignore[import-untyped]  # PyYAML ships untyped
 
+from broker.access import AccessControl
 from broker.errors import BrokerConfigError, BrokerError, BrokerStartError, BrokerStopError
 from broker.lifecycle import configure_logging, quiet_third_party_logs, stop_on_signals
 from broker.transport import format_url
@@ -44,6 +45,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ANONYMOUS = "amqtt.plugins.authentication.AnonymousAuthPlugin"
+ACCESS_PLUGIN = "broker.plugins.AccessPlugin"  # named, not imported: that would load amqtt
 
 # amqtt's own defaults add the $SYS plugin and two loggers that write one line per
 # packet; an explicit plugin map replaces them. Anonymous access until the auth/ACL
@@ -96,8 +98,9 @@ class EmbeddedBroker:
     """An amqtt broker on `host`:`port` (port 0: a free port, read back from `.port`).
 
     `config` (a path to a YAML/JSON file, or a mapping) is merged over DEFAULT_CONFIG;
-    the default listener's address always comes from `host` and `port`. One instance
-    runs once: to restart on the same port, make a new one with ``port=old.port``.
+    the default listener's address always comes from `host` and `port`. `access`
+    enforces an access policy (broker.access; anonymous and open without it). One
+    instance runs once: to restart on the same port, make a new one with ``port=old.port``.
     """
 
     def __init__(
@@ -106,12 +109,15 @@ class EmbeddedBroker:
         port: int = 1883,
         *,
         config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+        access: AccessControl | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise BrokerConfigError(f"port {port} is not in 0..65535")
         override = load_config(config) if isinstance(config, str | os.PathLike) else config or {}
         bind = {"listeners": {"default": {"bind": f"{_bind_host(host)}:{port}"}}}
         self.config = merge_config(merge_config(DEFAULT_CONFIG, override), bind)
+        if access is not None:  # added after the merge, which copies: the broker shares it
+            self.config["plugins"][ACCESS_PLUGIN] = {"control": access}
         self.host = host
         self._requested_port = port
         self._port: int | None = None

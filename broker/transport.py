@@ -126,6 +126,7 @@ class MqttTransport:
 
     `will` is (topic, payload), published by the broker (QoS 1, retained) if this
     client vanishes without a clean close(): the offline `tern.reports.Status`.
+    `login` is (user, password), for a broker that wants them (see broker.access).
     `rng` draws the reconnect jitter; the default is freshly seeded so that devices
     do not share a sequence.
     """
@@ -136,6 +137,7 @@ class MqttTransport:
         client_id: str,
         *,
         will: tuple[Topic, bytes] | None = None,
+        login: tuple[str, str] | None = None,
         keepalive: int = 30,
         backoff_min: float = 0.5,
         backoff_max: float = 30.0,
@@ -176,6 +178,8 @@ class MqttTransport:
             topic, payload = will
             _require_concrete(topic)
             client.will_set(topic.path, payload, qos=1, retain=True)
+        if login is not None:
+            client.username_pw_set(*login)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect

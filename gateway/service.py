@@ -9,6 +9,7 @@ lock. A bad message is counted by reason and never ends the round or the process
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections import Counter
@@ -18,9 +19,12 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from nacl.signing import SigningKey, VerifyKey
 
+from broker.access import AccessControl
+from broker.acl import AccessPolicy
 from broker.embedded import EmbeddedBroker
 from broker.errors import BrokerError, TransportError
 from broker.transport import Message, MqttTransport
+from gateway.access import gateway_policy, gateway_user
 from gateway.boards import Boards, BoardsError, load_boards
 from gateway.config import GatewayConfig, GatewayError
 from gateway.mcu import BoardRelay
@@ -130,6 +134,10 @@ class Gateway:
         self.partials: dict[int, bytes] = {}  # round -> sealed partial sent upstream
         self._stopping = threading.Event()
         self._broker: EmbeddedBroker | None = None
+        self._access: AccessControl | None = None  # the embedded broker's policy
+        self._down_id = f"tern-{fleet.fleet}-{self.id}-down"
+        self._password = secrets.token_urlsafe(24)  # its own login there; memory only
+        self._access_counted: Counter[str] = Counter()  # refusals already in some metrics
         self._monitor: threading.Thread | None = None
         self._rng = rng if rng is not None else np.random.default_rng()
         self.upstream: MqttTransport | None = None
@@ -157,13 +165,20 @@ class Gateway:
             self._boards = BoardRelay(
                 self._read_boards(), cfg.mcu_in_exp, self._publish_down, self._publish_up
             )
+        login = None
         try:
             if cfg.downstream_url is None:
-                self._broker = EmbeddedBroker(cfg.listen_host, cfg.listen_port).start(timeout)
+                login = (gateway_user(self.id), self._password)
+                boards = None if self._boards is None else self._boards.boards
+                self._access = AccessControl(self._policy(boards))
+                self._broker = EmbeddedBroker(
+                    cfg.listen_host, cfg.listen_port, access=self._access
+                ).start(timeout)
             jitter = self._rng.spawn(2)
             down = MqttTransport(
                 self.downstream_url,
-                f"tern-{f}-{self.id}-down",
+                self._down_id,
+                login=login,
                 backoff_min=cfg.backoff_min,
                 backoff_max=cfg.backoff_max,
                 rng=jitter[0],
@@ -411,7 +426,7 @@ class Gateway:
             model_version=s.model_version,
             contributors=result.count,
             dropped=dropped,
-            rejected=dict(collector.rejected + rnd.extra_rejected),
+            rejected=dict(collector.rejected + rnd.extra_rejected + self._access_refusals()),
             failed=failed,
             bytes_up=collector.bytes_in,  # received from below (topics.md "Metrics")
             bytes_down=self._bytes_down,
@@ -422,6 +437,20 @@ class Gateway:
         self.metrics[s.round] = metrics
         self._lock.notify_all()
         log.info("gateway %s: round %d closed: %s", self.id, s.round, metrics)
+
+    def _access_refusals(self) -> Counter[str]:
+        """What the broker refused since the last metrics, as ``access_<reason>``."""
+        if self._access is None:
+            return Counter()
+        refused = self._access.refused
+        new = refused - self._access_counted
+        self._access_counted = refused
+        return Counter({f"access_{reason}": n for reason, n in new.items()})
+
+    @property
+    def access_refused(self) -> Counter[str]:
+        """Everything the embedded broker has refused (broker.acl.Refusal names)."""
+        return Counter() if self._access is None else self._access.refused
 
     def _send(
         self,
@@ -487,6 +516,9 @@ class Gateway:
             )
         return boards
 
+    def _policy(self, boards: Boards | None) -> AccessPolicy:
+        return gateway_policy(self.fleet.fleet, self.id, self._down_id, self._password, boards)
+
     def reload_boards(self) -> Boards:
         """Re-read the boards file (SIGHUP); a board added gets the current model at once.
 
@@ -495,6 +527,8 @@ class Gateway:
         if self._boards is None:
             raise GatewayError(f"gateway {self.id} was started without a boards file")
         boards = self._read_boards()
+        if self._access is not None:
+            self._access.set_policy(self._policy(boards))
         self._boards.set_boards(boards)
         return boards
 

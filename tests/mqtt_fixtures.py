@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -72,6 +73,13 @@ class AmqttBroker:
 
 class MosquittoBroker(MosquittoProcess):
     """A mosquitto process on a free port with its own config (broker.mosquitto)."""
+
+
+@pytest.fixture
+def stack() -> Iterator[ExitStack]:
+    """Whatever a test starts, stopped at its end (last started, first stopped)."""
+    with ExitStack() as s:
+        yield s
 
 
 @pytest.fixture

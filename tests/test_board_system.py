@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from broker.embedded import EmbeddedBroker
+from broker.errors import ConnectRefused
 from broker.urls import parse_url
 from coordinator import Coordinator, CoordinatorConfig
 from device.agent import DeviceAgent
@@ -28,7 +30,7 @@ from gateway.boards import BoardEntry, Boards, new_board_entry, save_boards
 from kernels.reference import mlp_spec
 from tern import topics
 from tern.codecs import CodecName
-from tern.mcu import infer, quantize, quantize_window, seal_mcu
+from tern.mcu import infer, open_mcu, quantize, quantize_window, seal_mcu
 from tern.messages import TrainConfig
 from tern.reports import Status, Telemetry
 from tests.fleet_fixtures import build_fleet, device_data, simple_layout
@@ -45,7 +47,9 @@ WAIT = 20.0
 class Plant:
     """Coordinator, one gateway with two devices and one registered board."""
 
-    def __init__(self, broker: AmqttBroker, tmp: Path, stack: ExitStack) -> None:
+    def __init__(
+        self, broker: AmqttBroker, tmp: Path, stack: ExitStack, downstream_url: str | None = None
+    ) -> None:
         self.kit = build_fleet(simple_layout(1, 2))
         self.fleet = self.kit.fleet.fleet
         self.tmp, self.stack = tmp, stack
@@ -60,6 +64,7 @@ class Plant:
             backoff_min=0.05,
             backoff_max=0.3,
             boards_file=str(boards_file),
+            downstream_url=downstream_url,
         )
         self.gateway = Gateway(config, self.kit.fleet, self.kit.keys["gw-1"])
         stack.callback(self.gateway.stop)
@@ -163,8 +168,12 @@ def test_after_a_round_the_board_runs_the_new_model_and_its_telemetry_reaches_th
 
 
 def test_a_tampered_model_is_refused_and_the_last_good_one_stays_even_after_a_reboot(
-    plant: Plant, amqtt_broker: AmqttBroker, make_transport: MakeTransport, tmp_path: Path
+    amqtt_broker: AmqttBroker, make_transport: MakeTransport, tmp_path: Path, stack: ExitStack
 ) -> None:
+    # Downstream, a broker with no access policy (as an external one may be): anyone on
+    # the floor network can publish on the board's model topic, and only its key stands.
+    open_broker = stack.enter_context(EmbeddedBroker("127.0.0.1", 0))
+    plant = Plant(amqtt_broker, tmp_path, stack, downstream_url=open_broker.url)
     status = listen(make_transport, amqtt_broker.url, topics.status(plant.fleet, BOARD), "s")
     telemetry = listen(make_transport, amqtt_broker.url, topics.telemetry(plant.fleet, BOARD), "t")
     store = tmp_path / "board"
@@ -173,7 +182,7 @@ def test_a_tampered_model_is_refused_and_the_last_good_one_stays_even_after_a_re
     plant.start_devices()
     good = plant.coordinator.wait_for_round(1, WAIT).model_version
     assert board.wait_until(lambda b: b.model_version == good, WAIT), board.stats
-    attacker = make_transport(plant.gateway.downstream_url, "someone-on-the-floor")
+    attacker = make_transport(open_broker.url, "someone-on-the-floor")
     forged_key = bytes(32)  # not the board's key
     forged = quantize(SPEC, np.zeros(SPEC.size, np.float32), good + 1).to_bytes()
 
@@ -200,3 +209,40 @@ def test_a_tampered_model_is_refused_and_the_last_good_one_stays_even_after_a_re
     assert rebooted.wait_until(lambda b: b.stats["rejected"].get("bad_mac") == 1, WAIT)
     assert rebooted.model_version == good
     assert rebooted.wait_until(lambda b: b.stats["telemetry"] >= 2, WAIT)
+
+
+def test_the_gateway_broker_keeps_strangers_off_the_board_topics(
+    plant: Plant, amqtt_broker: AmqttBroker, make_transport: MakeTransport, tmp_path: Path
+) -> None:
+    telemetry = listen(make_transport, amqtt_broker.url, topics.telemetry(plant.fleet, BOARD), "t")
+    board = plant.board(tmp_path / "board")
+    plant.coordinator.start()
+    plant.start_devices()
+    good = plant.coordinator.wait_for_round(1, WAIT).model_version
+    assert board.wait_until(lambda b: b.model_version == good, WAIT), board.stats
+    down = plant.gateway.downstream_url
+    stranger = make_transport(down, "someone-on-the-floor")
+    forged = quantize(SPEC, np.zeros(SPEC.size, np.float32), good + 1).to_bytes()
+    fake = Telemetry(BOARD, good, 0, 0, 1.0, 1).to_json()
+
+    stranger.publish(
+        topics.mcu_model(plant.fleet, BOARD),
+        seal_mcu(forged, bytes(32), plant.fleet, BOARD),
+        retain=True,
+        wait=True,
+    )
+    stranger.publish(topics.telemetry(plant.fleet, BOARD), fake, wait=True)
+    with pytest.raises(ConnectRefused):  # its client id is the board's
+        make_transport(down, BOARD, backoff_max=0.05)
+    with pytest.raises(ConnectRefused):
+        make_transport(down, "guess", login=(plant.entry.mqtt_user, "not-the-password"))
+
+    seen = len(telemetry.messages)
+    assert board.wait_until(lambda b: len(telemetry.messages) >= seen + 3, WAIT)
+    assert fake not in [m.payload for m in telemetry.messages]
+    assert board.stats["rejected"] == {} and board.model_version == good
+    refused = plant.gateway.access_refused
+    assert refused == {"publish_denied": 2, "client_id_reserved": 1, "bad_password": 1}
+    # the genuine model is still the retained one
+    late = listen(make_transport, down, topics.mcu_model(plant.fleet, BOARD), "late")
+    assert open_mcu(late.wait_for(timeout=WAIT).payload, plant.entry.key, plant.fleet, BOARD)

@@ -7,12 +7,11 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
-import pytest
 from nacl.signing import SigningKey
 
 from broker.transport import Message, MqttTransport
@@ -171,12 +170,6 @@ class Rig:
         self.stack.callback(agent.stop)
         self.devices[dev] = agent.start()
         return agent
-
-
-@pytest.fixture
-def stack() -> Iterator[ExitStack]:
-    with ExitStack() as s:
-        yield s
 
 
 ONE = {"gw-1": (COORDINATOR, ["dev-01", "dev-02", "dev-03"])}

@@ -13,13 +13,14 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from broker.errors import ConnectRefused
 from broker.transport import Message
 from gateway import Gateway, GatewayConfig, GatewayError
 from gateway.boards import (
@@ -85,12 +86,6 @@ def board_model(inbox: Inbox, board: BoardEntry, device: str, version: int) -> M
         return open_mcu(m.payload, board.key, FLEET, device).model_version == version
 
     return open_mcu(inbox.wait_for(is_version, WAIT).payload, board.key, FLEET, device)
-
-
-@pytest.fixture
-def stack() -> Iterator[ExitStack]:
-    with ExitStack() as s:
-        yield s
 
 
 def start_gateway(
@@ -245,6 +240,28 @@ def test_a_board_added_by_reload_gets_the_current_model(
     assert model.to_bytes() == quantize(SPEC, weights(3), 3).to_bytes()
 
 
+def test_a_reload_changes_which_boards_may_log_in(
+    amqtt_broker: AmqttBroker, make_transport: MakeTransport, boards_file: Path, stack: ExitStack
+) -> None:
+    gateway = start_gateway(stack, amqtt_broker.url, boards_file)
+    down = gateway.downstream_url
+
+    def logs_in(board: str, e: BoardEntry) -> bool:
+        try:
+            make_transport(down, board, login=(e.mqtt_user, e.mqtt_password), backoff_max=0.05)
+        except ConnectRefused:
+            return False
+        return True
+
+    assert logs_in("esp-1", entry(1)) and not logs_in("esp-2", entry(2))
+
+    save_boards(boards_file, Boards(FLEET, "gw-1", {"esp-2": entry(2)}))
+    gateway.reload_boards()
+
+    assert logs_in("esp-2", entry(2)) and not logs_in("esp-1", entry(1))
+    assert gateway.access_refused == {"unknown_user": 2}
+
+
 def test_a_bad_reload_keeps_the_boards_served_so_far(
     amqtt_broker: AmqttBroker, boards_file: Path, stack: ExitStack
 ) -> None:
@@ -303,7 +320,8 @@ def test_board_telemetry_and_status_are_relayed_upstream_and_malformed_ones_drop
     gateway = start_gateway(stack, amqtt_broker.url, boards_file)
     up_telemetry = listen(make_transport, amqtt_broker.url, topics.telemetry_all(FLEET), "t")
     up_status = listen(make_transport, amqtt_broker.url, topics.status(FLEET, "esp-1"), "s")
-    board = make_transport(gateway.downstream_url, "esp-1")
+    login = (entry(1).mqtt_user, entry(1).mqtt_password)
+    board = make_transport(gateway.downstream_url, "esp-1", login=login)
     good = Telemetry("esp-1", 1, 7, 3, 0.75, 5120).to_json()
     online = Status("esp-1", "board", State.ONLINE, "0.1.0").to_json()
     topic = topics.telemetry(FLEET, "esp-1")

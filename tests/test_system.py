@@ -10,14 +10,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
+from broker.embedded import EmbeddedBroker
 from coordinator import Coordinator, CoordinatorConfig
 from coordinator.store import StateStore
 from coordinator.strategy import FedAvg
@@ -144,11 +144,19 @@ class Rig:
         self.gateways: dict[str, Gateway] = {}
         self.devices: dict[str, DeviceAgent] = {}
 
-    def gateway(self, gw: str, *, listen_port: int = 0) -> Gateway:
+    def gateway(
+        self, gw: str, *, listen_port: int = 0, downstream_url: str | None = None
+    ) -> Gateway:
         parent = self.kit.fleet.gateways[gw].parent
         url = self.upstream_url if parent == COORDINATOR else self.gateways[parent].downstream_url
         config = GatewayConfig(
-            gw, url, listen_port=listen_port, margin=0.3, backoff_min=0.05, backoff_max=0.3
+            gw,
+            url,
+            listen_port=listen_port,
+            downstream_url=downstream_url,
+            margin=0.3,
+            backoff_min=0.05,
+            backoff_max=0.3,
         )
         gateway = Gateway(config, self.kit.fleet, self.kit.keys[gw], rng=np.random.default_rng(1))
         self.stack.callback(gateway.stop)
@@ -201,12 +209,6 @@ class Rig:
 
     def model(self, version: int) -> np.ndarray:
         return StateStore(self.state).load_model(version, SPEC.size)[0]
-
-
-@pytest.fixture
-def stack() -> Iterator[ExitStack]:
-    with ExitStack() as s:
-        yield s
 
 
 # -- tests ----------------------------------------------------------------------------------
@@ -491,18 +493,21 @@ def test_devices_that_cannot_train_are_reported_by_reason_in_the_coordinators_me
     assert (gw2.contributors, gw2.failed) == (0, {"kernel_fuel": 2})
 
 
-def test_a_tampered_kernel_on_a_gateways_broker_is_refused_and_reported_upstream(
+def test_a_tampered_kernel_on_an_open_downstream_broker_is_refused_and_reported_upstream(
     amqtt_broker: AmqttBroker, stack: ExitStack, tmp_path: Path, make_transport: MakeTransport
 ) -> None:
-    """Someone on the factory floor overwrites the relayed kernel on the gateway's broker:
-    the devices refuse it, say why, and the coordinator's record counts them."""
+    """Someone on the factory floor overwrites the relayed kernel on a downstream broker
+    with no access policy: the devices refuse it, say why, and the coordinator counts them."""
     kit = build_fleet(simple_layout(1, 2))
-    rig = Rig(kit, amqtt_broker.url, tmp_path / "state", stack).all()
+    open_broker = stack.enter_context(EmbeddedBroker("127.0.0.1", 0))
+    rig = Rig(kit, amqtt_broker.url, tmp_path / "state", stack)
+    rig.gateway("gw-1", downstream_url=open_broker.url)
+    for dev in kit.fleet.devices:
+        rig.device(dev)
     coordinator = rig.coordinator(rounds=2, interval=3.0)
     digest = hashlib.sha256(VARIANT_KERNEL).hexdigest()
-    downstream = rig.gateways["gw-1"].downstream_url
     relayed = Inbox()
-    attacker = make_transport(downstream, "attacker")
+    attacker = make_transport(open_broker.url, "attacker")
     attacker.subscribe(topics.kernel(kit.fleet.fleet, digest), relayed)
 
     coordinator.start()
@@ -518,3 +523,30 @@ def test_a_tampered_kernel_on_a_gateways_broker_is_refused_and_reported_upstream
     assert all(
         a.wait_for_round(2, WAIT).reason == "kernel_bad_signature" for a in rig.devices.values()
     )
+
+
+def test_the_gateway_broker_drops_a_stranger_s_kernel_and_counts_it_in_the_metrics(
+    amqtt_broker: AmqttBroker, stack: ExitStack, tmp_path: Path, make_transport: MakeTransport
+) -> None:
+    kit = build_fleet(simple_layout(1, 2))
+    rig = Rig(kit, amqtt_broker.url, tmp_path / "state", stack).all()
+    coordinator = rig.coordinator(rounds=2, interval=3.0)
+    digest = hashlib.sha256(VARIANT_KERNEL).hexdigest()
+    downstream = rig.gateways["gw-1"].downstream_url
+    relayed = Inbox()
+    attacker = make_transport(downstream, "attacker")
+    attacker.subscribe(topics.kernel(kit.fleet.fleet, digest), relayed)
+
+    coordinator.start()
+    assert coordinator.wait_for_round(1, WAIT).ok
+    coordinator.publish_kernel(VARIANT_KERNEL)
+    relayed.wait_for(timeout=WAIT)
+    forged = seal_kernel(KernelFile(ABI_VERSION, VARIANT_KERNEL), kit.fleet.fleet, kit.keys["gw-1"])
+    attacker.publish(topics.kernel(kit.fleet.fleet, digest), forged, retain=True, wait=True)
+    second = coordinator.wait_for_round(2, WAIT)
+
+    assert second.ok and second.contributors == 2 and second.failed == {}
+    assert len(relayed.messages) == 1  # the forged copy never reached a subscriber
+    gateway = rig.gateways["gw-1"]
+    assert gateway.wait_for_round(2, WAIT).rejected == {"access_publish_denied": 1}
+    assert gateway.access_refused == {"publish_denied": 1}
