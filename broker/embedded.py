@@ -48,8 +48,8 @@ ANONYMOUS = "amqtt.plugins.authentication.AnonymousAuthPlugin"
 ACCESS_PLUGIN = "broker.plugins.AccessPlugin"  # named, not imported: that would load amqtt
 
 # amqtt's own defaults add the $SYS plugin and two loggers that write one line per
-# packet; an explicit plugin map replaces them. Anonymous access until the auth/ACL
-# plugins land (they merge in under `plugins:` from the config file).
+# packet; an explicit plugin map replaces them. Anonymous access by default; an access
+# policy (`access=`, broker.plugins.AccessPlugin) or a config file's plugins narrow it.
 DEFAULT_CONFIG: Mapping[str, Any] = {
     "listeners": {"default": {"type": "tcp"}},
     "plugins": {ANONYMOUS: {"allow_anonymous": True}},
