@@ -217,6 +217,7 @@ class EmbeddedBroker:
         self._stop_requested = asyncio.Event()
         # Imported here so that `tern` commands other than `broker` do not load amqtt.
         from amqtt.broker import Broker
+        from amqtt.contexts import Action
 
         class _Broker(Broker):  # type: ignore[misc]  # amqtt ships untyped
             """amqtt's broker, keeping each TCP client's transport so a stuck one can be cut."""
@@ -234,6 +235,16 @@ class EmbeddedBroker:
                     await super().stream_connected(reader, writer, listener_name)
                 finally:
                     self.clients.discard(transport)
+
+            async def _topic_filtering(self, session: Any, topic: str, action: Any) -> bool:
+                # amqtt awaits this for each delivery inside its loop over the live
+                # subscription map (_run_broadcast). Calling a topic plugin there yields
+                # to the event loop, a SUBSCRIBE can then change the map, and the message
+                # is lost to a RuntimeError. A delivery was allowed when its subscription
+                # was, so it is answered here, without yielding.
+                if action == Action.RECEIVE:
+                    return True
+                return bool(await super()._topic_filtering(session, topic, action))
 
         listening = False
         try:
