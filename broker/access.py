@@ -68,6 +68,3 @@ class AccessControl:
             self._refused[refusal] += 1
         log.warning("access: " + what + ": %s", *args, refusal)
         return False
-
-    def __deepcopy__(self, memo: dict[int, object]) -> AccessControl:
-        return self  # shared with the broker's loop, never copied along with a config

@@ -274,7 +274,7 @@ class EmbeddedBroker:
         client connections are aborted, which ends their readers; a shutdown still not
         done after that is cancelled, so the loop thread always ends.
         """
-        for listener in _listeners(broker):
+        for listener in _listeners(broker).values():
             listener.close()
         shutdown = asyncio.ensure_future(broker.shutdown())
         done, _ = await asyncio.wait({shutdown}, timeout=self._grace)
@@ -308,27 +308,26 @@ def _bind_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def _listeners(broker: Broker) -> list[asyncio.Server]:
-    """amqtt's TCP listening servers.
+def _listeners(broker: Broker) -> dict[str, asyncio.Server]:
+    """amqtt's TCP listening servers, by listener name.
 
     amqtt has no public accessor for them, so this is the one place we read its
     internals (`Broker._servers`); the port-0 and shutdown tests fail loudly if an amqtt
     upgrade moves them.
     """
     try:
-        servers = [server.instance for server in broker._servers.values()]
+        servers = {name: server.instance for name, server in broker._servers.items()}
     except (AttributeError, TypeError) as exc:
         raise BrokerError("cannot read amqtt's listeners (internals changed?)") from exc
-    return [server for server in servers if isinstance(server, asyncio.Server)]
+    return {name: s for name, s in servers.items() if isinstance(s, asyncio.Server)}
 
 
 def _bound_port(broker: Broker) -> int:
     """The default listener's real port."""
-    try:
-        sockets = broker._servers["default"].instance.sockets
-        ports = {sock.getsockname()[1] for sock in sockets}
-    except (AttributeError, KeyError, TypeError) as exc:
-        raise BrokerError("cannot read the bound port from amqtt (internals changed?)") from exc
+    listener = _listeners(broker).get("default")
+    if listener is None:
+        raise BrokerError("amqtt has no default TCP listener (internals changed?)")
+    ports = {sock.getsockname()[1] for sock in listener.sockets}
     if len(ports) != 1:
         # asyncio binds one socket per address a host name resolves to, and port 0
         # gives each its own port: there would be no one port to report.

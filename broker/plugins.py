@@ -3,8 +3,8 @@
 `AccessPlugin` answers amqtt's authentication and topic checks from a
 `broker.access.AccessControl`, which `EmbeddedBroker(access=...)` hands it through the
 plugin's config. amqtt requires every plugin's answer to be True, so this one allows
-what its policy allows (and every delivery to a subscriber, which the subscribe check
-has already passed) and refuses the rest.
+what its policy allows and refuses the rest. Deliveries to subscribers never reach it:
+the embedded broker answers those itself (see `_topic_filtering` there).
 """
 
 from __future__ import annotations
@@ -55,4 +55,4 @@ class AccessPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]  # am
             return self.control.publish(session.client_id or "", session.username, topic)
         if action == Action.SUBSCRIBE:
             return self.control.subscribe(session.client_id or "", session.username, topic)
-        return bool(action == Action.RECEIVE)  # a subscription already allowed
+        return True  # a delivery: its subscription was allowed

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from nacl.signing import SigningKey
 
+from device.agent import DeviceAgent
+from gateway import Gateway, GatewayConfig
 from tern.fleet import COORDINATOR, Fleet, GatewayEntry
 from tern.keys import signing_key_to_text
 
-__all__ = ["FleetKit", "build_fleet", "simple_layout", "write_fleet"]
+__all__ = ["FleetKit", "FleetRig", "build_fleet", "simple_layout", "write_fleet"]
 
 Layout = Mapping[str, tuple[str, Sequence[str]]]  # gateway -> (parent, its devices)
 
@@ -80,3 +84,53 @@ def device_data(device: str) -> tuple[np.ndarray, np.ndarray]:
     n = 20 + zlib.crc32(device.encode()) % 13
     x = rng.standard_normal((n, 8), dtype=np.float32)
     return x, (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1).astype(np.int64)
+
+
+class FleetRig:
+    """Real gateways and devices of one fleet under one upstream broker, stopped at the end.
+
+    Short backoffs (tests restart brokers) and seeded jitter; a gateway's parent must
+    have been started first.
+    """
+
+    def __init__(self, kit: FleetKit, upstream_url: str, stack: ExitStack) -> None:
+        self.kit, self.upstream_url, self.stack = kit, upstream_url, stack
+        self.gateways: dict[str, Gateway] = {}
+        self.devices: dict[str, DeviceAgent] = {}
+
+    def gateway(
+        self, gw: str, *, listen_port: int = 0, downstream_url: str | None = None
+    ) -> Gateway:
+        parent = self.kit.fleet.gateways[gw].parent
+        url = self.upstream_url if parent == COORDINATOR else self.gateways[parent].downstream_url
+        config = GatewayConfig(
+            gw,
+            url,
+            listen_port=listen_port,
+            downstream_url=downstream_url,
+            margin=0.3,
+            backoff_min=0.05,
+            backoff_max=0.3,
+        )
+        gateway = Gateway(config, self.kit.fleet, self.kit.keys[gw], rng=np.random.default_rng(1))
+        self.stack.callback(gateway.stop)
+        self.gateways[gw] = gateway.start()
+        return gateway
+
+    def device(self, dev: str, *, trainer: Any = None) -> DeviceAgent:
+        x, y = device_data(dev)
+        agent = DeviceAgent(
+            dev,
+            self.kit.fleet,
+            self.kit.keys[dev],
+            self.gateways[self.kit.fleet.gateway_of(dev)].downstream_url,
+            x,
+            y,
+            trainer=trainer,
+            backoff_min=0.05,
+            backoff_max=0.3,
+            rng=np.random.default_rng(2),
+        )
+        self.stack.callback(agent.stop)
+        self.devices[dev] = agent.start()
+        return agent

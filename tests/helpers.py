@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import numpy as np
@@ -48,3 +50,12 @@ def first_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
     reader.start()
     reader.join(timeout)
     return lines[0] if lines else b""
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll `condition` until it holds; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.01)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -15,8 +15,7 @@ import numpy as np
 from nacl.signing import SigningKey
 
 from broker.transport import Message, MqttTransport
-from device.agent import DeviceAgent
-from gateway import Gateway, GatewayConfig, depth, expected_contributors
+from gateway import depth, expected_contributors
 from kernels.reference import init_weights, mlp_spec
 from kernels.wasm import WasmTrainer
 from tern import topics
@@ -28,8 +27,15 @@ from tern.messages import GlobalModel, RoundSchedule, TrainConfig, Update, encod
 from tern.reports import RoundMetrics, State, Status
 from tern.spec import ModelSpec
 from tern.tensors import TypedArrayTag, encode_array
-from tests.fleet_fixtures import FleetKit, build_fleet, device_data, simple_layout, write_fleet
-from tests.helpers import first_line
+from tests.fleet_fixtures import (
+    FleetKit,
+    FleetRig,
+    build_fleet,
+    device_data,
+    simple_layout,
+    write_fleet,
+)
+from tests.helpers import first_line, wait_until
 from tests.mqtt_fixtures import AmqttBroker, Inbox, MakeTransport, MosquittoBroker, RunningBroker
 
 SPEC = mlp_spec([8, 6, 3])
@@ -119,59 +125,6 @@ def assert_same_bits(got: Partial, want: Partial) -> None:
     assert (got.total_weight, got.count) == (want.total_weight, want.count)
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.02)
-
-
-class Rig:
-    """Gateways and devices of one fleet under one upstream broker, stopped at the end."""
-
-    def __init__(self, kit: FleetKit, upstream_url: str, stack: ExitStack) -> None:
-        self.kit, self.upstream_url, self.stack = kit, upstream_url, stack
-        self.gateways: dict[str, Gateway] = {}
-        self.devices: dict[str, DeviceAgent] = {}
-
-    def gateway(self, gw: str, *, downstream_url: str | None = None) -> Gateway:
-        parent = self.kit.fleet.gateways[gw].parent
-        upstream = self.upstream_url if parent == COORDINATOR else self.gateways[parent]
-        url = upstream if isinstance(upstream, str) else upstream.downstream_url
-        config = GatewayConfig(
-            gw,
-            url,
-            downstream_url=downstream_url,
-            listen_port=0,
-            margin=0.3,
-            backoff_min=0.05,
-            backoff_max=0.3,
-        )
-        gateway = Gateway(config, self.kit.fleet, self.kit.keys[gw], rng=np.random.default_rng(1))
-        self.stack.callback(gateway.stop)
-        self.gateways[gw] = gateway.start()
-        return gateway
-
-    def device(self, dev: str) -> DeviceAgent:
-        gw = self.kit.fleet.gateway_of(dev)
-        x, y = device_data(dev)
-        agent = DeviceAgent(
-            dev,
-            self.kit.fleet,
-            self.kit.keys[dev],
-            self.gateways[gw].downstream_url,
-            x,
-            y,
-            backoff_min=0.05,
-            backoff_max=0.3,
-            rng=np.random.default_rng(2),
-        )
-        self.stack.callback(agent.stop)
-        self.devices[dev] = agent.start()
-        return agent
-
-
 ONE = {"gw-1": (COORDINATOR, ["dev-01", "dev-02", "dev-03"])}
 
 
@@ -180,7 +133,7 @@ def test_gateway_partial_is_the_fold_of_its_devices_updates(
 ) -> None:
     kit = build_fleet(ONE)
     coordinator = Coordinator(kit, make_transport(any_broker.url, "coord"))
-    rig = Rig(kit, any_broker.url, stack)
+    rig = FleetRig(kit, any_broker.url, stack)
     gateway = rig.gateway("gw-1")
     for dev in ONE["gw-1"][1]:
         rig.device(dev)
@@ -212,7 +165,7 @@ def test_gateway_folds_a_child_gateway_as_a_heavier_contributor(
     layout = simple_layout(1, 2, depth=2)  # gw-1 (dev-1-01, dev-1-02) > gw-1-2 (dev-1-2-..)
     kit = build_fleet(layout)
     coordinator = Coordinator(kit, make_transport(amqtt_broker.url, "coord"))
-    rig = Rig(kit, amqtt_broker.url, stack)
+    rig = FleetRig(kit, amqtt_broker.url, stack)
     rig.gateway("gw-1")
     child = rig.gateway("gw-1-2")
     for dev in kit.fleet.devices:
@@ -246,7 +199,7 @@ def test_gateway_closes_at_its_deadline_without_a_killed_device(
 ) -> None:
     kit = build_fleet(ONE)
     coordinator = Coordinator(kit, make_transport(amqtt_broker.url, "coord"))
-    rig = Rig(kit, amqtt_broker.url, stack)
+    rig = FleetRig(kit, amqtt_broker.url, stack)
     gateway = rig.gateway("gw-1")
     for dev in ONE["gw-1"][1]:
         rig.device(dev)
@@ -289,7 +242,7 @@ def test_gateway_counts_bad_input_by_reason_and_completes_the_round(
     kit = build_fleet(ONE)
     f = kit.fleet.fleet
     coordinator = Coordinator(kit, make_transport(amqtt_broker.url, "coord"))
-    rig = Rig(kit, amqtt_broker.url, stack)
+    rig = FleetRig(kit, amqtt_broker.url, stack)
     gateway = rig.gateway("gw-1")
     rig.device("dev-01")
     rig.device("dev-02")
@@ -348,7 +301,7 @@ def test_gateway_rejects_an_update_on_a_partial_topic(
 ) -> None:
     kit = build_fleet(ONE)
     coordinator = Coordinator(kit, make_transport(amqtt_broker.url, "coord"))
-    rig = Rig(kit, amqtt_broker.url, stack)
+    rig = FleetRig(kit, amqtt_broker.url, stack)
     gateway = rig.gateway("gw-1")
     attacker = make_transport(gateway.downstream_url, "attacker")
 
@@ -374,7 +327,7 @@ def test_device_rejoins_after_the_downstream_broker_restarts(
     kit = build_fleet({"gw-1": (COORDINATOR, ["dev-01"])})
     coordinator = Coordinator(kit, make_transport(amqtt_broker.url, "coord"))
     downstream = mosquitto_broker
-    rig = Rig(kit, amqtt_broker.url, stack)
+    rig = FleetRig(kit, amqtt_broker.url, stack)
     gateway = rig.gateway("gw-1", downstream_url=downstream.url)
     device = rig.device("dev-01")
     coordinator.open_round(1, 1, seconds=5.0)
@@ -451,7 +404,7 @@ def test_child_gateway_closes_before_its_parent_when_a_device_is_missing(
     layout = simple_layout(1, 2, depth=2)
     kit = build_fleet(layout)
     coordinator = Coordinator(kit, make_transport(amqtt_broker.url, "coord"))
-    rig = Rig(kit, amqtt_broker.url, stack)
+    rig = FleetRig(kit, amqtt_broker.url, stack)
     parent = rig.gateway("gw-1")
     child = rig.gateway("gw-1-2")
     for dev in kit.fleet.devices:

@@ -13,7 +13,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from tern.messages import GlobalModel
 from tern.reports import State, Status, Telemetry
 from tern.spec import ModelSpec
 from tests.fleet_fixtures import build_fleet, write_fleet
-from tests.helpers import first_line
+from tests.helpers import first_line, wait_until
 from tests.mqtt_fixtures import AmqttBroker, Inbox, MakeTransport, MosquittoBroker, listen
 
 SPEC = mlp_spec([8, 6, 3])
@@ -69,14 +68,6 @@ def publish_model(
     coord.publish(
         topics.global_model(FLEET), seal(env, KIT.coordinator_key), retain=True, wait=True
     )
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.02)
 
 
 def board_model(inbox: Inbox, board: BoardEntry, device: str, version: int) -> McuModel:

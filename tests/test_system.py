@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,7 @@ from broker.embedded import EmbeddedBroker
 from coordinator import Coordinator, CoordinatorConfig
 from coordinator.store import StateStore
 from coordinator.strategy import FedAvg
-from device.agent import DeviceAgent, local_update
-from gateway import Gateway, GatewayConfig
+from device.agent import local_update
 from kernels.reference import mlp_spec
 from kernels.wasm import ABI_VERSION, WasmTrainer, packaged_kernel
 from tern import topics
@@ -40,7 +38,15 @@ from tern.messages import (
 )
 from tern.reports import RoundMetrics
 from tern.spec import ModelSpec
-from tests.fleet_fixtures import FleetKit, build_fleet, device_data, simple_layout, write_fleet
+from tests.fleet_fixtures import (
+    FleetKit,
+    FleetRig,
+    build_fleet,
+    device_data,
+    simple_layout,
+    write_fleet,
+)
+from tests.helpers import wait_until
 from tests.mqtt_fixtures import AmqttBroker, Inbox, MakeTransport, RunningBroker, free_port
 
 LAYERS = (8, 6, 3)
@@ -64,14 +70,6 @@ class SlowTrainer:
     def train(self, spec: ModelSpec, weights: Any, x: Any, y: Any, config: Any, rng: Any) -> Any:
         time.sleep(self.seconds)
         return SHIPPED.train(spec, weights, x, y, config, rng)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.01)
 
 
 # -- the in-process reference ---------------------------------------------------------------
@@ -136,50 +134,12 @@ def reference_model(fleet: Fleet, weights: np.ndarray, leaves: dict[str, Partial
 # -- the rig --------------------------------------------------------------------------------
 
 
-class Rig:
+class Rig(FleetRig):
     """Coordinator, gateways and devices of one fleet; everything stops at the end."""
 
     def __init__(self, kit: FleetKit, upstream_url: str, state: Path, stack: ExitStack) -> None:
-        self.kit, self.upstream_url, self.state, self.stack = kit, upstream_url, state, stack
-        self.gateways: dict[str, Gateway] = {}
-        self.devices: dict[str, DeviceAgent] = {}
-
-    def gateway(
-        self, gw: str, *, listen_port: int = 0, downstream_url: str | None = None
-    ) -> Gateway:
-        parent = self.kit.fleet.gateways[gw].parent
-        url = self.upstream_url if parent == COORDINATOR else self.gateways[parent].downstream_url
-        config = GatewayConfig(
-            gw,
-            url,
-            listen_port=listen_port,
-            downstream_url=downstream_url,
-            margin=0.3,
-            backoff_min=0.05,
-            backoff_max=0.3,
-        )
-        gateway = Gateway(config, self.kit.fleet, self.kit.keys[gw], rng=np.random.default_rng(1))
-        self.stack.callback(gateway.stop)
-        self.gateways[gw] = gateway.start()
-        return gateway
-
-    def device(self, dev: str, *, trainer: Any = None) -> DeviceAgent:
-        x, y = device_data(dev)
-        agent = DeviceAgent(
-            dev,
-            self.kit.fleet,
-            self.kit.keys[dev],
-            self.gateways[self.kit.fleet.gateway_of(dev)].downstream_url,
-            x,
-            y,
-            trainer=trainer,
-            backoff_min=0.05,
-            backoff_max=0.3,
-            rng=np.random.default_rng(2),
-        )
-        self.stack.callback(agent.stop)
-        self.devices[dev] = agent.start()
-        return agent
+        super().__init__(kit, upstream_url, stack)
+        self.state = state
 
     def all(self) -> Rig:
         """Every gateway (parents first) and every device of the fleet."""
@@ -283,7 +243,7 @@ def test_a_killed_gateway_is_dropped_and_its_devices_return_with_a_new_one(
     coordinator = rig.coordinator(rounds=2, round_timeout=3.0, interval=5.0)
 
     coordinator.start()
-    wait_until(lambda: doomed.open_round == 1)
+    wait_until(lambda: doomed.open_round == 1, WAIT)
     doomed.stop()
     first = coordinator.wait_for_round(1, WAIT)
     rig.gateway("gw-2", listen_port=port)
@@ -353,7 +313,7 @@ def test_command_killed_between_rounds_resumes_at_the_next_round_with_the_saved_
     )
 
     first = Process(args, stack)
-    wait_until(lambda: (state / "rounds" / "2.json").exists())
+    wait_until(lambda: (state / "rounds" / "2.json").exists(), WAIT)
     first.popen.send_signal(signal.SIGKILL)
     first.popen.wait(timeout=WAIT)
     assert StateStore(state).round_numbers() == [1, 2]
@@ -391,7 +351,7 @@ def test_command_killed_mid_round_runs_the_open_round_again_to_completion(
     )
 
     first = Process(args, stack)
-    wait_until(lambda: gateway.open_round == 1)
+    wait_until(lambda: gateway.open_round == 1, WAIT)
     first.popen.send_signal(signal.SIGKILL)
     first.popen.wait(timeout=WAIT)
     assert StateStore(state).round_numbers() == []
