@@ -1,5 +1,5 @@
 """`python -m broker [--host H] [--port P] [--config FILE]`: the embedded broker."""
 
-from broker.embedded import main
+from broker.cli import main
 
 raise SystemExit(main())

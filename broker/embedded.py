@@ -8,7 +8,6 @@ code; `start()` and `stop()` each wait with a deadline. Any MQTT 3.1.1 broker
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import copy
@@ -16,7 +15,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,7 @@ import yaml  # type: ignore[import-untyped]  # PyYAML ships untyped
 
 from broker.access import AccessControl
 from broker.errors import BrokerConfigError, BrokerError, BrokerStartError, BrokerStopError
-from broker.lifecycle import configure_logging, quiet_third_party_logs, stop_on_signals
+from broker.lifecycle import quiet_third_party_logs
 from broker.transport import format_url
 
 if TYPE_CHECKING:
@@ -34,12 +33,9 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CONFIG",
     "EmbeddedBroker",
-    "add_arguments",
     "load_config",
-    "main",
     "merge_config",
     "quiet_third_party_logs",
-    "run",
 ]
 
 log = logging.getLogger(__name__)
@@ -333,43 +329,3 @@ def _bound_port(broker: Broker) -> int:
         # gives each its own port: there would be no one port to report.
         raise BrokerError(f"the listener got several ports {sorted(ports)}; bind one address")
     return int(ports.pop())
-
-
-# -- command line ----------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
-    parser.add_argument("--port", type=int, default=1883, help="port; 0 picks a free one (1883)")
-    parser.add_argument("--config", help="amqtt config (YAML or JSON) merged over the defaults")
-    parser.add_argument("--verbose", "-v", action="store_true", help="log amqtt's own messages")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Serve until SIGINT or SIGTERM, then shut down cleanly (exit status 0)."""
-    configure_logging(args.verbose)
-    with stop_on_signals(log) as stop:
-        try:
-            embedded = EmbeddedBroker(args.host, args.port, config=args.config).start()
-        except BrokerError as exc:
-            log.error("%s", exc)
-            return 1
-        # Wake up now and then to notice a broker thread that died on its own.
-        while not stop.wait(0.5):
-            if not embedded.running:
-                log.error("the broker stopped unexpectedly")
-                return 1
-    try:
-        embedded.stop()
-    except BrokerStopError as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m broker", description="Run tern's embedded MQTT broker (amqtt)."
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))

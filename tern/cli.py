@@ -27,7 +27,7 @@ __all__ = ["main"]
 # Component commands: `tern NAME ARGS...` runs MODULE.main(ARGS), the same parser as
 # `python -m PACKAGE`, imported only when used so `tern --help` stays light.
 COMPONENTS: dict[str, tuple[str, str]] = {
-    "broker": ("broker.embedded", "run the embedded MQTT broker (amqtt)"),
+    "broker": ("broker.cli", "run the embedded MQTT broker (amqtt)"),
     "coordinator": ("coordinator.__main__", "run a fleet's federated rounds"),
     "gateway": ("gateway.__main__", "serve devices and relay one partial aggregate upstream"),
     "device": ("device.__main__", "train on local data and send quantized updates"),
