@@ -18,7 +18,7 @@ import numpy.typing as npt
 from cbor2 import CBORTag
 
 from tern import trits as trit_pack
-from tern.errors import MalformedMessage, NonFiniteValue, ShapeMismatch, UnknownCodec
+from tern.errors import MalformedMessage, NonFiniteValue, ShapeMismatch, UnknownCodec, brief
 from tern.quantize import DEFAULT_RULE, TernaryRule, ternarize
 from tern.spec import parse_shape
 from tern.tensors import TypedArrayTag, decode_array, encode_array
@@ -48,6 +48,9 @@ class CheckedTensor(Protocol):
 
     def add_to(self, acc: F32Array) -> None:
         """``acc += value`` for a flat float32 `acc` of the tensor's size."""
+
+    def sq_norm(self) -> float:
+        """The squared L2 norm of the value, in float64."""
 
 
 class Codec(Protocol):
@@ -81,6 +84,10 @@ class _Dense:
 
     def add_to(self, acc: F32Array) -> None:
         np.add(acc, self.values.reshape(-1), out=acc, casting="unsafe")
+
+    def sq_norm(self) -> float:
+        v = self.values.reshape(-1).astype(np.float64)
+        return float(np.dot(v, v))
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +125,9 @@ class _Ternary:
 
     def add_to(self, acc: F32Array) -> None:
         trit_pack.accumulate_packed(acc, self.packed, self.scale)
+
+    def sq_norm(self) -> float:
+        return float(self.scale) ** 2 * trit_pack.count_nonzero(self.packed)
 
 
 _TERNARY_KEYS = frozenset({"shape", "scale", "trits"})
@@ -157,11 +167,11 @@ class TernaryCodec:
             with np.errstate(over="ignore"):
                 s32 = np.float32(scale)
         except OverflowError:  # a CBOR bignum beyond any float
-            raise NonFiniteValue(f"{what}: scale {scale!r} is not finite in float32") from None
+            raise NonFiniteValue(f"{what}: scale {brief(scale)} is not finite in float32") from None
         if not np.isfinite(s32):
-            raise NonFiniteValue(f"{what}: scale {scale!r} is not finite in float32")
+            raise NonFiniteValue(f"{what}: scale {brief(scale)} is not finite in float32")
         if s32 < 0:
-            raise MalformedMessage(f"{what}: scale {scale!r} is negative")
+            raise MalformedMessage(f"{what}: scale {brief(scale)} is negative")
         data = wire["trits"]
         if not (
             isinstance(data, CBORTag)
@@ -181,4 +191,4 @@ def codec_for(name: str, rng: np.random.Generator | None = None) -> Codec:
         return Float16Codec()
     if name == CodecName.TERNARY:
         return TernaryCodec(rng=rng)
-    raise UnknownCodec(f"codec {name!r} is not one of {[str(c) for c in CodecName]}")
+    raise UnknownCodec(f"codec {brief(name)} is not one of {[str(c) for c in CodecName]}")

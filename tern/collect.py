@@ -1,42 +1,57 @@
-"""One round's collection of updates or partials at a receiver: pure, clock-free.
+"""One round's collection of contributions at a receiver: pure, clock-free.
 
 A gateway collects its devices' updates (and its child gateways' partials); the
-coordinator collects its gateways' partials. Both the same way: each message is
-opened (size, CBOR, signature, fleet, kind, round) and checked against the spec, at
-most one per sender is kept, the rest is counted by reason, and the result is folded
-in ascending sender id (so it does not depend on arrival order). A rejected message
-never touches what was accepted. A sender may report a failure instead of an update
-(its own, or those of devices below it); that settles it for the round, and the
-reasons are tallied in `failed`.
+coordinator collects its gateways' partials. Both the same way. Each message is
+checked here against the round's history, cheapest first, before it reaches the trust
+boundary (`tern.admit`, which verifies it against the fleet file and the schedule):
+
+- a retained message on a contribution topic is refused (``retained``): a sender
+  never retains a contribution, and a broker would hand the same one out again;
+- the topic must name a sender of this round (``unexpected_sender``, ``wrong_topic``);
+- a sender that has settled (an accepted update or failure) gets nothing more verified:
+  the same bytes again are a redelivery (QoS 1) and are ignored, anything else is a
+  ``duplicate``;
+- each sender may have at most `max_attempts` messages verified in a round, so one
+  compromised device cannot make its gateway check signatures without end
+  (``rate_limited``);
+- the same refused bytes again are a redelivery too: counted once.
+
+At most one contribution per sender is kept, the rest is counted by reason, and the
+fold is in ascending sender id (so it does not depend on arrival order). A rejected
+message never touches what was accepted. A sender may report a failure instead of an
+update; that settles it for the round, and the reasons are tallied in `failed`. A fold
+that would not be finite is never handed out: the contributions that make it so are
+refused at `close()` (``overflow``).
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Collection, Mapping
+import hashlib
+from collections import Counter, OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from nacl.signing import VerifyKey
+import numpy as np
 
+from tern.admit import Contribution, Peer, Terms, admit
 from tern.aggregate import Accumulator, Partial
-from tern.envelope import Kind, open_envelope
-from tern.errors import TernError
-from tern.messages import CheckedUpdate, Failure, Update
+from tern.errors import TernError, TopicError
+from tern.messages import CheckedUpdate
 from tern.spec import ModelSpec
+from tern.topics import Topic, parse
 
-__all__ = ["Collector", "Offer", "Outcome", "max_update_bytes"]
+__all__ = ["MAX_ATTEMPTS", "Collector", "Offer", "Outcome"]
 
-
-def max_update_bytes(spec: ModelSpec) -> int:
-    """The largest well-formed update for `spec`: float32 tensors plus generous framing."""
-    return 4 * spec.size + 64 * len(spec.tensors) + 4096
+MAX_ATTEMPTS = 4  # messages of one sender verified in one round, at most
+_REMEMBERED = 1024  # digests of refused messages kept to recognise redeliveries
 
 
 class Outcome(StrEnum):
     ACCEPTED = "accepted"
     REJECTED = "rejected"
     FAILED = "failed"  # a signed failure report in place of an update
+    REDELIVERED = "redelivered"  # bytes already handled: not counted again
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,29 +63,30 @@ class Offer:
 
 
 class Collector:
-    """Collects round `round` for `receiver` from the `expected` senders."""
+    """Collects the round of `terms` from `peers` (tern.admit.peers_of)."""
 
     def __init__(
-        self,
-        *,
-        fleet: str,
-        round: int,
-        spec: ModelSpec,
-        keys: Mapping[str, VerifyKey],
-        expected: Collection[str],
-        kinds: Collection[Kind] = (Kind.UPDATE, Kind.PARTIAL, Kind.FAILURE),
+        self, *, terms: Terms, peers: Mapping[str, Peer], max_attempts: int = MAX_ATTEMPTS
     ) -> None:
-        self.fleet = fleet
-        self.round = round
-        self.spec = spec
-        self.keys = keys
-        self.expected = frozenset(expected)
-        self.kinds = frozenset(kinds)
-        self.max_bytes = max_update_bytes(spec)
+        self.terms = terms
+        self.peers = dict(peers)
+        self.max_attempts = max_attempts
         self.accepted: dict[str, CheckedUpdate] = {}
-        self.failures: dict[str, Failure] = {}  # sender -> what it reported instead
+        self.failures: dict[str, Contribution] = {}  # sender -> the failure it reported
         self.rejected: Counter[str] = Counter()
         self.bytes_in = 0
+        self._digests: dict[str, bytes] = {}  # settled sender -> digest of what settled it
+        self._attempts: Counter[str] = Counter()
+        self._refused: OrderedDict[bytes, None] = OrderedDict()
+        self._closed: Partial | None = None
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.terms.spec
+
+    @property
+    def expected(self) -> frozenset[str]:
+        return frozenset(self.peers)
 
     @property
     def complete(self) -> bool:
@@ -84,57 +100,99 @@ class Collector:
     def failed(self) -> Counter[str]:
         """Participants below this receiver that could not contribute, by reason."""
         out: Counter[str] = Counter()
-        for failure in self.failures.values():
-            out.update(failure.failed)
+        for contribution in self.failures.values():
+            out.update(contribution.failed)
         for checked in self.accepted.values():
             out.update(checked.failed)
         return out
 
-    def offer(self, data: bytes, topic_sender: str | None = None) -> Offer:
-        """Validate one message; accept it or count why not. Never raises a TernError."""
+    def offer(self, data: bytes, topic: Topic | str, *, retained: bool = False) -> Offer:
+        """Validate one message that arrived on `topic`; accept it or count why not.
+
+        Never raises a TernError. A message offered after `close()` is refused as late.
+        """
         self.bytes_in += len(data)
         try:
-            env = open_envelope(
-                data,
-                self.keys,
-                fleet=self.fleet,
-                kinds=self.kinds,
-                round=self.round,
-                max_bytes=self.max_bytes,
-            )
-            if topic_sender is not None and env.sender != topic_sender:
-                return self._reject(
-                    env.sender, "wrong_sender", "signed by another sender than its topic"
-                )
-            if env.sender not in self.expected:
-                return self._reject(
-                    env.sender, "unexpected_sender", "not a participant of this round"
-                )
-            if env.sender in self.accepted or env.sender in self.failures:
-                return self._reject(env.sender, "duplicate", "already contributed to this round")
-            if env.kind is Kind.FAILURE:
-                self.failures[env.sender] = Failure.from_body(env.body)
-                return Offer(Outcome.FAILED, env.sender)
-            update = Update.from_body(env.body)
-            if env.kind is Kind.UPDATE and (update.count != 1 or update.failed):
-                return self._reject(
-                    env.sender, "malformed", "a device update counts one contributor, no failures"
-                )
-            checked = update.check(self.spec)
+            parsed = topic if isinstance(topic, Topic) else parse(topic)
+        except TopicError as exc:
+            return self._reject(None, exc.reason, exc.message)
+        sender = parsed.sender
+        if retained:
+            return self._reject(sender, "retained", "a contribution is never retained")
+        peer = self.peers.get(sender) if sender is not None else None
+        if peer is None:
+            return self._reject(sender, "unexpected_sender", "not a sender of this round")
+        digest = hashlib.sha256(data).digest()
+        if sender in self._digests:
+            if self._digests[sender] == digest:
+                return Offer(Outcome.REDELIVERED, sender)
+            return self._reject(sender, "duplicate", "already contributed to this round")
+        if digest in self._refused:
+            return Offer(Outcome.REDELIVERED, sender)
+        if self._closed is not None:
+            return self._reject(sender, "late", "the round has closed here")
+        if self._attempts[peer.id] >= self.max_attempts:
+            return self._reject(sender, "rate_limited", "too many messages in this round")
+        self._attempts[peer.id] += 1
+        try:
+            contribution = admit(data, parsed, peer, self.terms)
         except TernError as exc:
-            return self._reject(topic_sender, exc.reason, exc.message)
-        self.accepted[env.sender] = checked
-        return Offer(Outcome.ACCEPTED, env.sender)
+            self._remember_refused(digest)
+            return self._reject(sender, exc.reason, exc.message)
+        self._digests[peer.id] = digest
+        if contribution.update is None:
+            self.failures[peer.id] = contribution
+            return Offer(Outcome.FAILED, peer.id)
+        self.accepted[peer.id] = contribution.update
+        return Offer(Outcome.ACCEPTED, peer.id)
+
+    def _remember_refused(self, digest: bytes) -> None:
+        self._refused[digest] = None
+        if len(self._refused) > _REMEMBERED:
+            self._refused.popitem(last=False)
 
     def _reject(self, sender: str | None, reason: str, message: str) -> Offer:
         self.rejected[reason] += 1
         return Offer(Outcome.REJECTED, sender, reason, message)
 
+    def close(self) -> Partial:
+        """The fold of everything accepted, in ascending sender id; finite by construction.
+
+        Bounded norms and weights keep every fold finite; should one still overflow, the
+        contributions that make it so are refused (``overflow``) and the fold is done
+        again without them. Idempotent: later calls return the same result.
+        """
+        if self._closed is not None:
+            return self._closed
+        result = self._fold(sorted(self.accepted))
+        if not _finite(result):
+            result = Partial.zero(self.terms.spec.size)
+            for sender in sorted(self.accepted):
+                trial = Accumulator(self.terms.spec.size)
+                trial.add(result)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    self.accepted[sender].add_to(trial)
+                if _finite(trial.result()):
+                    result = trial.result()
+                else:
+                    del self.accepted[sender]
+                    self.rejected["overflow"] += 1
+        self._closed = result
+        return result
+
     def result(self) -> Partial:
-        """The fold of everything accepted, in ascending sender id."""
+        """`close()`: kept for callers that read the fold once the round is over."""
+        return self.close()
+
+    def _fold(self, senders: list[str]) -> Partial:
         # Decoding straight into one accumulator in sender order gives the same bits as
         # aggregate.fold_sorted over decoded partials, without a copy per sender.
-        acc = Accumulator(self.spec.size)
-        for sender in sorted(self.accepted):
-            self.accepted[sender].add_to(acc)
+        acc = Accumulator(self.terms.spec.size)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for sender in senders:
+                self.accepted[sender].add_to(acc)
         return acc.result()
+
+
+def _finite(p: Partial) -> bool:
+    return bool(np.isfinite(p.weighted_sum).all()) and np.isfinite(p.total_weight)

@@ -2,17 +2,18 @@
 
 Wire form, a CBOR map (topics.md "Envelope")::
 
-    {"v": 1, "kind": "update", "fleet": "plant-7", "round": 12, "model": 11,
-     "sender": "dev-03", "body": ..., "sig": h'...64 bytes...'}
+    {"v": 2, "kind": "update", "fleet": "plant-7", "run": 1764500000000, "round": 12,
+     "model": 11, "sender": "dev-03", "body": ..., "sig": h'...64 bytes...'}
 
 ``sig`` is Ed25519 over the deterministic (RFC 8949 section 4.2) encoding of the same
-map without ``sig``. The receiver re-encodes what it decoded to verify, so a sender
-only has to sign its own canonical bytes.
+map without ``sig``. A receiver decodes with the strict whitelist of `tern.cbor` and
+verifies over the received bytes minus the ``sig`` entry (`tern.cbor.decode_signed_map`):
+it never encodes an attacker's structure again, so a sender must send exactly the
+deterministic encoding it signed (what `seal` does).
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -22,10 +23,10 @@ import cbor2
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from tern.cbor import Caps, decode, decode_signed_map
 from tern.errors import (
     BadSignature,
     MalformedMessage,
-    PayloadTooLarge,
     UnexpectedMessage,
     UnknownSchemaVersion,
 )
@@ -33,6 +34,7 @@ from tern.topics import validate_id
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
+    "INSPECT_CAPS",
     "SCHEMA_VERSIONS",
     "Envelope",
     "Kind",
@@ -42,11 +44,14 @@ __all__ = [
     "seal",
 ]
 
-SCHEMA_VERSIONS: tuple[int, ...] = (1,)
+SCHEMA_VERSIONS: tuple[int, ...] = (2,)
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-_MAX_DEPTH = 16  # our deepest structure is 5 levels; anything deeper is hostile
-_KEYS = frozenset({"v", "kind", "fleet", "round", "model", "sender", "body", "sig"})
+# For people looking at a message (`tern inspect`), not for receivers: each receiver
+# opens each kind of message under that kind's own caps (tern.caps).
+INSPECT_CAPS = Caps(DEFAULT_MAX_BYTES, 1 << 20)
+_KEYS = frozenset({"v", "kind", "fleet", "run", "round", "model", "sender", "body", "sig"})
 _U32 = 2**32
+_U64 = 2**64
 
 
 class Kind(StrEnum):
@@ -67,12 +72,14 @@ class Envelope:
     sender: str
     body: Any
     version: int = SCHEMA_VERSIONS[-1]
+    run: int = 0  # the coordinator's run (topics.md "Freshness"); 0 only in tests
 
     def _unsigned(self) -> dict[str, object]:
         return {
             "v": self.version,
             "kind": str(self.kind),
             "fleet": self.fleet,
+            "run": self.run,
             "round": self.round,
             "model": self.model_version,
             "sender": self.sender,
@@ -86,17 +93,9 @@ def canonical(value: object) -> bytes:
 
 
 def loads_bounded(data: bytes, max_bytes: int) -> Any:
-    """Decode exactly one CBOR item, size and depth bounded; only TernErrors escape."""
-    if len(data) > max_bytes:
-        raise PayloadTooLarge(len(data), max_bytes)
-    fp = io.BytesIO(data)
-    try:
-        value = cbor2.CBORDecoder(fp, max_depth=_MAX_DEPTH, allow_duplicate_keys=False).decode()
-    except Exception as exc:  # cbor2 raises several types, and RecursionError/ValueError
-        raise MalformedMessage(f"not valid CBOR: {exc}") from exc
-    if fp.tell() != len(data):
-        raise MalformedMessage(f"{len(data) - fp.tell()} bytes after the CBOR item")
-    return value
+    """Decode exactly one CBOR item of tern's whitelist (`tern.cbor`), at most `max_bytes`
+    long; only TernErrors escape. For tools and tests: receivers use `open_envelope`."""
+    return decode(data, Caps(max_bytes, max(1, max_bytes)))
 
 
 def seal(env: Envelope, key: SigningKey) -> bytes:
@@ -108,9 +107,10 @@ def seal(env: Envelope, key: SigningKey) -> bytes:
     return canonical({**unsigned, "sig": sig})
 
 
-def _uint(value: object, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < _U32:
-        raise MalformedMessage(f"envelope field {what!r} must be an integer in [0, 2**32)")
+def _uint(value: object, what: str, bound: int = _U32) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < bound:
+        limit = "2**32" if bound == _U32 else "2**64"
+        raise MalformedMessage(f"envelope field {what!r} must be an integer in [0, {limit})")
     return value
 
 
@@ -126,19 +126,22 @@ def open_envelope(
     *,
     fleet: str,
     kinds: Collection[Kind],
+    caps: Caps = INSPECT_CAPS,
     round: int | None = None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    run: int | None = None,
+    sender: str | None = None,
 ) -> Envelope:
     """Decode, check and verify one message; every failure is a TernError with a reason.
 
-    `keys` maps sender id to its verify key: an unknown sender is a bad signature.
-    `round`, when given, is the only round accepted (older: ``stale_round``).
+    `caps` bounds the bytes and the CBOR items before anything is decoded (receivers pass
+    the caps of the kind they expect, `tern.caps`). `keys` maps sender id to its verify
+    key: an unknown sender is a bad signature. `sender` (the one its topic names),
+    `round` and `run`, when given, are the only ones accepted (``wrong_sender``; older:
+    ``stale_round`` / ``stale_run``).
     """
-    m = loads_bounded(data, max_bytes)
-    if not isinstance(m, Mapping):
-        raise MalformedMessage("an envelope is a CBOR map")
+    m, signed = decode_signed_map(data, caps)
     if set(m) != _KEYS:
-        raise MalformedMessage(f"envelope keys {sorted(map(str, m))} are not {sorted(_KEYS)}")
+        raise MalformedMessage("envelope keys are not exactly those of topics.md")
     version = m["v"]
     if not isinstance(version, int) or isinstance(version, bool) or version not in SCHEMA_VERSIONS:
         raise UnknownSchemaVersion(version, SCHEMA_VERSIONS)
@@ -146,35 +149,35 @@ def open_envelope(
     try:
         kind = Kind(kind_text)
     except ValueError:
-        raise MalformedMessage(f"unknown message kind {kind_text!r}") from None
+        raise MalformedMessage("unknown message kind") from None
     msg_fleet = _text(m["fleet"], "fleet")
-    sender = _text(m["sender"], "sender")
+    msg_sender = _text(m["sender"], "sender")
+    msg_run = _uint(m["run"], "run", _U64)
     msg_round = _uint(m["round"], "round")
     model_version = _uint(m["model"], "model")
     sig = m["sig"]
     if not isinstance(sig, bytes) or len(sig) != 64:
         raise MalformedMessage("envelope field 'sig' must be 64 bytes")
     if msg_fleet != fleet:
-        raise UnexpectedMessage(
-            f"message for fleet {msg_fleet!r}, this is {fleet!r}", "wrong_fleet"
-        )
+        raise UnexpectedMessage(f"message for another fleet, this is {fleet!r}", "wrong_fleet")
     if kind not in kinds:
         raise UnexpectedMessage(
             f"a {kind} message where {sorted(map(str, kinds))} is expected", "wrong_kind"
         )
-    key = keys.get(sender)
+    if sender is not None and msg_sender != sender:
+        raise UnexpectedMessage(f"signed by another sender than {sender!r}", "wrong_sender")
+    key = keys.get(msg_sender)
     if key is None:
-        raise BadSignature(f"no key is known for sender {sender!r}")
-    env = Envelope(kind, msg_fleet, msg_round, model_version, sender, m["body"], version)
-    try:
-        signed = canonical(env._unsigned())
-    except Exception as exc:  # a decoded value cbor2 cannot encode back
-        raise MalformedMessage(f"envelope cannot be re-encoded to verify: {exc}") from exc
+        raise BadSignature("no key is known for the sender")
     try:
         key.verify(signed, sig)
     except BadSignatureError:
-        raise BadSignature(f"signature of {kind} from {sender!r} does not verify") from None
+        raise BadSignature(f"signature of {kind} from {msg_sender!r} does not verify") from None
+    if run is not None and msg_run != run:
+        reason = "stale_run" if msg_run < run else "future_run"
+        raise UnexpectedMessage(f"message of run {msg_run}, this is run {run}", reason)
     if round is not None and msg_round != round:
         reason = "stale_round" if msg_round < round else "future_round"
         raise UnexpectedMessage(f"message for round {msg_round}, the open round is {round}", reason)
-    return env
+    body = m["body"]
+    return Envelope(kind, msg_fleet, msg_round, model_version, msg_sender, body, version, msg_run)

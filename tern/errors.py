@@ -7,6 +7,8 @@ human-readable message that they log.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 __all__ = [
     "BadSignature",
     "DigestMismatch",
@@ -16,12 +18,37 @@ __all__ = [
     "PayloadTooLarge",
     "ShapeMismatch",
     "TernError",
+    "TooComplex",
     "TopicError",
     "UnexpectedMessage",
     "UnknownCodec",
     "UnknownSchemaVersion",
     "Unsigned",
+    "brief",
 ]
+
+
+def brief(value: object, limit: int = 40) -> str:
+    """A short description of an untrusted value, safe to put in an error message.
+
+    Never formats more than `limit` characters of it, never converts a huge integer to
+    text (Python refuses beyond 4,300 digits) and never recurses into containers.
+    """
+    if value is None or isinstance(value, bool | float):
+        return repr(value)
+    if isinstance(value, int):
+        return (
+            repr(value) if value.bit_length() <= 64 else f"an integer of {value.bit_length()} bits"
+        )
+    if isinstance(value, str):
+        return repr(value) if len(value) <= limit else f"text of {len(value)} characters"
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"{len(value)} bytes"
+    if isinstance(value, list | tuple):
+        return f"an array of {len(value)} items"
+    if isinstance(value, Mapping):
+        return f"a map of {len(value)} entries"
+    return f"a {type(value).__name__}"
 
 
 class TernError(Exception):
@@ -51,6 +78,12 @@ class PayloadTooLarge(TernError):
         self.limit = limit
 
 
+class TooComplex(TernError):
+    """More CBOR data items than any valid message of the expected kind holds."""
+
+    reason = "oversize"
+
+
 class MalformedMessage(TernError):
     """The bytes are not CBOR, or the CBOR does not have the documented structure."""
 
@@ -63,7 +96,7 @@ class UnknownSchemaVersion(TernError):
     reason = "unknown_version"
 
     def __init__(self, version: object, known: tuple[int, ...]) -> None:
-        super().__init__(f"schema version {version!r} is not one of {known}")
+        super().__init__(f"schema version {brief(version)} is not one of {known}")
         self.version = version
 
 

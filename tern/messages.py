@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
-from nacl.signing import SigningKey, VerifyKey
+from nacl.signing import SigningKey
 
 from tern.aggregate import Accumulator, Partial
-from tern.codecs import CheckedTensor, Codec, CodecName, codec_for
+from tern.caps import KERNEL_CAPS, MAX_KERNEL_BYTES, model_caps, schedule_caps
+from tern.codecs import CheckedTensor, Codec, CodecName, Float32Codec, codec_for
 from tern.envelope import Envelope, Kind, open_envelope, seal
 from tern.errors import (
     DigestMismatch,
@@ -25,13 +26,18 @@ from tern.errors import (
     ShapeMismatch,
     UnknownCodec,
     Unsigned,
+    brief,
 )
-from tern.fleet import COORDINATOR
-from tern.spec import ModelSpec
+from tern.fleet import COORDINATOR, Fleet
+from tern.spec import MAX_PARAMS, ModelSpec
 from tern.tensors import TypedArrayTag, decode_array, encode_array
 
 __all__ = [
+    "DEFAULT_MAX_NORM",
+    "DEFAULT_MAX_WEIGHT",
     "MAX_KERNEL_BYTES",
+    "MIN_WEIGHT",
+    "Bounds",
     "CheckedUpdate",
     "Failure",
     "GlobalModel",
@@ -40,6 +46,7 @@ __all__ = [
     "RoundSchedule",
     "TrainConfig",
     "Update",
+    "cohort_message",
     "encode_update",
     "open_kernel",
     "open_model",
@@ -47,7 +54,13 @@ __all__ = [
     "seal_kernel",
 ]
 
-MAX_KERNEL_BYTES = 1 << 20  # the shipped MLP kernel is ~16 KB
+MIN_WEIGHT = 1.0  # an update's weight counts training samples: at least one
+# The schedule's defaults (coordinator flags --max-weight, --max-norm). The demo's devices
+# hold 145-708 samples; their ternary updates have norms (per unit weight) of 2.9-6.6
+# (measured over 30 rounds of the demo task), so 20 leaves honest updates 3x room while
+# an update scaled by 100 is far outside it.
+DEFAULT_MAX_WEIGHT = 10_000.0
+DEFAULT_MAX_NORM = 20.0
 
 F32Array = npt.NDArray[np.float32]
 
@@ -103,7 +116,7 @@ def _tally(value: object, what: str) -> dict[str, int]:
     for reason, count in value.items():
         if not isinstance(reason, str) or not 0 < len(reason) <= 64 or not reason.isascii():
             raise MalformedMessage(f"{what} reasons must be short ASCII text")
-        out[reason] = _count(count, f"{what}[{reason!r}]", 1)
+        out[reason] = _count(count, f"{what}[{reason!r}]", 1)  # reason: short ASCII, checked
     return dict(sorted(out.items()))
 
 
@@ -113,7 +126,9 @@ def _codec_name(value: object) -> CodecName:
             raise ValueError(value)
         return CodecName(value)
     except ValueError:
-        raise UnknownCodec(f"codec {value!r} is not one of {[str(c) for c in CodecName]}") from None
+        raise UnknownCodec(
+            f"codec {brief(value)} is not one of {[str(c) for c in CodecName]}"
+        ) from None
 
 
 # -- global model ------------------------------------------------------------------
@@ -140,9 +155,14 @@ class GlobalModel:
         }
 
     @classmethod
-    def from_body(cls, body: object) -> GlobalModel:
+    def from_body(cls, body: object, *, max_params: int = MAX_PARAMS) -> GlobalModel:
+        """`max_params`: the receiver's bound (the fleet file's), checked before the weights."""
         m = _map(body, frozenset({"spec", "weights"}), "model")
         spec = ModelSpec.from_cbor(m["spec"])
+        if spec.size > max_params:
+            raise ShapeMismatch(
+                f"a model of {spec.size} parameters exceeds the fleet's {max_params}"
+            )
         tensors = m["weights"]
         if not isinstance(tensors, list | tuple) or len(tensors) != len(spec.tensors):
             raise ShapeMismatch(
@@ -206,6 +226,39 @@ class KernelRef:
 
 
 @dataclass(frozen=True, slots=True)
+class Bounds:
+    """What one contribution may claim, signed in every schedule (topics.md "Bounds").
+
+    `max_weight`: a device's update weighs at most this, unless the fleet file gives the
+    device its own bound (a gateway's partial: at most the sum of its devices' bounds).
+    `max_norm`: the L2 norm of an update's mean delta (its sum divided by its weight) is
+    at most this, for a device's update and a gateway's partial alike.
+    """
+
+    max_weight: float = DEFAULT_MAX_WEIGHT
+    max_norm: float = DEFAULT_MAX_NORM
+
+    def __post_init__(self) -> None:
+        for name in ("max_weight", "max_norm"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value > 0):
+                raise ValueError(f"bounds.{name} must be finite and > 0")
+        if self.max_weight < MIN_WEIGHT:
+            raise ValueError(f"bounds.max_weight must be at least {MIN_WEIGHT}")
+
+    def to_cbor(self) -> dict[str, object]:
+        return {"max_weight": float(self.max_weight), "max_norm": float(self.max_norm)}
+
+    @classmethod
+    def from_cbor(cls, value: object) -> Bounds:
+        m = _map(value, frozenset({"max_weight", "max_norm"}), "schedule.bounds")
+        max_weight = _number(m["max_weight"], "schedule.bounds.max_weight", positive=True)
+        if max_weight < MIN_WEIGHT:
+            raise MalformedMessage(f"schedule.bounds.max_weight must be at least {MIN_WEIGHT}")
+        return cls(max_weight, _number(m["max_norm"], "schedule.bounds.max_norm", positive=True))
+
+
+@dataclass(frozen=True, slots=True)
 class RoundSchedule:
     """What round `round` asks of participants, built on model `model_version`."""
 
@@ -218,9 +271,11 @@ class RoundSchedule:
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
     kernel: KernelRef | None = None  # None: devices train with what they shipped with
+    bounds: Bounds = field(default_factory=Bounds)
 
     def to_body(self) -> dict[str, object]:
         return {
+            "bounds": self.bounds.to_cbor(),
             "kernel": None if self.kernel is None else self.kernel.to_cbor(),
             "round": self.round,
             "model": self.model_version,
@@ -245,6 +300,7 @@ class RoundSchedule:
                 "seed",
                 "train",
                 "kernel",
+                "bounds",
             }
         )
         m = _map(body, keys, "schedule")
@@ -255,6 +311,8 @@ class RoundSchedule:
             ):
                 raise MalformedMessage("schedule participants must be null or an array of ids")
             participants = tuple(participants)
+            if len(set(participants)) != len(participants):
+                raise MalformedMessage("schedule participants repeat an id")
         return cls(
             round=_count(m["round"], "schedule.round"),
             model_version=_count(m["model"], "schedule.model"),
@@ -265,6 +323,7 @@ class RoundSchedule:
             seed=_count(m["seed"], "schedule.seed"),
             train=TrainConfig.from_cbor(m["train"]),
             kernel=None if m["kernel"] is None else KernelRef.from_cbor(m["kernel"]),
+            bounds=Bounds.from_cbor(m["bounds"]),
         )
 
 
@@ -342,6 +401,10 @@ class CheckedUpdate:
         acc.total_weight += self.weight
         acc.count += self.count
 
+    def sq_norm(self) -> float:
+        """The squared L2 norm of the weighted sum, in float64."""
+        return sum(t.sq_norm() for t in self.tensors)
+
     def to_partial(self) -> Partial:
         acc = Accumulator(self.spec.size)
         self.add_to(acc)
@@ -406,21 +469,49 @@ def encode_update(
     return update, new_residual
 
 
+def cohort_message(
+    spec: ModelSpec, result: Partial, failed: Mapping[str, int]
+) -> tuple[Kind, dict[str, object]] | None:
+    """What a gateway sends its parent for a closed round: its fold as a float32
+    ``partial`` (with the failures below it), or, when nothing was folded but some
+    devices reported failures, a ``failure`` with their reasons; None when neither."""
+    if result.count > 0:
+        update, _ = encode_update(Float32Codec(), spec, result)
+        return Kind.PARTIAL, replace(update, failed=dict(failed)).to_body()
+    if failed:  # nothing to fold, but the parent learns why and stops waiting
+        return Kind.FAILURE, Failure(dict(failed)).to_body()
+    return None
+
+
 # -- the coordinator's messages, as every receiver opens them ---------------------------
 
 
-def open_model(data: bytes, coordinator_key: VerifyKey, fleet: str) -> tuple[Envelope, GlobalModel]:
-    """A signed global model from the coordinator of `fleet`; a TernError otherwise."""
-    env = open_envelope(data, {COORDINATOR: coordinator_key}, fleet=fleet, kinds=(Kind.MODEL,))
-    return env, GlobalModel.from_body(env.body)
+def open_model(data: bytes, fleet: Fleet) -> tuple[Envelope, GlobalModel]:
+    """A signed global model from the coordinator of `fleet`, of at most the fleet's
+    `max_params` parameters; a TernError otherwise."""
+    env = open_envelope(
+        data,
+        {COORDINATOR: fleet.coordinator_key},
+        fleet=fleet.fleet,
+        kinds=(Kind.MODEL,),
+        caps=model_caps(fleet.max_params),
+    )
+    return env, GlobalModel.from_body(env.body, max_params=fleet.max_params)
 
 
-def open_schedule(
-    data: bytes, coordinator_key: VerifyKey, fleet: str
-) -> tuple[Envelope, RoundSchedule]:
+def open_schedule(data: bytes, fleet: Fleet) -> tuple[Envelope, RoundSchedule]:
     """A signed round schedule from the coordinator of `fleet`; a TernError otherwise."""
-    env = open_envelope(data, {COORDINATOR: coordinator_key}, fleet=fleet, kinds=(Kind.SCHEDULE,))
-    return env, RoundSchedule.from_body(env.body)
+    env = open_envelope(
+        data,
+        {COORDINATOR: fleet.coordinator_key},
+        fleet=fleet.fleet,
+        kinds=(Kind.SCHEDULE,),
+        caps=schedule_caps(len(fleet.devices)),
+    )
+    schedule = RoundSchedule.from_body(env.body)
+    if (schedule.round, schedule.model_version) != (env.round, env.model_version):
+        raise MalformedMessage("the schedule's round or model differs from its envelope's")
+    return env, schedule
 
 
 # -- training kernels ---------------------------------------------------------------
@@ -454,22 +545,23 @@ class KernelFile:
         return kernel
 
 
-def seal_kernel(kernel: KernelFile, fleet: str, key: SigningKey) -> bytes:
+def seal_kernel(kernel: KernelFile, fleet: str, key: SigningKey, *, run: int = 0) -> bytes:
     """The coordinator's signed kernel message (round and model fields are 0: unbound)."""
-    return seal(Envelope(Kind.KERNEL, fleet, 0, 0, COORDINATOR, kernel.to_body()), key)
+    env = Envelope(Kind.KERNEL, fleet, 0, 0, COORDINATOR, kernel.to_body(), run=run)
+    return seal(env, key)
 
 
-def open_kernel(data: bytes, coordinator_key: VerifyKey, fleet: str, sha256: str) -> KernelFile:
+def open_kernel(data: bytes, fleet: Fleet, sha256: str) -> KernelFile:
     """The signed kernel whose SHA-256 is `sha256`; Unsigned, BadSignature,
     DigestMismatch or another TernError otherwise."""
     if data[:4] == b"\0asm":
         raise Unsigned("a bare WebAssembly module, not a kernel signed by the coordinator")
     env = open_envelope(
         data,
-        {COORDINATOR: coordinator_key},
-        fleet=fleet,
+        {COORDINATOR: fleet.coordinator_key},
+        fleet=fleet.fleet,
         kinds=(Kind.KERNEL,),
-        max_bytes=MAX_KERNEL_BYTES + 4096,
+        caps=KERNEL_CAPS,
     )
     kernel = KernelFile.from_body(env.body)
     if kernel.sha256 != sha256:

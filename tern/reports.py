@@ -16,9 +16,20 @@ from typing import Any
 from tern.errors import MalformedMessage, PayloadTooLarge
 from tern.topics import validate_id
 
-__all__ = ["RoundMetrics", "State", "Status", "Telemetry", "parse_json"]
+__all__ = [
+    "MAX_JSON_BYTES",
+    "MAX_STATUS_BYTES",
+    "MAX_TELEMETRY_BYTES",
+    "RoundMetrics",
+    "State",
+    "Status",
+    "Telemetry",
+    "parse_json",
+]
 
-MAX_JSON_BYTES = 64 * 1024
+MAX_JSON_BYTES = 64 * 1024  # metrics: tallies of many reasons
+MAX_STATUS_BYTES = 4096  # an id, a role, a version and a detail of at most 500 characters, escaped
+MAX_TELEMETRY_BYTES = 1024  # six short fields
 
 
 class State(StrEnum):
@@ -26,10 +37,10 @@ class State(StrEnum):
     OFFLINE = "offline"
 
 
-def parse_json(data: bytes, what: str) -> dict[str, Any]:
+def parse_json(data: bytes, what: str, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
     """Bounded, strict JSON object; MalformedMessage or PayloadTooLarge otherwise."""
-    if len(data) > MAX_JSON_BYTES:
-        raise PayloadTooLarge(len(data), MAX_JSON_BYTES)
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(len(data), max_bytes)
     try:
         value = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -68,7 +79,7 @@ class Status:
 
     @classmethod
     def from_json(cls, data: bytes) -> Status:
-        v = parse_json(data, "status")
+        v = parse_json(data, "status", MAX_STATUS_BYTES)
         _fields(v, {"id", "role", "state", "version"}, {"detail"}, "status")
         try:
             return cls(
@@ -151,7 +162,7 @@ class Telemetry:
 
     @classmethod
     def from_json(cls, data: bytes) -> Telemetry:
-        v = parse_json(data, "telemetry")
+        v = parse_json(data, "telemetry", MAX_TELEMETRY_BYTES)
         _fields(v, set(cls.__dataclass_fields__), set(), "telemetry")
         ints = ("model_version", "seq", "label", "latency_us")
         if not all(isinstance(v[k], int) and not isinstance(v[k], bool) for k in ints):

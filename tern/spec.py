@@ -10,13 +10,14 @@ from functools import cached_property
 import numpy as np
 import numpy.typing as npt
 
-from tern.errors import MalformedMessage, ShapeMismatch
+from tern.errors import MalformedMessage, ShapeMismatch, brief
 
-__all__ = ["MAX_PARAMS", "ModelSpec", "TensorSpec", "parse_shape"]
+__all__ = ["MAX_PARAMS", "MAX_TENSORS", "ModelSpec", "TensorSpec", "parse_shape"]
 
 F32Array = npt.NDArray[np.float32]
 
 MAX_PARAMS = 1 << 28  # 1 GiB of float32: far above any device model, bounds a hostile spec
+MAX_TENSORS = 256  # named tensors in one model; bounds a hostile spec's decoding work
 _MAX_DIMS = 8
 
 
@@ -40,6 +41,8 @@ class ModelSpec:
         names = [t.name for t in self.tensors]
         if len(set(names)) != len(names):
             raise ShapeMismatch(f"tensor names repeat in the spec: {names}")
+        if len(self.tensors) > MAX_TENSORS:
+            raise ShapeMismatch(f"a spec of {len(self.tensors)} tensors exceeds {MAX_TENSORS}")
         if self.size > MAX_PARAMS:
             raise ShapeMismatch(f"spec of {self.size} parameters exceeds {MAX_PARAMS}")
 
@@ -85,15 +88,15 @@ class ModelSpec:
 
     @classmethod
     def from_cbor(cls, value: object) -> ModelSpec:
-        if not isinstance(value, list | tuple) or not value:
-            raise MalformedMessage("spec must be a non-empty array of [name, shape]")
+        if not isinstance(value, list | tuple) or not 0 < len(value) <= MAX_TENSORS:
+            raise MalformedMessage(f"spec must be an array of 1-{MAX_TENSORS} [name, shape]")
         tensors = []
         for item in value:
             if not (isinstance(item, list | tuple) and len(item) == 2):
-                raise MalformedMessage(f"spec entry {item!r} is not [name, shape]")
+                raise MalformedMessage(f"spec entry {brief(item)} is not [name, shape]")
             name, shape = item
             if not isinstance(name, str) or not name or len(name) > 128:
-                raise MalformedMessage(f"spec tensor name {name!r} is not a short string")
+                raise MalformedMessage(f"spec tensor name {brief(name)} is not a short string")
             tensors.append(TensorSpec(name, parse_shape(shape)))
         return cls(tuple(tensors))
 
@@ -101,11 +104,11 @@ class ModelSpec:
 def parse_shape(value: object) -> tuple[int, ...]:
     """A shape from CBOR: an array of at most 8 non-negative ints, product bounded."""
     if not isinstance(value, list | tuple) or len(value) > _MAX_DIMS:
-        raise MalformedMessage(f"shape {value!r} is not an array of at most {_MAX_DIMS} dims")
+        raise MalformedMessage(f"shape {brief(value)} is not an array of at most {_MAX_DIMS} dims")
     if not all(
         isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_PARAMS for d in value
     ):
-        raise MalformedMessage(f"shape {value!r} has a dimension outside [0, {MAX_PARAMS}]")
+        raise MalformedMessage(f"a dimension of shape {brief(value)} is outside [0, {MAX_PARAMS}]")
     shape = tuple(value)
     if math.prod(shape) > MAX_PARAMS:
         raise MalformedMessage(f"shape {shape} has more than {MAX_PARAMS} elements")

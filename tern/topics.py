@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-from tern.errors import TopicError
+from tern.errors import TopicError, brief
 
 __all__ = [
     "ROOT",
@@ -78,8 +78,8 @@ def validate_id(value: str, what: str = "id") -> str:
     """Return `value` if it is a valid fleet or component id, else raise TopicError."""
     if not isinstance(value, str) or not _ID.fullmatch(value):
         raise TopicError(
-            f"{what} {value!r} is not valid: 1-64 characters of letters, digits, '_', '.', '-',"
-            " starting with a letter or digit"
+            f"{what} {brief(value, 64)} is not valid: 1-64 characters of letters, digits,"
+            " '_', '.', '-', starting with a letter or digit"
         )
     return value
 
@@ -87,7 +87,9 @@ def validate_id(value: str, what: str = "id") -> str:
 def validate_digest(value: str) -> str:
     """Return `value` if it is a SHA-256 in lowercase hex, else raise TopicError."""
     if not isinstance(value, str) or not _DIGEST.fullmatch(value):
-        raise TopicError(f"kernel digest {value!r} is not 64 lowercase hex digits (SHA-256)")
+        raise TopicError(
+            f"kernel digest {brief(value, 64)} is not 64 lowercase hex digits (SHA-256)"
+        )
     return value
 
 
@@ -147,17 +149,17 @@ def parse(topic: str) -> Topic:
     """Parse a concrete topic string into a Topic; raise TopicError when it is not ours."""
     parts = topic.split("/")
     if len(parts) < 3 or parts[0] != ROOT:
-        raise TopicError(f"{topic!r} is not a tern topic (tern/<fleet>/<kind>/...)")
+        raise TopicError(f"{brief(topic, 200)} is not a tern topic (tern/<fleet>/<kind>/...)")
     try:
         kind = TopicKind(parts[2])
     except ValueError:
-        raise TopicError(f"{topic!r}: unknown topic kind {parts[2]!r}") from None
+        raise TopicError(f"{brief(topic, 200)}: unknown topic kind") from None
     levels = _LEVELS[kind]
     if len(parts) != 3 + len(levels):
-        raise TopicError(f"{topic!r}: a {kind} topic has {3 + len(levels)} levels")
+        raise TopicError(f"{brief(topic, 200)}: a {kind} topic has {3 + len(levels)} levels")
     ids = dict(zip(levels, parts[3:], strict=True))
     if "+" in ids.values() or "#" in ids.values():
-        raise TopicError(f"{topic!r} is a filter, not a concrete topic")
+        raise TopicError(f"{brief(topic, 200)} is a filter, not a concrete topic")
     return Topic(kind, parts[1], **ids)
 
 

@@ -24,6 +24,7 @@ from tern.errors import InvalidTrits
 __all__ = [
     "MAX_BYTE",
     "accumulate_packed",
+    "count_nonzero",
     "pack",
     "packed_size",
     "unpack",
@@ -37,6 +38,7 @@ _DIGITS = ((np.arange(243)[:, None] // 3 ** np.arange(5)) % 3 - 1).astype(np.int
 _HEAD_F32 = np.ascontiguousarray(_DIGITS[:, :4], dtype=np.float32)
 _TAIL_F32 = np.ascontiguousarray(_DIGITS[:, 4], dtype=np.float32)
 _HEAD_WEIGHTS = np.array([1, 3, 9, 27], dtype=np.uint8)
+_NONZERO = np.count_nonzero(_DIGITS, axis=1).astype(np.int64)  # non-zero trits per byte
 
 Int8Array = npt.NDArray[np.int8]
 UInt8Array = npt.NDArray[np.uint8]
@@ -103,3 +105,8 @@ def accumulate_packed(acc: F32Array, packed: UInt8Array, scale: np.float32) -> N
     if n > 4 * nb:
         tail = np.take(_TAIL_F32 * scale, idx[: n - 4 * nb], mode="clip")
         np.add(acc[4 * nb :], tail, out=acc[4 * nb :])
+
+
+def count_nonzero(packed: UInt8Array) -> int:
+    """Non-zero trits in validated `packed` bytes (padding trits are zero)."""
+    return int(_NONZERO[packed].sum())

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
+from tern.cbor import Caps
 from tern.codecs import CodecName
 from tern.envelope import Envelope, Kind, canonical, loads_bounded, open_envelope, seal
 from tern.errors import (
@@ -52,9 +53,10 @@ def open_as_receiver(kit: ProtocolKit, data: bytes, **options: object) -> Envelo
 def unsigned_map(kit: ProtocolKit, **fields: object) -> dict[object, object]:
     """The wire map without ``sig``, with `fields` replacing the kit's defaults."""
     m: dict[object, object] = {
-        "v": 1,
+        "v": 2,
         "kind": "update",
         "fleet": kit.fleet,
+        "run": 0,
         "round": kit.round,
         "model": kit.model_version,
         "sender": kit.sender,
@@ -100,7 +102,7 @@ def test_open_envelope_returns_what_was_sealed_for_each_kind(
         kit.round,
         kit.model_version,
         kit.sender,
-        1,
+        2,
     )
     if kind is Kind.MODEL:
         model = GlobalModel.from_body(env.body)
@@ -149,19 +151,55 @@ def test_seal_is_deterministic_and_emits_canonical_cbor(kit: ProtocolKit) -> Non
     assert canonical(cbor2.loads(first)) == first
 
 
-def test_open_envelope_verifies_a_non_canonical_encoding_of_the_signed_map(
-    kit: ProtocolKit,
-) -> None:
-    # envelope.py: the receiver re-encodes what it decoded, so key order and float
-    # width on the wire do not matter, only the signed content.
+def test_open_envelope_refuses_another_encoding_of_the_signed_map(kit: ProtocolKit) -> None:
+    # envelope.py: the receiver verifies the bytes it received, never its own re-encoding
+    # of them, so only the deterministic encoding the sender signed verifies.
     m = cbor2.loads(kit.sealed_update(CodecName.FLOAT32))
     reordered = cbor2.dumps(dict(reversed(list(m.items()))))  # not canonical: floats 64-bit
     assert reordered != canonical(m)
 
-    env = open_as_receiver(kit, reordered)
+    err = rejection(open_as_receiver, kit, reordered)
 
-    assert env.sender == kit.sender
-    assert Update.from_body(env.body).weight == kit.update(CodecName.FLOAT32).weight
+    assert err.reason == "bad_signature"
+
+
+def test_open_envelope_refuses_a_head_that_is_not_in_its_shortest_form(kit: ProtocolKit) -> None:
+    data = bytearray(kit.sealed_update(CodecName.TERNARY))
+    assert data[0] == 0xA9  # a map of 9 entries, in the shortest head
+    longer = b"\xb8\x09" + bytes(data[1:])  # the same map, its length in one more byte
+
+    err = rejection(open_as_receiver, kit, longer)
+
+    assert isinstance(err, MalformedMessage)
+
+
+def test_open_envelope_returns_the_run_it_was_sealed_with(kit: ProtocolKit) -> None:
+    data = kit.seal(Kind.MODEL, None, run=2**64 - 1)
+
+    env = open_as_receiver(kit, data, run=2**64 - 1)
+
+    assert env.run == 2**64 - 1
+
+
+@pytest.mark.parametrize(("run", "reason"), [(5, "stale_run"), (7, "future_run")])
+def test_open_envelope_refuses_a_message_of_another_run(
+    kit: ProtocolKit, run: int, reason: str
+) -> None:
+    data = kit.seal(Kind.UPDATE, None, run=run)
+
+    err = rejection(open_as_receiver, kit, data, run=6)
+
+    assert err.reason == reason
+
+
+def test_open_envelope_refuses_a_message_signed_by_another_sender_than_expected(
+    kit: ProtocolKit,
+) -> None:
+    data = kit.seal(Kind.UPDATE, None)
+
+    err = rejection(open_as_receiver, kit, data, sender="dev-99")
+
+    assert err.reason == "wrong_sender"
 
 
 def test_open_envelope_accepts_the_largest_round_and_model_version(kit: ProtocolKit) -> None:
@@ -298,7 +336,7 @@ def test_open_envelope_accepts_any_round_when_none_is_given(kit: ProtocolKit) ->
 # -- malformed envelopes ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", [0, 2, 255, 2**32, -1, 1.0, 1.5, True, "1", None, [1]])
+@pytest.mark.parametrize("version", [0, 1, 3, 255, 2**32, -1, 2.0, 1.5, True, "2", None, [2]])
 def test_open_envelope_rejects_a_schema_version_it_does_not_speak(
     kit: ProtocolKit, version: object
 ) -> None:
@@ -312,14 +350,14 @@ def test_open_envelope_rejects_a_schema_version_it_does_not_speak(
 
 
 def test_open_envelope_rejects_a_sealed_envelope_of_a_future_version(kit: ProtocolKit) -> None:
-    data = kit.seal(Kind.UPDATE, {"weight": 1.0}, version=2)
+    data = kit.seal(Kind.UPDATE, {"weight": 1.0}, version=3)
 
     err = rejection(open_as_receiver, kit, data)
 
     assert isinstance(err, UnknownSchemaVersion)
 
 
-ENVELOPE_KEYS = ["v", "kind", "fleet", "round", "model", "sender", "body", "sig"]
+ENVELOPE_KEYS = ["v", "kind", "fleet", "run", "round", "model", "sender", "body", "sig"]
 
 
 @pytest.mark.parametrize("missing", ENVELOPE_KEYS)
@@ -347,6 +385,10 @@ def test_open_envelope_rejects_an_extra_envelope_key(kit: ProtocolKit, extra: ob
 @pytest.mark.parametrize(
     ("field", "value"),
     [
+        ("run", -1),
+        ("run", 2**64),
+        ("run", 1.0),
+        ("run", None),
         ("round", True),
         ("round", False),
         ("round", -1),
@@ -424,7 +466,7 @@ def test_open_envelope_rejects_a_payload_over_max_bytes_with_size_and_limit(
 ) -> None:
     data = kit.sealed_update(CodecName.FLOAT32)
 
-    err = rejection(open_as_receiver, kit, data, max_bytes=len(data) - 1)
+    err = rejection(open_as_receiver, kit, data, caps=Caps(len(data) - 1, 1000))
 
     assert isinstance(err, PayloadTooLarge)
     assert err.reason == "oversize"
@@ -434,7 +476,7 @@ def test_open_envelope_rejects_a_payload_over_max_bytes_with_size_and_limit(
 def test_open_envelope_accepts_a_payload_of_exactly_max_bytes(kit: ProtocolKit) -> None:
     data = kit.sealed_update(CodecName.FLOAT32)
 
-    env = open_as_receiver(kit, data, max_bytes=len(data))
+    env = open_as_receiver(kit, data, caps=Caps(len(data), 1000))
 
     assert env.sender == kit.sender
 

@@ -10,9 +10,10 @@ from nacl.signing import SigningKey
 
 from kernels.wasm import ABI_VERSION, packaged_kernel
 from tern import topics
+from tern.admit import Peer, Role, Terms
 from tern.aggregate import Partial
-from tern.codecs import Float32Codec, TernaryCodec
-from tern.collect import Collector, Outcome
+from tern.codecs import CodecName, Float32Codec, TernaryCodec
+from tern.collect import Collector, Offer, Outcome
 from tern.envelope import Envelope, Kind, seal
 from tern.errors import (
     BadSignature,
@@ -23,7 +24,7 @@ from tern.errors import (
     UnexpectedMessage,
     Unsigned,
 )
-from tern.fleet import COORDINATOR
+from tern.fleet import COORDINATOR, Fleet
 from tern.messages import (
     MAX_KERNEL_BYTES,
     Failure,
@@ -39,6 +40,7 @@ FLEET = "plant-7"
 COORD = SigningKey(bytes([9]) * 32)
 WASM = packaged_kernel()
 SHA = hashlib.sha256(WASM).hexdigest()
+KFLEET = Fleet(FLEET, COORD.verify_key, {})
 
 
 # -- topics ------------------------------------------------------------------------------
@@ -67,14 +69,14 @@ def test_kernel_topic_refuses_anything_but_64_lowercase_hex_digits(digest: str) 
 def test_a_signed_kernel_opens_to_its_bytes() -> None:
     data = seal_kernel(KernelFile(ABI_VERSION, WASM), FLEET, COORD)
 
-    kernel = open_kernel(data, COORD.verify_key, FLEET, SHA)
+    kernel = open_kernel(data, KFLEET, SHA)
 
     assert kernel.wasm == WASM and kernel.abi == ABI_VERSION and kernel.sha256 == SHA
 
 
 def test_a_bare_module_is_refused_as_unsigned() -> None:
     with pytest.raises(Unsigned) as info:
-        open_kernel(WASM, COORD.verify_key, FLEET, SHA)
+        open_kernel(WASM, KFLEET, SHA)
     assert info.value.reason == "unsigned"
 
 
@@ -82,14 +84,14 @@ def test_a_kernel_signed_by_another_key_is_refused() -> None:
     data = seal_kernel(KernelFile(ABI_VERSION, WASM), FLEET, SigningKey(bytes(32)))
 
     with pytest.raises(BadSignature):
-        open_kernel(data, COORD.verify_key, FLEET, SHA)
+        open_kernel(data, KFLEET, SHA)
 
 
 def test_a_kernel_of_another_fleet_is_refused() -> None:
     data = seal_kernel(KernelFile(ABI_VERSION, WASM), "plant-8", COORD)
 
     with pytest.raises(UnexpectedMessage) as info:
-        open_kernel(data, COORD.verify_key, FLEET, SHA)
+        open_kernel(data, KFLEET, SHA)
     assert info.value.reason == "wrong_fleet"
 
 
@@ -98,7 +100,7 @@ def test_a_signed_kernel_under_another_hash_is_refused() -> None:
     data = seal_kernel(KernelFile(ABI_VERSION, other), FLEET, COORD)
 
     with pytest.raises(DigestMismatch) as info:
-        open_kernel(data, COORD.verify_key, FLEET, SHA)
+        open_kernel(data, KFLEET, SHA)
     assert info.value.reason == "digest_mismatch"
 
 
@@ -108,7 +110,7 @@ def test_a_kernel_whose_bytes_do_not_hash_to_its_own_sha256_is_refused() -> None
     data = seal(Envelope(Kind.KERNEL, FLEET, 0, 0, COORDINATOR, body), COORD)
 
     with pytest.raises(DigestMismatch):
-        open_kernel(data, COORD.verify_key, FLEET, SHA)
+        open_kernel(data, KFLEET, SHA)
 
 
 @pytest.mark.parametrize("extra", [1, MAX_KERNEL_BYTES])
@@ -117,7 +119,7 @@ def test_a_kernel_over_the_size_limit_is_refused(extra: int) -> None:
     data = seal_kernel(huge, FLEET, COORD)
 
     with pytest.raises(PayloadTooLarge):
-        open_kernel(data, COORD.verify_key, FLEET, huge.sha256)
+        open_kernel(data, KFLEET, huge.sha256)
 
 
 def test_a_kernel_body_with_a_missing_or_extra_field_is_malformed() -> None:
@@ -151,6 +153,18 @@ def test_a_partial_carries_its_failures_and_a_plain_update_omits_them() -> None:
 
 SPEC = ModelSpec.of({"w": (4, 3), "b": (3,)})
 KEYS = {s: SigningKey(bytes([i + 1]) * 32) for i, s in enumerate(["dev-1", "dev-2", "gw-9"])}
+PEERS = {
+    "dev-1": Peer("dev-1", Role.DEVICE, KEYS["dev-1"].verify_key, 1, 100.0),
+    "dev-2": Peer("dev-2", Role.DEVICE, KEYS["dev-2"].verify_key, 1, 100.0),
+    "gw-9": Peer("gw-9", Role.GATEWAY, KEYS["gw-9"].verify_key, 4, 400.0),
+}
+TERMS = Terms(FLEET, 0, 5, 4, CodecName.TERNARY, SPEC, max_norm=100.0)
+
+
+def _topic(sender: str) -> str:
+    if sender.startswith("gw"):
+        return topics.partial(FLEET, "gw-1", sender).path
+    return topics.update(FLEET, "gw-1", sender).path
 
 
 def _sealed(sender: str, kind: Kind, body: object, round: int = 5) -> bytes:
@@ -159,49 +173,57 @@ def _sealed(sender: str, kind: Kind, body: object, round: int = 5) -> bytes:
 
 def _update(sender: str, failed: dict[str, int] | None = None, kind: Kind = Kind.UPDATE) -> bytes:
     delta = np.random.default_rng(len(sender)).standard_normal(SPEC.size).astype(np.float32)
-    update, _ = encode_update(TernaryCodec(), SPEC, Partial(delta, 1.0, 1))
+    codec = Float32Codec() if kind is Kind.PARTIAL else TernaryCodec()
+    update, _ = encode_update(codec, SPEC, Partial(delta, 1.0, 1))
     update = Update(update.codec, update.weight, update.count, update.tensors, failed or {})
     return _sealed(sender, kind, update.to_body())
 
 
+def _offer(c: Collector, sender: str, data: bytes) -> Offer:
+    return c.offer(data, _topic(sender))
+
+
 def _collector() -> Collector:
-    keys = {s: k.verify_key for s, k in KEYS.items()}
-    return Collector(fleet=FLEET, round=5, spec=SPEC, keys=keys, expected=set(KEYS))
+    return Collector(terms=TERMS, peers=PEERS)
 
 
 def test_a_failure_report_settles_its_sender_and_is_tallied_with_those_in_partials() -> None:
     c = _collector()
 
-    first = c.offer(_sealed("dev-1", Kind.FAILURE, Failure({"kernel_fuel": 1}).to_body()))
-    c.offer(_update("dev-2"))
-    c.offer(_update("gw-9", {"kernel_fuel": 2, "late": 1}, Kind.PARTIAL))
+    first = _offer(
+        c, "dev-1", _sealed("dev-1", Kind.FAILURE, Failure({"kernel_fuel": 1}).to_body())
+    )
+    _offer(c, "dev-2", _update("dev-2"))
+    _offer(c, "gw-9", _update("gw-9", {"kernel_fuel": 2, "late": 1}, Kind.PARTIAL))
 
     assert first.outcome is Outcome.FAILED
     assert c.complete and c.missing == frozenset()
     assert c.failed == {"kernel_fuel": 3, "late": 1}
-    assert c.result().count == 2  # failures add nothing to the fold
+    assert c.close().count == 2  # failures add nothing to the fold
 
 
 def test_a_second_message_after_a_failure_report_is_a_duplicate() -> None:
     c = _collector()
-    c.offer(_sealed("dev-1", Kind.FAILURE, Failure({"kernel_trap": 1}).to_body()))
+    _offer(c, "dev-1", _sealed("dev-1", Kind.FAILURE, Failure({"kernel_trap": 1}).to_body()))
 
-    again = c.offer(_update("dev-1"))
+    again = _offer(c, "dev-1", _update("dev-1"))
 
     assert again.reason == "duplicate" and "dev-1" not in c.accepted
 
 
-def test_a_device_update_claiming_failures_is_malformed() -> None:
+def test_a_device_update_claiming_failures_is_refused() -> None:
     c = _collector()
 
-    offer = c.offer(_update("dev-1", {"late": 1}))
+    offer = _offer(c, "dev-1", _update("dev-1", {"late": 1}))
 
-    assert offer.reason == "malformed" and c.rejected == {"malformed": 1}
+    assert offer.reason == "count_bound" and c.rejected == {"count_bound": 1}
 
 
 def test_a_failure_for_another_round_is_stale_and_settles_nothing() -> None:
     c = _collector()
 
-    offer = c.offer(_sealed("dev-1", Kind.FAILURE, Failure({"late": 1}).to_body(), round=4))
+    offer = _offer(
+        c, "dev-1", _sealed("dev-1", Kind.FAILURE, Failure({"late": 1}).to_body(), round=4)
+    )
 
     assert offer.reason == "stale_round" and "dev-1" in c.missing and c.failed == {}

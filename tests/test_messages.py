@@ -27,8 +27,9 @@ from tern.errors import (
     UnexpectedMessage,
     UnknownCodec,
 )
-from tern.fleet import COORDINATOR
+from tern.fleet import COORDINATOR, DEFAULT_MAX_PARAMS, Fleet
 from tern.messages import (
+    Bounds,
     CheckedUpdate,
     GlobalModel,
     KernelRef,
@@ -234,7 +235,7 @@ schedules = st.builds(
     codec=st.sampled_from(list(CodecName)),
     deadline=st.floats(min_value=0, allow_nan=False, allow_infinity=False),
     min_contributors=u32,
-    participants=st.none() | st.lists(tensor_names, max_size=5).map(tuple),
+    participants=st.none() | st.lists(tensor_names, max_size=5, unique=True).map(tuple),
     seed=u32,
     train=st.builds(
         TrainConfig,
@@ -249,6 +250,11 @@ schedules = st.builds(
         abi=st.integers(min_value=1, max_value=2**32 - 1),
         fuel=st.integers(min_value=1, max_value=2**63 - 1),
         memory=st.integers(min_value=1, max_value=2**63 - 1),
+    ),
+    bounds=st.builds(
+        Bounds,
+        max_weight=st.floats(min_value=1.0, max_value=1e300),
+        max_norm=st.floats(min_value=1e-300, max_value=1e300),
     ),
 )
 
@@ -315,6 +321,28 @@ def _train(**override: object) -> dict[str, object]:
         pytest.param(_schedule_body(participants="dev-01"), MalformedMessage, id="string-ids"),
         pytest.param(_schedule_body(participants=["dev-01", 3]), MalformedMessage, id="int-id"),
         pytest.param(_schedule_body(participants={}), MalformedMessage, id="map-ids"),
+        pytest.param(
+            _schedule_body(participants=["dev-01", "dev-01"]), MalformedMessage, id="repeated-id"
+        ),
+        pytest.param(_schedule_body(bounds=None), MalformedMessage, id="null-bounds"),
+        pytest.param(
+            _schedule_body(bounds={"max_weight": 0.5, "max_norm": 1.0}),
+            MalformedMessage,
+            id="max-weight-below-one",
+        ),
+        pytest.param(
+            _schedule_body(bounds={"max_weight": 10.0, "max_norm": 0.0}),
+            MalformedMessage,
+            id="max-norm-zero",
+        ),
+        pytest.param(
+            _schedule_body(bounds={"max_weight": 10.0, "max_norm": float("inf")}),
+            NonFiniteValue,
+            id="max-norm-inf",
+        ),
+        pytest.param(
+            _schedule_body(bounds={"max_weight": 10.0}), MalformedMessage, id="bounds-missing"
+        ),
         pytest.param(_schedule_body(train=[]), MalformedMessage, id="train-array"),
         pytest.param(_schedule_body(train=_train(extra=1)), MalformedMessage, id="train-extra"),
         pytest.param(
@@ -762,6 +790,10 @@ def test_error_feedback_residual_is_per_unit_weight() -> None:
     assert not new_residual.any()
 
 
+def _fleet(key: SigningKey, max_params: int = DEFAULT_MAX_PARAMS) -> Fleet:
+    return Fleet("f", key.verify_key, {}, max_params=max_params)
+
+
 def test_open_model_and_schedule_return_the_coordinators_messages() -> None:
     key = SigningKey(bytes(range(32)))
     weights = np.arange(SPEC.size, dtype=np.float32)
@@ -771,8 +803,8 @@ def test_open_model_and_schedule_return_the_coordinators_messages() -> None:
     )
     schedule_bytes = seal(Envelope(Kind.SCHEDULE, "f", 3, 2, COORDINATOR, schedule.to_body()), key)
 
-    env, model = open_model(model_bytes, key.verify_key, "f")
-    _, opened = open_schedule(schedule_bytes, key.verify_key, "f")
+    env, model = open_model(model_bytes, _fleet(key))
+    _, opened = open_schedule(schedule_bytes, _fleet(key))
 
     assert env.model_version == 2 and model.weights.tobytes() == weights.tobytes()
     assert opened == schedule
@@ -795,11 +827,34 @@ def test_open_model_refuses_another_signer_another_fleet_and_a_schedule() -> Non
     )
 
     with pytest.raises(BadSignature):
-        open_model(forged, key.verify_key, "f")
+        open_model(forged, _fleet(key))
     with pytest.raises(UnexpectedMessage, match="fleet"):
-        open_model(
-            seal(Envelope(Kind.MODEL, "g", 1, 1, COORDINATOR, body), key), key.verify_key, "f"
-        )
+        open_model(seal(Envelope(Kind.MODEL, "g", 1, 1, COORDINATOR, body), key), _fleet(key))
     with pytest.raises(UnexpectedMessage) as info:
-        open_model(schedule, key.verify_key, "f")
+        open_model(schedule, _fleet(key))
     assert info.value.reason == "wrong_kind"
+
+
+def test_open_model_refuses_a_model_larger_than_the_fleet_allows() -> None:
+    key = SigningKey(bytes(range(32)))
+    small = GlobalModel(SPEC, np.zeros(SPEC.size, dtype=np.float32)).to_body()
+    big_spec = ModelSpec.of({"w": (300, 100)})
+    big = GlobalModel(big_spec, np.zeros(big_spec.size, dtype=np.float32)).to_body()
+    fleet = _fleet(key, max_params=SPEC.size - 1)
+
+    with pytest.raises(TernError) as over_spec:
+        open_model(seal(Envelope(Kind.MODEL, "f", 1, 1, COORDINATOR, small), key), fleet)
+    with pytest.raises(TernError) as over_cap:
+        open_model(seal(Envelope(Kind.MODEL, "f", 1, 1, COORDINATOR, big), key), fleet)
+
+    assert over_spec.value.reason == "wrong_shape"  # within the byte cap, refused at its spec
+    assert over_cap.value.reason == "oversize"  # refused before a byte is decoded
+
+
+def test_open_schedule_refuses_a_body_for_another_round_than_its_envelope() -> None:
+    key = SigningKey(bytes(range(32)))
+    body = RoundSchedule(3, 2, CodecName.TERNARY, 1e9, 1).to_body()
+    data = seal(Envelope(Kind.SCHEDULE, "f", 4, 2, COORDINATOR, body), key)
+
+    with pytest.raises(MalformedMessage):
+        open_schedule(data, _fleet(key))

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tern.errors import MalformedMessage, PayloadTooLarge, TernError
-from tern.reports import MAX_JSON_BYTES, RoundMetrics, State, Status, Telemetry
+from tern.reports import MAX_STATUS_BYTES, RoundMetrics, State, Status, Telemetry
 
 
 def test_status_round_trips_and_serves_as_last_will() -> None:
@@ -67,7 +67,7 @@ def test_telemetry_round_trips_and_rejects_confidence_outside_unit_interval() ->
 
 def test_oversize_json_is_rejected_before_parsing() -> None:
     with pytest.raises(PayloadTooLarge):
-        Status.from_json(b" " * (MAX_JSON_BYTES + 1))
+        Status.from_json(b" " * (MAX_STATUS_BYTES + 1))
 
 
 @settings(max_examples=300, deadline=None)
