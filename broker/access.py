@@ -1,9 +1,10 @@
 """The access policy a running embedded broker enforces, and what it has refused.
 
 `EmbeddedBroker(access=AccessControl(policy))` installs `broker.plugins.AccessPlugin`,
-which asks this object about every CONNECT, PUBLISH and SUBSCRIBE. The policy can be
-replaced while the broker runs (a gateway does so when its boards file is reloaded).
-Every refusal is logged with its reason and counted in `refused`.
+which asks this object about every CONNECT, PUBLISH and SUBSCRIBE; the broker itself
+asks `retain` about every retained PUBLISH. The policy can be replaced while the broker
+runs (a gateway does so when its boards file is reloaded). Every refusal is counted
+exactly in `refused` and logged at most once per client, reason and minute.
 """
 
 from __future__ import annotations
@@ -13,19 +14,23 @@ import threading
 from collections import Counter
 
 from broker.acl import AccessPolicy, Refusal, check_connect, check_publish, check_subscribe
+from broker.ratelog import LogLimiter
 
 __all__ = ["AccessControl"]
 
 log = logging.getLogger(__name__)
 
+_SHOWN_CHARS = 160  # client ids, user names and topics from the network, in log lines
+
 
 class AccessControl:
     """Thread-safe: the broker's loop asks, the owner swaps the policy and reads counts."""
 
-    def __init__(self, policy: AccessPolicy) -> None:
+    def __init__(self, policy: AccessPolicy, *, limiter: LogLimiter | None = None) -> None:
         self._policy = policy
         self._lock = threading.Lock()
         self._refused: Counter[str] = Counter()
+        self._limiter = limiter if limiter is not None else LogLimiter()
 
     @property
     def policy(self) -> AccessPolicy:
@@ -37,34 +42,61 @@ class AccessControl:
 
     @property
     def refused(self) -> Counter[str]:
-        """Refusals so far, by `broker.acl.Refusal` name (a copy)."""
+        """Refusals so far, by `broker.acl.Refusal` value (a copy)."""
         with self._lock:
             return Counter(self._refused)
 
     def connect(
-        self, client_id: str, user: str | None, password: str | None, will_topic: str | None
+        self,
+        client_id: str,
+        user: str | None,
+        password: str | None,
+        will_topic: str | None,
+        will_retain: bool = False,
     ) -> bool:
-        return self._verdict(
-            check_connect(self._policy, client_id, user, password, will_topic),
-            "refused the connection of client %r (user %r)", client_id, user,
-        )  # fmt: skip
+        refusal = check_connect(self._policy, client_id, user, password, will_topic, will_retain)
+        return self._verdict(refusal, client_id, user, "refused the connection")
 
-    def publish(self, client_id: str, user: str | None, topic: str) -> bool:
-        return self._verdict(
-            check_publish(self._policy, user, topic),
-            "dropped a message from client %r (user %r) on %s", client_id, user, topic,
-        )  # fmt: skip
+    def publish(self, client_id: str, user: str | None, topic: str, retain: bool = False) -> bool:
+        refusal = check_publish(self._policy, user, topic, retain)
+        return self._verdict(refusal, client_id, user, "dropped a message on", topic)
+
+    def retain(self, client_id: str, user: str | None, topic: str) -> bool:
+        """Whether a retained PUBLISH on `topic` may be kept (and so delivered at all)."""
+        refusal = check_publish(self._policy, user, topic, retain=True)
+        return self._verdict(refusal, client_id, user, "dropped a retained message on", topic)
 
     def subscribe(self, client_id: str, user: str | None, topic_filter: str) -> bool:
-        return self._verdict(
-            check_subscribe(self._policy, user, topic_filter),
-            "refused client %r (user %r) a subscription to %s", client_id, user, topic_filter,
-        )  # fmt: skip
+        refusal = check_subscribe(self._policy, user, topic_filter)
+        return self._verdict(refusal, client_id, user, "refused a subscription to", topic_filter)
 
-    def _verdict(self, refusal: Refusal | None, what: str, *args: object) -> bool:
+    def _verdict(
+        self,
+        refusal: Refusal | None,
+        client_id: str,
+        user: str | None,
+        what: str,
+        topic: str | None = None,
+    ) -> bool:
         if refusal is None:
             return True
         with self._lock:
-            self._refused[refusal] += 1
-        log.warning("access: " + what + ": %s", *args, refusal)
+            self._refused[refusal.value] += 1
+        if topic is not None:
+            what = f"{what} {_shown(topic)}"
+        self._limiter.log(
+            log, _shown(client_id), refusal, "access: %s (client %s, user %s): %s",
+            what, _shown(client_id), _shown(user), refusal,
+        )  # fmt: skip
         return False
+
+
+def _shown(value: object) -> str:
+    """A value from the network, bounded for a log line."""
+    if value is None or value == "":
+        return "-"
+    if not isinstance(value, str):
+        return type(value).__name__
+    if len(value) > _SHOWN_CHARS or not value.isprintable():
+        return f"<{len(value)} characters>"
+    return value

@@ -4,6 +4,15 @@
 lives in a daemon thread so the coordinator, gateways and tests stay plain synchronous
 code; `start()` and `stop()` each wait with a deadline. Any MQTT 3.1.1 broker
 (Mosquitto, EMQX) can stand in for it: components only ever see a URL.
+
+amqtt 0.12 is not fit to face a hostile network as it comes, so the broker it runs is a
+subclass (`broker.amqtt_broker.amqtt_broker_class`, built on first use so that a process
+that runs no broker never loads amqtt) that overrides a few of its methods, each saying
+which amqtt behaviour it replaces and why: it authenticates a CONNECT before it touches
+any session, hands a retained message only to the subscription that matches it, and
+enforces `broker.limits.BrokerLimits`. `AMQTT_INTERNALS` (re-exported here) lists every
+amqtt method it overrides or calls; the broker refuses to start if an amqtt upgrade
+moved one.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import json
 import logging
 import os
 import threading
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -23,16 +33,21 @@ from typing import TYPE_CHECKING, Any
 import yaml  # type: ignore[import-untyped]  # PyYAML ships untyped
 
 from broker.access import AccessControl
+from broker.amqtt_broker import AMQTT_INTERNALS, amqtt_broker_class, check_amqtt_internals
 from broker.errors import BrokerConfigError, BrokerError, BrokerStartError, BrokerStopError
 from broker.lifecycle import quiet_third_party_logs
+from broker.limits import BrokerLimits
+from broker.refusals import Refusals
 from broker.transport import format_url
 
 if TYPE_CHECKING:
     from amqtt.broker import Broker
 
 __all__ = [
+    "AMQTT_INTERNALS",
     "DEFAULT_CONFIG",
     "EmbeddedBroker",
+    "check_amqtt_internals",
     "load_config",
     "merge_config",
     "quiet_third_party_logs",
@@ -94,9 +109,12 @@ class EmbeddedBroker:
     """An amqtt broker on `host`:`port` (port 0: a free port, read back from `.port`).
 
     `config` (a path to a YAML/JSON file, or a mapping) is merged over DEFAULT_CONFIG;
-    the default listener's address always comes from `host` and `port`. `access`
-    enforces an access policy (broker.access; anonymous and open without it). One
-    instance runs once: to restart on the same port, make a new one with ``port=old.port``.
+    the default listener's address always comes from `host` and `port`; listeners are
+    TCP (TLS with amqtt's ``ssl`` options), the only kind `limits` guards. `access`
+    enforces an access policy (broker.access; anonymous and open without it); `limits`
+    bounds what any client may send or hold (`broker.limits.BrokerLimits`, its defaults
+    without it), and `refused` counts every refusal. One instance runs once: to restart
+    on the same port, make a new one with ``port=old.port``.
     """
 
     def __init__(
@@ -106,14 +124,19 @@ class EmbeddedBroker:
         *,
         config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
         access: AccessControl | None = None,
+        limits: BrokerLimits | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise BrokerConfigError(f"port {port} is not in 0..65535")
         override = load_config(config) if isinstance(config, str | os.PathLike) else config or {}
         bind = {"listeners": {"default": {"bind": f"{_bind_host(host)}:{port}"}}}
         self.config = merge_config(merge_config(DEFAULT_CONFIG, override), bind)
+        _check_listeners(self.config)
         if access is not None:  # added after the merge, which copies: the broker shares it
             self.config["plugins"][ACCESS_PLUGIN] = {"control": access}
+        self.access = access
+        self.limits = limits if limits is not None else BrokerLimits()
+        self._refusals = Refusals()
         self.host = host
         self._requested_port = port
         self._port: int | None = None
@@ -124,6 +147,7 @@ class EmbeddedBroker:
         self._abandoned = threading.Event()
         self._start_error: BaseException | None = None
         self._grace = 2.5  # set by stop(): each step of _shutdown waits this long at most
+        self._amqtt: Any = None  # the running amqtt broker (amqtt_broker_class)
 
     @property
     def port(self) -> int:
@@ -140,6 +164,21 @@ class EmbeddedBroker:
     @property
     def running(self) -> bool:
         return self._port is not None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def connections(self) -> int:
+        """Client connections open now (CONNECT sent or not)."""
+        broker = self._amqtt
+        return 0 if broker is None else len(broker.clients)
+
+    @property
+    def refused(self) -> Counter[str]:
+        """Every refusal of this broker so far, by reason (a copy): its limits'
+        (`broker.limits.Reason`) and its access policy's (`broker.acl.Refusal`)."""
+        counts = self._refusals.counts
+        if self.access is not None:
+            counts.update(self.access.refused)
+        return counts
 
     def start(self, timeout: float = 10.0) -> EmbeddedBroker:
         """Start serving; return once the listener accepts connections."""
@@ -211,41 +250,14 @@ class EmbeddedBroker:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
-        # Imported here so that `tern` commands other than `broker` do not load amqtt.
-        from amqtt.broker import Broker
-        from amqtt.contexts import Action
-
-        class _Broker(Broker):  # type: ignore[misc]  # amqtt ships untyped
-            """amqtt's broker, keeping each TCP client's transport so a stuck one can be cut."""
-
-            def __init__(self, config: dict[str, Any]) -> None:
-                super().__init__(config)
-                self.clients: set[asyncio.WriteTransport] = set()
-
-            async def stream_connected(
-                self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
-            ) -> None:
-                transport = writer.transport
-                self.clients.add(transport)
-                try:
-                    await super().stream_connected(reader, writer, listener_name)
-                finally:
-                    self.clients.discard(transport)
-
-            async def _topic_filtering(self, session: Any, topic: str, action: Any) -> bool:
-                # amqtt awaits this for each delivery inside its loop over the live
-                # subscription map (_run_broadcast). Calling a topic plugin there yields
-                # to the event loop, a SUBSCRIBE can then change the map, and the message
-                # is lost to a RuntimeError. A delivery was allowed when its subscription
-                # was, so it is answered here, without yielding.
-                if action == Action.RECEIVE:
-                    return True
-                return bool(await super()._topic_filtering(session, topic, action))
-
         listening = False
         try:
-            broker = _Broker(self.config)
+            broker_class = amqtt_broker_class()
+            broker = broker_class(
+                self.config, limits=self.limits, refusals=self._refusals, access=self.access
+            )
             await broker.start()
+            self._amqtt = broker
             listening = True
             self._port = _bound_port(broker)
         except Exception as exc:
@@ -329,3 +341,18 @@ def _bound_port(broker: Broker) -> int:
         # gives each its own port: there would be no one port to report.
         raise BrokerError(f"the listener got several ports {sorted(ports)}; bind one address")
     return int(ports.pop())
+
+
+def _check_listeners(config: Mapping[str, Any]) -> None:
+    """Only TCP listeners: `stream_connected` (broker.amqtt_broker) is where every limit
+    starts (amqtt's websocket and external listeners would bypass them)."""
+    listeners = config.get("listeners")
+    if not isinstance(listeners, Mapping):
+        raise BrokerConfigError("listeners must be a mapping of listener names")
+    for name, listener in listeners.items():
+        kind = listener.get("type", "tcp") if isinstance(listener, Mapping) else None
+        if kind != "tcp":
+            raise BrokerConfigError(
+                f"listener {name!s:.40}: only tcp listeners are supported (TLS: ssl: true);"
+                " the broker's limits do not guard the others"
+            )

@@ -15,12 +15,16 @@ from types import FrameType
 
 from nacl.signing import SigningKey
 
+from tern.errors import MalformedMessage
 from tern.fleet import Fleet
 from tern.keys import signing_key_from_text
+from tern.logins import MAX_LOGIN_BYTES, Login
 
 __all__ = [
     "configure_logging",
     "load_identity",
+    "load_login",
+    "login_path",
     "quiet_third_party_logs",
     "stop_on_signals",
     "write_atomic",
@@ -68,6 +72,27 @@ def load_identity(fleet_file: str | Path, key_file: str | Path) -> tuple[Fleet, 
     """The fleet file and this component's own secret key (OSError or TernError)."""
     fleet = Fleet.from_json(Path(fleet_file).read_text(encoding="utf-8"))
     return fleet, signing_key_from_text(Path(key_file).read_text(encoding="utf-8"))
+
+
+def login_path(key_file: str | Path) -> Path:
+    """Where a component's broker login lives: ``<id>.login`` next to its ``<id>.key``."""
+    key = Path(key_file)
+    return key.with_name(f"{key.stem}.login")
+
+
+def load_login(key_file: str | Path) -> Login | None:
+    """The login next to `key_file`; None when there is none (OSError if it cannot be read,
+    MalformedMessage when it is not a login)."""
+    try:
+        with login_path(key_file).open("rb") as fh:
+            data = fh.read(MAX_LOGIN_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedMessage(f"{login_path(key_file)} is not UTF-8 text") from None
+    return Login.from_json(text)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

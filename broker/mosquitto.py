@@ -1,9 +1,14 @@
 """A Mosquitto process on a free loopback port with tern's settings, for tests and
-benchmarks (production runs its own Mosquitto; see README for the settings that matter).
+benchmarks (production runs its own Mosquitto; `tern mosquitto-config` writes its config).
+
+By default the process runs an open config (anonymous clients, no rights); `configure`
+writes another one for the port it is given, such as a fleet's from
+`broker.mosquitto_config.write_mosquitto_config`.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import socket
@@ -15,7 +20,14 @@ from pathlib import Path
 from broker.errors import BrokerStartError
 from broker.urls import format_url
 
-__all__ = ["MosquittoProcess", "find_mosquitto", "free_port", "wait_until_accepting"]
+__all__ = [
+    "Configure",
+    "MosquittoProcess",
+    "find_mosquitto",
+    "free_port",
+    "open_config",
+    "wait_until_accepting",
+]
 
 START_TIMEOUT = 10.0
 
@@ -29,6 +41,17 @@ log_dest stderr
 max_queued_messages 10000
 set_tcp_nodelay true
 """
+
+
+# (workdir, host, port) -> the mosquitto.conf it wrote for a listener on host:port
+Configure = Callable[[Path, str, int], Path]
+
+
+def open_config(workdir: Path, host: str, port: int) -> Path:
+    """The default: anonymous clients, tern's queue and latency settings, no persistence."""
+    config = workdir / "mosquitto.conf"
+    config.write_text(_CONFIG.format(port=port, host=host))
+    return config
 
 
 def find_mosquitto() -> str | None:
@@ -85,11 +108,23 @@ def wait_until_accepting(
 
 
 class MosquittoProcess:
-    """`binary` serving on a free port of `host`; config and log in `workdir`."""
+    """`binary` serving on a free port of `host`; config and log in `workdir`.
 
-    def __init__(self, binary: str, workdir: Path, host: str = "127.0.0.1") -> None:
+    `configure(workdir, host, port)` writes the config (default: `open_config`); it is
+    called again at each start, with the same port after a `restart`.
+    """
+
+    def __init__(
+        self,
+        binary: str,
+        workdir: Path,
+        host: str = "127.0.0.1",
+        *,
+        configure: Configure | None = None,
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.binary, self.workdir, self.host = binary, workdir, host
+        self._configure = configure
         self.log = workdir / "mosquitto.log"
         self._process: subprocess.Popen[bytes] | None = None
         # A port free now is not necessarily free once mosquitto binds it: retry.
@@ -107,8 +142,10 @@ class MosquittoProcess:
         return format_url(self.host, self.port)
 
     def _spawn(self) -> None:
-        config = self.workdir / "mosquitto.conf"
-        config.write_text(_CONFIG.format(port=self.port, host=self.host))
+        if self._configure is None:
+            config = open_config(self.workdir, self.host, self.port)
+        else:
+            config = _as_root(self._configure(self.workdir, self.host, self.port))
         with self.log.open("ab") as log:
             process = subprocess.Popen(
                 [self.binary, "-c", str(config)], stdout=log, stderr=subprocess.STDOUT
@@ -125,7 +162,8 @@ class MosquittoProcess:
             ) from exc
 
     def restart(self) -> None:
-        """Stop and start again on the same port (retained messages are gone)."""
+        """Stop and start again on the same port (retained messages are gone unless the
+        config keeps them: `persistence true`)."""
         self.stop()
         self._spawn()
 
@@ -145,3 +183,15 @@ class MosquittoProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _as_root(config: Path) -> Path:
+    """Started as root, mosquitto switches to the `mosquitto` user before it reads the
+    password and ACL files, and that user cannot read a test's private directories. A
+    copy of the config that stays root (`user root`) is run instead; the original is
+    left as written, as an administrator would deploy it (owned by `mosquitto`)."""
+    if os.geteuid() != 0:
+        return config
+    wrapped = config.with_name(f".{config.stem}-as-root.conf")
+    wrapped.write_text("user root\n" + config.read_text())
+    return wrapped

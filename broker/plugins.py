@@ -4,7 +4,9 @@
 `broker.access.AccessControl`, which `EmbeddedBroker(access=...)` hands it through the
 plugin's config. amqtt requires every plugin's answer to be True, so this one allows
 what its policy allows and refuses the rest. Deliveries to subscribers never reach it:
-the embedded broker answers those itself (see `_topic_filtering` there).
+the embedded broker answers those itself (see `_topic_filtering` there). amqtt does not
+tell topic plugins whether a PUBLISH is retained: the embedded broker asks
+`AccessControl.retain` about retained ones itself.
 """
 
 from __future__ import annotations
@@ -33,13 +35,16 @@ class AccessPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]  # am
         super().__init__(context)
         control = context.config.control
         if not isinstance(control, AccessControl):
-            raise BrokerConfigError(f"AccessPlugin needs an AccessControl, not {control!r}")
+            raise BrokerConfigError(
+                f"AccessPlugin needs an AccessControl, not a {type(control).__name__}"
+            )
         self.control = control
 
     async def authenticate(self, *, session: Session) -> bool:
         will = session.will_topic if session.will_flag else None
+        retain = bool(session.will_flag and session.will_retain)
         return self.control.connect(
-            session.client_id or "", session.username, session.password, will
+            session.client_id or "", session.username, session.password, will, retain
         )
 
     async def topic_filtering(

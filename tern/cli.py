@@ -19,10 +19,14 @@ from tern import __version__, topics
 from tern.diag import diag
 from tern.envelope import DEFAULT_MAX_BYTES, Kind, loads_bounded, open_envelope
 from tern.errors import TernError
-from tern.fleet import COORDINATOR, Fleet, GatewayEntry
+from tern.fleet import COORDINATOR, DEFAULT_MAX_PARAMS, Fleet
 from tern.keys import signing_key_to_text, verify_key_from_text, verify_key_to_text
+from tern.logins import OBSERVER
+from tern.members import new_members
 
 __all__ = ["main"]
+
+OBSERVER_FILE = "observer.json"  # the read-only login, in the fleet directory
 
 # Component commands: `tern NAME ARGS...` runs MODULE.main(ARGS), the same parser as
 # `python -m PACKAGE`, imported only when used so `tern --help` stays light.
@@ -87,8 +91,9 @@ def _write_key(out: Path, cid: str, force: bool) -> SigningKey:
 
 
 def _fleet_init(args: argparse.Namespace) -> int:
+    from broker.lifecycle import write_atomic  # imported here: `tern --help` stays light
+
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     layout: dict[str, tuple[str, list[str]]] = {}
     for spec in args.gateway:
         head, _, devices = spec.partition("=")
@@ -97,19 +102,74 @@ def _fleet_init(args: argparse.Namespace) -> int:
     ids = [COORDINATOR, *layout, *(d for _, ds in layout.values() for d in ds)]
     for cid in ids:
         topics.validate_id(cid, "id")
-    keys = {cid: _write_key(out, cid, args.force) for cid in ids}
-    fleet = Fleet(
+    files = [out / f"{cid}{ext}" for cid in ids for ext in (".key", ".login")]
+    existing = [p for p in [*files, out / OBSERVER_FILE] if p.exists()]
+    if existing and not args.force:
+        raise TernError(f"{existing[0]} exists; pass --force to replace the fleet's secrets")
+    members = new_members(  # checks the whole layout before anything is written
         args.fleet,
-        keys[COORDINATOR].verify_key,
-        {
-            gw: GatewayEntry(keys[gw].verify_key, parent, {d: keys[d].verify_key for d in ds})
-            for gw, (parent, ds) in layout.items()
-        },
+        layout,
+        max_params=args.max_params,
+        max_weight=dict(_max_weight(spec) for spec in args.max_weight),
     )
+    fleet, keys, logins = members.fleet, members.keys, members.logins
+    out.mkdir(parents=True, exist_ok=True)
+    for cid in ids:  # secrets 0600 (write_atomic), public keys as usual
+        write_atomic(out / f"{cid}.key", (signing_key_to_text(keys[cid]) + "\n").encode())
+        (out / f"{cid}.pub").write_text(verify_key_to_text(keys[cid].verify_key) + "\n")
+        write_atomic(out / f"{cid}.login", (logins[cid].to_json() + "\n").encode())
+    write_atomic(out / OBSERVER_FILE, (logins[OBSERVER].to_json() + "\n").encode())
     (out / "fleet.json").write_text(fleet.to_json() + "\n")
-    print(f"wrote {out / 'fleet.json'} and {len(ids)} key pairs in {out}")
-    print("give each machine fleet.json and only its own ID.key")
+    print(f"wrote {out / 'fleet.json'}, {len(ids)} key pairs and logins, {OBSERVER_FILE} in {out}")
+    print("give each machine fleet.json and only its own ID.key and ID.login;")
+    print(f"{OBSERVER_FILE} is the read-only login for dashboards")
     return 0
+
+
+def _max_weight(spec: str) -> tuple[str, float]:
+    device, sep, weight = spec.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return device, float(weight)
+    except ValueError:
+        raise TernError(f"--max-weight takes DEVICE=WEIGHT, not {spec[:80]!r}") from None
+
+
+def _mosquitto_config(args: argparse.Namespace) -> int:
+    # imported here: `tern --help` stays light, and tern/ imports no component at the top
+    from broker.errors import BrokerError
+    from broker.mosquitto_config import write_mosquitto_config
+
+    errors: tuple[type[Exception], ...] = (OSError, UnicodeDecodeError, BrokerError)
+    boards = None
+    try:
+        fleet = Fleet.from_json(Path(args.fleet_file).read_text(encoding="utf-8"))
+        if args.boards is not None:  # the gateway package only when boards are given
+            from gateway.boards import load_boards
+            from gateway.config import GatewayError
+
+            errors += (GatewayError,)  # BoardsError: a bad file, or a board that collides
+            boards = load_boards(args.boards)
+        files = write_mosquitto_config(
+            fleet,
+            Path(args.out),
+            broker=args.broker,
+            boards=boards,
+            host=args.host,
+            port=args.port or _default_port(args.broker),
+        )
+    except errors as exc:
+        print(f"tern: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {files.conf}, {files.password_file} (0600) and {files.acl_file}")
+    print(f"run: mosquitto -c {files.conf}")
+    print(f"(as root, mosquitto reads them as user mosquitto: chown -R mosquitto: {args.out})")
+    return 0
+
+
+def _default_port(broker: str) -> int:
+    return 1883 if broker == COORDINATOR else 1884  # tern gateway's default --listen port
 
 
 def _topics(args: argparse.Namespace) -> int:
@@ -149,9 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing key")
     p.set_defaults(func=_keygen)
 
-    p = sub.add_parser("fleet", help="make a fleet: fleet.json and a key pair per component")
+    p = sub.add_parser("fleet", help="make a fleet: fleet.json, a key pair and login per member")
     fleet_sub = p.add_subparsers(dest="fleet_command", required=True)
-    p = fleet_sub.add_parser("init", help="write fleet.json and ID.key/ID.pub for every id")
+    p = fleet_sub.add_parser(
+        "init", help="write fleet.json, ID.key/ID.pub/ID.login for every id and observer.json"
+    )
     p.add_argument("--fleet", required=True, help="fleet id")
     p.add_argument(
         "--gateway",
@@ -160,9 +222,42 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID[@PARENT]=DEV,DEV",
         help="a gateway, its parent gateway (default: the coordinator) and its devices; repeat",
     )
-    p.add_argument("--out", default=".", help="directory for fleet.json and the keys")
-    p.add_argument("--force", action="store_true", help="replace existing keys")
+    p.add_argument(
+        "--max-params",
+        type=int,
+        default=DEFAULT_MAX_PARAMS,
+        metavar="N",
+        help=f"the largest model the fleet accepts, in parameters (default {DEFAULT_MAX_PARAMS})",
+    )
+    p.add_argument(
+        "--max-weight",
+        action="append",
+        default=[],
+        metavar="DEV=W",
+        help="the largest weight (training samples) a device's update may claim; repeat",
+    )
+    p.add_argument("--out", default=".", help="directory for fleet.json, keys and logins")
+    p.add_argument("--force", action="store_true", help="replace existing keys and logins")
     p.set_defaults(func=_fleet_init)
+
+    p = sub.add_parser(
+        "mosquitto-config",
+        help="write Mosquitto's password_file, acl_file and mosquitto.conf for a fleet's broker",
+    )
+    p.add_argument("--fleet-file", required=True, help="the fleet file (fleet.json)")
+    p.add_argument(
+        "--broker",
+        default=COORDINATOR,
+        metavar="coordinator|GATEWAY",
+        help="whose broker: the coordinator's (default) or a gateway's own downstream broker",
+    )
+    p.add_argument("--boards", help="the gateway's boards file (its boards log in too)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument(
+        "--port", type=int, help="port to listen on (default 1883; 1884 for a gateway's broker)"
+    )
+    p.add_argument("--out", required=True, help="directory for the files")
+    p.set_defaults(func=_mosquitto_config)
 
     p = sub.add_parser("inspect", help="print a message in CBOR diagnostic notation, verify it")
     p.add_argument("file", help="file with one message's bytes, or - for standard input")

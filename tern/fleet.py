@@ -1,32 +1,49 @@
-"""The fleet file: who is in a fleet, who reports to whom, and their public keys.
+"""The fleet file: who is in a fleet, who reports to whom, their public keys and logins.
 
-One JSON file, public only (no secrets), shared by every component::
+One JSON file, public only (no secrets: passwords appear only as hashes), shared by every
+component::
 
     {"fleet": "demo",
      "coordinator": "<hex verify key>",
      "gateways": {"gw-1": {"key": "<hex>", "parent": "coordinator",
                            "devices": {"dev-01": "<hex>", ...}},
-                  "gw-1a": {"key": "<hex>", "parent": "gw-1", "devices": {...}}}}
+                  "gw-1a": {"key": "<hex>", "parent": "gw-1", "devices": {...}}},
+     "logins": {"coordinator": "$7$101$...", "gw-1": "$7$101$...", "observer": "$7$..."},
+     "max_params": 1048576,
+     "max_weight": {"dev-01": 500.0}}
 
 A gateway's parent is ``coordinator`` or another gateway, so the tree has any depth.
+``logins`` (user name -> `tern.logins` password hash), ``max_params`` and ``max_weight``
+are optional and written only when they differ from their defaults.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
+from types import MappingProxyType
+from typing import Any
 
 from nacl.signing import VerifyKey
 
 from tern.errors import MalformedMessage, TernError
 from tern.keys import verify_key_from_text, verify_key_to_text
+from tern.logins import OBSERVER, is_password_hash
+from tern.spec import MAX_PARAMS
 from tern.topics import validate_id
 
-__all__ = ["COORDINATOR", "Fleet", "GatewayEntry"]
+__all__ = ["COORDINATOR", "DEFAULT_MAX_PARAMS", "MAX_FLEET_BYTES", "Fleet", "GatewayEntry"]
 
 COORDINATOR = "coordinator"
+DEFAULT_MAX_PARAMS = 1 << 20  # the largest model a fleet accepts unless its file says more
+MAX_FLEET_BYTES = 64 << 20  # about 150,000 members with their keys and logins
+
+_TOP_KEYS = {"fleet", "coordinator", "gateways"}
+_OPTIONAL_KEYS = {"logins", "max_params", "max_weight"}
+_GATEWAY_KEYS = {"key", "parent", "devices"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,27 +58,54 @@ class Fleet:
     fleet: str
     coordinator_key: VerifyKey
     gateways: Mapping[str, GatewayEntry]
+    logins: Mapping[str, str] = field(default_factory=dict)  # user -> tern.logins hash
+    max_params: int = DEFAULT_MAX_PARAMS
+    max_weight: Mapping[str, float] = field(default_factory=dict)  # device -> bound
 
     def __post_init__(self) -> None:
         validate_id(self.fleet, "fleet")
         seen: set[str] = {COORDINATOR}
         for gw, entry in self.gateways.items():
             validate_id(gw, "gateway")
+            validate_id(entry.parent, "parent")
             if entry.parent != COORDINATOR and entry.parent not in self.gateways:
                 raise MalformedMessage(f"gateway {gw!r} has an unknown parent {entry.parent!r}")
             for dev in entry.devices:
                 validate_id(dev, "device")
             ids = {gw, *entry.devices}
             if ids & seen:
-                raise MalformedMessage(f"ids repeat in the fleet: {sorted(ids & seen)}")
+                raise MalformedMessage(f"ids repeat in the fleet: {sorted(ids & seen)[:5]}")
             seen |= ids
+        if OBSERVER in seen:
+            raise MalformedMessage(f"{OBSERVER!r} is reserved for the observer login")
         for gw in self.gateways:  # no cycles: every chain of parents reaches the coordinator
             chain, node = [gw], self.gateways[gw].parent
             while node != COORDINATOR:
                 if node in chain:
-                    raise MalformedMessage(f"gateway parents form a cycle: {chain}")
+                    raise MalformedMessage(f"gateway parents form a cycle: {chain[:8]}")
                 chain.append(node)
                 node = self.gateways[node].parent
+        self._check_limits(seen)
+
+    def _check_limits(self, members: set[str]) -> None:
+        for user, hashed in self.logins.items():
+            if user not in members and user != OBSERVER:
+                raise MalformedMessage(f"a login for {_short(user)}, who is not in the fleet")
+            if not is_password_hash(hashed):
+                raise MalformedMessage(f"the login of {user!r} is not a $7$ password hash")
+        if not _is_int(self.max_params) or not 1 <= self.max_params <= MAX_PARAMS:
+            raise MalformedMessage(f"max_params must be an integer in 1..{MAX_PARAMS}")
+        devices = self._device_set
+        weights: dict[str, float] = {}
+        for device, bound in self.max_weight.items():
+            if device not in devices:
+                raise MalformedMessage(f"max_weight for {_short(device)}: not a device here")
+            if not _is_finite(bound) or bound < 1:
+                raise MalformedMessage(f"max_weight of {device!r} must be a finite number >= 1")
+            weights[device] = float(bound)
+        # Read-only, so a Fleet shared between threads cannot change under a reader.
+        object.__setattr__(self, "logins", MappingProxyType(dict(self.logins)))
+        object.__setattr__(self, "max_weight", MappingProxyType(weights))
 
     def children(self, parent: str) -> list[str]:
         """Gateways whose parent is `parent` (a gateway id or ``coordinator``), sorted."""
@@ -78,48 +122,143 @@ class Fleet:
     def devices(self) -> list[str]:
         return self.devices_below(COORDINATOR)
 
+    @cached_property
+    def _device_set(self) -> frozenset[str]:
+        return frozenset(self.devices)
+
+    @property
+    def members(self) -> list[str]:
+        """Every id of the fleet: the coordinator, the gateways and the devices, sorted."""
+        return list(self._members)
+
+    @cached_property
+    def _members(self) -> tuple[str, ...]:
+        return tuple(sorted([COORDINATOR, *self.gateways, *self.devices]))
+
+    def client_ids(self, member: str) -> frozenset[str]:
+        """The MQTT client ids `member` connects with (on any broker)."""
+        if member == COORDINATOR:
+            return frozenset({COORDINATOR})
+        if member in self.gateways:
+            prefix = f"tern-{self.fleet}-{member}"
+            return frozenset({f"{prefix}-up", f"{prefix}-down"})
+        if member in self._device_set:
+            return frozenset({f"tern-{self.fleet}-{member}"})
+        raise TernError(f"{_short(member)} is not a member of fleet {self.fleet!r}")
+
     def gateway_of(self, device: str) -> str:
         for gw, entry in self.gateways.items():
             if device in entry.devices:
                 return gw
-        raise TernError(f"device {device!r} is not in fleet {self.fleet!r}")
+        raise TernError(f"device {_short(device)} is not in fleet {self.fleet!r}")
 
     def height(self, gateway: str) -> int:
         """1 for a gateway with no child gateways; 1 + the tallest child's otherwise."""
         return 1 + max((self.height(c) for c in self.children(gateway)), default=0)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "fleet": self.fleet,
-                "coordinator": verify_key_to_text(self.coordinator_key),
-                "gateways": {
-                    g: {
-                        "key": verify_key_to_text(e.key),
-                        "parent": e.parent,
-                        "devices": {d: verify_key_to_text(k) for d, k in e.devices.items()},
-                    }
-                    for g, e in self.gateways.items()
-                },
+        doc: dict[str, Any] = {
+            "fleet": self.fleet,
+            "coordinator": verify_key_to_text(self.coordinator_key),
+            "gateways": {
+                g: {
+                    "key": verify_key_to_text(e.key),
+                    "parent": e.parent,
+                    "devices": {d: verify_key_to_text(k) for d, k in e.devices.items()},
+                }
+                for g, e in self.gateways.items()
             },
-            indent=2,
-            sort_keys=True,
-        )
+        }
+        if self.logins:
+            doc["logins"] = dict(self.logins)
+        if self.max_params != DEFAULT_MAX_PARAMS:
+            doc["max_params"] = self.max_params
+        if self.max_weight:
+            doc["max_weight"] = dict(self.max_weight)
+        return json.dumps(doc, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Fleet:
+        """Parse a fleet file; MalformedMessage says what is wrong, whatever the input."""
+        if not isinstance(text, str) or len(text) > MAX_FLEET_BYTES:
+            raise MalformedMessage(f"a fleet file is JSON text of at most {MAX_FLEET_BYTES} bytes")
         try:
-            v = json.loads(text)
-            gateways = {
-                str(g): GatewayEntry(
-                    verify_key_from_text(e["key"]),
-                    str(e["parent"]),
-                    {str(d): verify_key_from_text(k) for d, k in e["devices"].items()},
-                )
-                for g, e in v["gateways"].items()
-            }
-            return cls(str(v["fleet"]), verify_key_from_text(v["coordinator"]), gateways)
-        except TernError:
+            doc = json.loads(text)
+        except (ValueError, RecursionError) as exc:  # ValueError: also an int of 5,000 digits
+            raise MalformedMessage(f"fleet file is not JSON ({type(exc).__name__})") from None
+        try:
+            return cls._from_doc(doc)
+        except MalformedMessage:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise MalformedMessage(f"fleet file is not valid: {exc!r}") from exc
+        except TernError as exc:
+            raise MalformedMessage(f"fleet file is not valid: {exc.message}") from exc
+
+    @classmethod
+    def _from_doc(cls, doc: object) -> Fleet:
+        v = _object(doc, "the fleet file", _TOP_KEYS, _OPTIONAL_KEYS)
+        gateways = {}
+        for g, e in _object(v["gateways"], "gateways").items():
+            entry = _object(e, f"gateway {_short(g)}", _GATEWAY_KEYS)
+            devices = _object(entry["devices"], f"devices of gateway {_short(g)}")
+            gateways[g] = GatewayEntry(
+                _key(entry["key"]),
+                _text(entry["parent"], "a gateway's parent"),
+                {d: _key(k) for d, k in devices.items()},
+            )
+        logins = _object(v.get("logins", {}), "logins")
+        for hashed in logins.values():
+            _text(hashed, "a login hash")
+        return cls(
+            _text(v["fleet"], "fleet"),
+            _key(v["coordinator"]),
+            gateways,
+            logins,
+            v.get("max_params", DEFAULT_MAX_PARAMS),
+            _object(v.get("max_weight", {}), "max_weight"),
+        )
+
+
+def _object(
+    value: object, what: str, required: set[str] | None = None, optional: set[str] | None = None
+) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise MalformedMessage(f"{what} must be a JSON object")
+    if required is not None:
+        missing, extra = required - set(value), set(value) - required - (optional or set())
+        if missing or extra:
+            raise MalformedMessage(
+                f"{what} needs exactly {sorted(required)}"
+                + (f", optionally {sorted(optional)}" if optional else "")
+                + f" ({len(missing)} missing, {len(extra)} unknown)"
+            )
+    return value
+
+
+def _text(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise MalformedMessage(f"{what} must be a string")
+    return value
+
+
+def _key(value: object) -> VerifyKey:
+    return verify_key_from_text(_text(value, "a verify key"))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: object) -> bool:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _short(value: object) -> str:
+    """An id from a file, safe for an error message (ids are at most 64 characters)."""
+    if isinstance(value, str) and len(value) <= 64:
+        return repr(value)
+    return f"text of {len(value)} characters" if isinstance(value, str) else type(value).__name__

@@ -1,9 +1,10 @@
 """Fleets with generated keys for tests: any number of gateways, any depth.
 
 `build_fleet({"gw-1": ("coordinator", ["dev-01", "dev-02"]), "gw-1a": ("gw-1", [...])})`
-returns the public `Fleet` and every secret key (coordinator, gateways, devices).
-Keys come from a seeded generator, so a test run is reproducible; `write_fleet`
-puts the fleet file and one key file per component on disk for the command lines.
+returns the public `Fleet` and every secret key and broker login (coordinator, gateways,
+devices, and the observer's login). Keys and logins come from a seeded generator, so a
+test run is reproducible; `write_fleet` puts the fleet file, one key file and one login
+file per component and ``observer.json`` on disk, as `tern fleet init` does.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,10 @@ from nacl.signing import SigningKey
 
 from device.agent import DeviceAgent
 from gateway import Gateway, GatewayConfig
-from tern.fleet import COORDINATOR, Fleet, GatewayEntry
+from tern.fleet import COORDINATOR, DEFAULT_MAX_PARAMS, Fleet
 from tern.keys import signing_key_to_text
+from tern.logins import OBSERVER, Login
+from tern.members import new_members
 
 __all__ = ["FleetKit", "FleetRig", "build_fleet", "simple_layout", "write_fleet"]
 
@@ -32,24 +35,35 @@ Layout = Mapping[str, tuple[str, Sequence[str]]]  # gateway -> (parent, its devi
 class FleetKit:
     fleet: Fleet
     keys: Mapping[str, SigningKey]  # component id (and "coordinator") -> secret key
+    logins: Mapping[str, Login] = field(default_factory=dict)  # id and "observer" -> login
 
     @property
     def coordinator_key(self) -> SigningKey:
         return self.keys[COORDINATOR]
 
+    def login(self, user: str) -> tuple[str, str]:
+        """`user`'s (user name, password), as MqttTransport's `login=` takes it."""
+        return self.logins[user].username, self.logins[user].password
 
-def build_fleet(layout: Layout, fleet_id: str = "test-fleet", seed: int = 0) -> FleetKit:
-    """A Fleet for `layout`, with a fresh deterministic key for every component."""
-    rng = np.random.default_rng(seed)
-    ids = [COORDINATOR]
-    for gw, (_, devices) in layout.items():
-        ids += [gw, *devices]
-    keys = {i: SigningKey(rng.bytes(32)) for i in ids}
-    gateways = {
-        gw: GatewayEntry(keys[gw].verify_key, parent, {d: keys[d].verify_key for d in devices})
-        for gw, (parent, devices) in layout.items()
-    }
-    return FleetKit(Fleet(fleet_id, keys[COORDINATOR].verify_key, gateways), keys)
+
+def build_fleet(
+    layout: Layout,
+    fleet_id: str = "test-fleet",
+    seed: int = 0,
+    *,
+    max_params: int | None = None,
+    max_weight: Mapping[str, float] | None = None,
+) -> FleetKit:
+    """A Fleet for `layout`, with a fresh deterministic key and login for every component
+    and an observer login; the fleet file holds the logins' hashes."""
+    members = new_members(
+        fleet_id,
+        layout,
+        rng=np.random.default_rng(seed),
+        max_params=DEFAULT_MAX_PARAMS if max_params is None else max_params,
+        max_weight=max_weight,
+    )
+    return FleetKit(members.fleet, members.keys, members.logins)
 
 
 def simple_layout(gateways: int, devices: int, depth: int = 1) -> dict[str, tuple[str, list[str]]]:
@@ -69,12 +83,16 @@ def simple_layout(gateways: int, devices: int, depth: int = 1) -> dict[str, tupl
 
 
 def write_fleet(kit: FleetKit, directory: Path) -> Path:
-    """Write fleet.json and <id>.key for every component; return the fleet file's path."""
+    """Write fleet.json, <id>.key and <id>.login for every component and observer.json;
+    return the fleet file's path."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "fleet.json"
     path.write_text(kit.fleet.to_json())
     for component, key in kit.keys.items():
         (directory / f"{component}.key").write_text(signing_key_to_text(key) + "\n")
+    for user, login in kit.logins.items():
+        name = "observer.json" if user == OBSERVER else f"{user}.login"
+        (directory / name).write_text(login.to_json() + "\n")
     return path
 
 
@@ -111,6 +129,7 @@ class FleetRig:
             margin=0.3,
             backoff_min=0.05,
             backoff_max=0.3,
+            login=self.kit.logins.get(gw),
         )
         gateway = Gateway(config, self.kit.fleet, self.kit.keys[gw], rng=np.random.default_rng(1))
         self.stack.callback(gateway.stop)
@@ -130,6 +149,7 @@ class FleetRig:
             backoff_min=0.05,
             backoff_max=0.3,
             rng=np.random.default_rng(2),
+            login=self.kit.logins.get(dev),
         )
         self.stack.callback(agent.stop)
         self.devices[dev] = agent.start()

@@ -165,8 +165,15 @@ class Inbox:
             return found[0]
 
 
-def listen(make_transport: MakeTransport, url: str, topic: Topic, client_id: str) -> Inbox:
-    """An Inbox of everything published under `topic` on `url` from now on."""
+def listen(
+    make_transport: MakeTransport,
+    url: str,
+    topic: Topic,
+    client_id: str,
+    login: tuple[str, str] | None = None,
+) -> Inbox:
+    """An Inbox of everything published under `topic` on `url` from now on (`login`: for a
+    fleet's broker, usually its observer's)."""
     inbox = Inbox()
-    make_transport(url, client_id).subscribe(topic, inbox)
+    make_transport(url, client_id, login=login).subscribe(topic, inbox)
     return inbox

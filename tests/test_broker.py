@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import json
 import queue
 import re
@@ -16,10 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from broker.cli import add_arguments, limits_from_args
 from broker.embedded import ANONYMOUS, DEFAULT_CONFIG, EmbeddedBroker, load_config, merge_config
 from broker.errors import BrokerConfigError, BrokerError, BrokerStartError, ConnectRefused
+from broker.limits import BrokerLimits
 from broker.transport import MqttTransport, format_url
 from tern import topics
+from tests.fleet_fixtures import build_fleet, write_fleet
 from tests.mqtt_fixtures import Inbox
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +96,7 @@ def test_stop_frees_the_port_at_once_and_ends_in_time_when_amqtt_hangs(
     plugin: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """amqtt's shutdown can wait for a client that never hangs up; stop() must not."""
-    config = {"plugins": {f"tests.broker_plugins.{plugin}": {}}}
+    config: dict[str, object] = {"plugins": {f"tests.broker_plugins.{plugin}": {}}}
     embedded = EmbeddedBroker("127.0.0.1", 0, config=config).start()
     port = embedded.port
     client = connect_raw(port, b"never-hangs-up")
@@ -220,3 +225,78 @@ def test_python_m_broker_exits_1_when_its_port_is_taken() -> None:
 
     assert result.returncode == 1
     assert str(port) in result.stderr
+
+
+def test_config_with_a_listener_the_limits_cannot_guard_is_refused() -> None:
+    config = {"listeners": {"web": {"type": "ws", "bind": "127.0.0.1:0"}}}
+
+    with pytest.raises(BrokerConfigError, match="only tcp"):
+        EmbeddedBroker("127.0.0.1", 0, config=config)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_broker_flags_become_its_limits() -> None:
+    args = parse(
+        "--max-connections", "5", "--publish-rate", "2.5", "--max-packet-bytes", "65536",
+        "--unlimited-user", "gw-1", "--unlimited-user", "gw-2",
+    )  # fmt: skip
+
+    limits = limits_from_args(args)
+
+    assert limits == BrokerLimits(
+        max_connections=5,
+        publish_rate=2.5,
+        max_packet_bytes=65536,
+        unlimited_users=frozenset({"gw-1", "gw-2"}),
+    )
+    assert limits_from_args(parse()) == BrokerLimits()
+
+
+def test_a_fleet_sizes_the_packets_for_its_models_and_exempts_its_gateways_from_the_rate() -> None:
+    kit = build_fleet({"gw-1": ("coordinator", ["dev-01"]), "gw-1a": ("gw-1", ["dev-02"])})
+    fleet = dataclasses.replace(kit.fleet, max_params=16 << 20)
+
+    derived = limits_from_args(parse("--unlimited-user", "ops"), fleet)
+    given = limits_from_args(parse("--max-packet-bytes", "1000000"), fleet)
+
+    assert derived.max_packet_bytes == 4 * (16 << 20) + (64 << 10)
+    assert derived.max_retained_bytes >= 4 * derived.max_packet_bytes
+    assert derived.max_queued_bytes >= 2 * derived.max_packet_bytes
+    assert derived.unlimited_users == {"coordinator", "gw-1", "ops"}
+    assert given.max_packet_bytes == 1000000
+
+
+def test_python_m_broker_with_a_fleet_file_lets_only_the_fleet_in(tmp_path: Path) -> None:
+    kit = build_fleet({"gw-1": ("coordinator", ["dev-01"])}, fleet_id="plant-7")
+    fleet_file = write_fleet(kit, tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "broker", "--port", "0", "--fleet-file", str(fleet_file)],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_lines, args=(process.stderr, lines), daemon=True).start()
+    try:
+        port = 0
+        while not port:
+            found = re.search(r"listening on mqtt://127\.0\.0\.1:(\d+)", lines.get(timeout=10))
+            port = int(found.group(1)) if found else 0
+        url = format_url("127.0.0.1", port)
+
+        with pytest.raises(ConnectRefused):
+            MqttTransport(url, "stranger", backoff_min=0.05, backoff_max=0.05).connect(timeout=5)
+        member = MqttTransport(url, "coordinator", login=kit.login("coordinator"))
+        with member.connect(timeout=5):
+            member.publish(topics.global_model("plant-7"), b"model", retain=True, wait=True)
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        process.kill()
+        process.wait(timeout=5)

@@ -1,0 +1,76 @@
+"""A new fleet's members in memory: the public fleet file and every member's secrets.
+
+`tern fleet init` writes what this makes to disk; the demo, the benchmarks and the tests
+use it directly. Pure: keys and passwords come from the operating system's randomness,
+or, for reproducible tests, from an explicit `numpy.random.Generator`.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from nacl.signing import SigningKey
+
+from tern.fleet import COORDINATOR, DEFAULT_MAX_PARAMS, Fleet, GatewayEntry
+from tern.logins import OBSERVER, SALT_BYTES, Login, hash_password, new_login
+
+__all__ = ["Layout", "Members", "new_members"]
+
+Layout = Mapping[str, tuple[str, Sequence[str]]]  # gateway -> (parent, its devices)
+
+
+@dataclass(frozen=True)
+class Members:
+    """A fleet file and its secrets: every member's signing key and broker login, and
+    the observer's login."""
+
+    fleet: Fleet
+    keys: Mapping[str, SigningKey]  # member id -> secret key
+    logins: Mapping[str, Login]  # member id and "observer" -> login
+
+    def login(self, user: str) -> tuple[str, str]:
+        """`user`'s (user name, password), as MqttTransport's `login=` takes it."""
+        return self.logins[user].username, self.logins[user].password
+
+
+def new_members(
+    fleet_id: str,
+    layout: Layout,
+    *,
+    rng: np.random.Generator | None = None,
+    max_params: int = DEFAULT_MAX_PARAMS,
+    max_weight: Mapping[str, float] | None = None,
+) -> Members:
+    """Keys and logins for the coordinator, every gateway and device of `layout`, and the
+    observer; the fleet file holds the logins' hashes. With `rng`, reproducible."""
+    ids = [COORDINATOR, *layout, *(d for _, ds in layout.values() for d in ds)]
+    if rng is None:
+        keys = {cid: SigningKey.generate() for cid in ids}
+        logins = {user: new_login(user) for user in [*ids, OBSERVER]}
+        hashes = {user: hash_password(lg.password) for user, lg in logins.items()}
+    else:
+        keys = {cid: SigningKey(rng.bytes(32)) for cid in ids}
+        logins = {
+            user: Login(user, base64.urlsafe_b64encode(rng.bytes(32)).decode().rstrip("="))
+            for user in [*ids, OBSERVER]
+        }
+        hashes = {
+            user: hash_password(lg.password, salt=rng.bytes(SALT_BYTES))
+            for user, lg in logins.items()
+        }
+    gateways = {
+        gw: GatewayEntry(keys[gw].verify_key, parent, {d: keys[d].verify_key for d in devices})
+        for gw, (parent, devices) in layout.items()
+    }
+    fleet = Fleet(
+        fleet_id,
+        keys[COORDINATOR].verify_key,
+        gateways,
+        logins=hashes,
+        max_params=max_params,
+        max_weight=dict(max_weight or {}),
+    )
+    return Members(fleet, keys, logins)
