@@ -48,6 +48,7 @@ ESP32 = Path(__file__).resolve().parents[1] / "firmware" / "esp32"
 KEY = bytes(range(32))
 FLEET, DEVICE = "bench", "esp-1"
 SIZES = (40, 100, 100, 10)
+RUN = 1_767_225_600_000  # a coordinator's run: ms since the epoch, past 2**32 as in practice
 HEAP_TARGET = 64 * 1024
 TIMEOUT = 600.0
 
@@ -59,7 +60,7 @@ def demo_case(windows: int, seed: int) -> tuple[mcu.McuModel, list[list[int]]]:
     rng = np.random.default_rng(seed)
     weights = train_local(spec, init_weights(spec, rng), data.x[:400], data.y[:400],
                           TrainConfig(), rng)  # fmt: skip
-    model = mcu.quantize(spec, weights, model_version=2)
+    model = mcu.quantize(spec, weights, model_version=2, run=RUN)
     xs = data.x_test[:windows]
     return model, [mcu.quantize_window(x, model.in_exp) for x in xs]
 
@@ -81,7 +82,7 @@ def measure_micropython(
     model: mcu.McuModel, windows: list[list[int]], repeats: int
 ) -> dict[str, float]:
     """us per inference (median of runs), and heap bytes, under MicroPython on node."""
-    old = mcu.McuModel(model.model_version - 1, model.in_exp, model.sizes, model.layers)
+    old = mcu.McuModel(model.model_version - 1, model.run, model.in_exp, model.sizes, model.layers)
     base, grown = heap_use(
         _sealed(old), _sealed(model), windows[0], key=KEY, fleet=FLEET, device=DEVICE,
         timeout=TIMEOUT,

@@ -185,7 +185,7 @@ def receive(name):
         f.readinto(buf)
     return buf
 old = tern_model.load(receive("old.bin"), {key!r}, {fleet!r}, {device!r})
-new = tern_model.load(receive("new.bin"), {key!r}, {fleet!r}, {device!r}, old.model_version)
+new = tern_model.load(receive("new.bin"), {key!r}, {fleet!r}, {device!r}, old.mark)
 new.infer({window!r})
 grown = gc.mem_alloc() - base
 gc.enable()

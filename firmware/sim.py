@@ -89,7 +89,8 @@ def _getrandbits(rng: np.random.Generator) -> Callable[[int], int]:
 
 
 class SimulatedBoard:
-    """One board: ``start()``, watch ``stats`` / ``model_version``, ``stop(timeout)``.
+    """One board: ``start()``, watch ``stats`` / ``model_version`` / ``model_order``,
+    ``stop(timeout)``.
 
     `config` is a board's config.json as a dict (firmware.config.board_config);
     `windows` is a replay file (one window per line, comma-separated ints). The board's
@@ -197,6 +198,12 @@ class SimulatedBoard:
     def model_version(self) -> int | None:
         model = self.board.model
         return None if model is None else int(model.model_version)
+
+    @property
+    def model_order(self) -> tuple[int, int] | None:
+        """(run, model_version) of the model the board runs: the order it accepts models by."""
+        model = self.board.model
+        return None if model is None else (int(model.run), int(model.model_version))
 
     def wait_until(
         self, predicate: Callable[[SimulatedBoard], bool], timeout: float, poll: float = 0.05

@@ -37,6 +37,7 @@ class BoardRelay:
 
     `stats` counts what happened, by name: ``models`` (sealed copies published),
     ``model_skipped`` (a global model that is not an MLP, or cannot be quantized),
+    ``model_stale`` (a global model older, by (run, version), than the last one derived from),
     ``telemetry`` / ``status`` (relayed), ``telemetry_malformed`` / ``status_malformed``
     (dropped), ``unregistered`` (telemetry from a board this gateway does not serve).
     """
@@ -46,7 +47,7 @@ class BoardRelay:
         self._in_exp = in_exp
         self._down, self._up = down, up
         self._lock = threading.Lock()
-        self._version = -1  # the last global model version seen
+        self._order = (-1, -1)  # (run, version) of the last global model seen
         self._body: bytes | None = None  # its MCU model body, before any board's tag
         self.stats: Counter[str] = Counter()
 
@@ -55,10 +56,10 @@ class BoardRelay:
         return self._boards
 
     @property
-    def model_version(self) -> int | None:
-        """The global model version the boards' current MCU model was derived from."""
+    def model_order(self) -> tuple[int, int] | None:
+        """(run, version) of the global model the boards' current MCU model was derived from."""
         with self._lock:
-            return None if self._body is None else self._version
+            return None if self._body is None else self._order
 
     def filters(self) -> tuple[topics.Topic, topics.Topic]:
         """What to subscribe to downstream: every board's telemetry and status."""
@@ -67,18 +68,30 @@ class BoardRelay:
 
     # -- models down ------------------------------------------------------------------
 
-    def on_model(self, version: int, model: GlobalModel) -> None:
-        """A verified global model: quantize it once, publish it to every board."""
+    def on_model(self, run: int, version: int, model: GlobalModel) -> None:
+        """A verified global model (`run` and `version` from its signed envelope): quantize
+        it once and publish it to every board, when (run, version) is newer than the last.
+
+        Ordered as the boards order their models: a new run is newer whatever its version,
+        an old run's models never are again.
+        """
         with self._lock:
-            if version <= self._version:
-                return  # a retained copy after a reconnect, or an older model
-            self._version = version
+            order = (run, version)
+            if order <= self._order:
+                if order < self._order:  # equal: a retained copy after a reconnect
+                    self.stats["model_stale"] += 1
+                return
+            self._order = order
             try:
-                body = quantize(model.spec, model.weights, version, self._in_exp).to_bytes()
+                body = quantize(
+                    model.spec, model.weights, version, self._in_exp, run=run
+                ).to_bytes()
             except TernError as exc:
                 # The boards keep their last model: better a stale one than none.
                 self.stats["model_skipped"] += 1
-                log.warning("boards: model %d not sent (%s): %s", version, exc.reason, exc)
+                log.warning(
+                    "boards: model %d of run %d not sent (%s): %s", version, run, exc.reason, exc
+                )
                 return
             self._body = body
             for board in self._boards.boards:

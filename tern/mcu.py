@@ -54,14 +54,15 @@ DEFAULT_IN_EXP = 5  # standardized MNIST-1D features: steps of 1/32, range +-3.9
 MAX_MCU_BYTES = 65536  # the whole message, tag included
 KEY_BYTES = 32
 TAG_BYTES = 32
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAGIC = b"TMCU"
 MAX_LAYERS = 8
 MAX_WIDTH = 1024
 
-_HEADER = struct.Struct("<4sBBbBI")  # magic, version, layers, in_exp, flags, model_version
+# magic, version, layers, in_exp, flags, model_version, run
+_HEADER = struct.Struct("<4sBBbBIQ")
 _LAYER = struct.Struct("<Bbbx")  # m, e_w, e_b, pad
-_DOMAIN = b"tern-mcu-1\x00"
+_DOMAIN = b"tern-mcu-2\x00"  # per format version: a tag never verifies across them
 _I32 = (-(1 << 31), (1 << 31) - 1)
 _BIAS_BITS = 23  # biases keep at least 23 significant bits
 _MAX_BIAS_EXP = 30
@@ -123,7 +124,11 @@ class McuLayer:
 
 @dataclass(frozen=True, slots=True)
 class McuModel:
+    """A model as on the wire. Boards order models by `order`, (run, model_version): the
+    coordinator's run first, so a new run's version 0 is newer than any of an old run."""
+
     model_version: int
+    run: int
     in_exp: int
     sizes: tuple[int, ...]
     layers: tuple[McuLayer, ...]
@@ -131,18 +136,31 @@ class McuModel:
     def __post_init__(self) -> None:
         _check_sizes(self.sizes)
         if not 0 <= self.model_version < 1 << 32:
-            raise MalformedMessage(f"model version {self.model_version} is not a u32")
+            raise MalformedMessage("model version is not a u32")  # not formatted: unbounded
+        if not 0 <= self.run < 1 << 64:
+            raise MalformedMessage("run is not a u64")
         if not -128 <= self.in_exp <= 127:
             raise MalformedMessage(f"input exponent {self.in_exp} does not fit an i8")
         shapes = [layer.weights.shape for layer in self.layers]
         if shapes != [(o, n) for n, o in zip(self.sizes[:-1], self.sizes[1:], strict=True)]:
             raise ShapeMismatch(f"layer shapes {shapes} do not match widths {self.sizes}")
 
+    @property
+    def order(self) -> tuple[int, int]:
+        """(run, model_version): a board runs a model only when this is greater than its own."""
+        return self.run, self.model_version
+
     def to_bytes(self) -> bytes:
         """The body: everything the tag covers."""
         parts = [
             _HEADER.pack(
-                MAGIC, FORMAT_VERSION, len(self.layers), self.in_exp, 0, self.model_version
+                MAGIC,
+                FORMAT_VERSION,
+                len(self.layers),
+                self.in_exp,
+                0,
+                self.model_version,
+                self.run,
             ),
             struct.pack(f"<{len(self.sizes)}H", *self.sizes),
         ]
@@ -160,7 +178,7 @@ class McuModel:
             raise PayloadTooLarge(len(body) + TAG_BYTES, MAX_MCU_BYTES)
         if len(body) < _HEADER.size:
             raise MalformedMessage(f"MCU model of {len(body)} bytes is shorter than its header")
-        magic, version, n_layers, in_exp, flags, model_version = _HEADER.unpack_from(body)
+        magic, version, n_layers, in_exp, flags, model_version, run = _HEADER.unpack_from(body)
         if magic != MAGIC:
             raise MalformedMessage(f"MCU model magic is {magic!r}, not {MAGIC!r}")
         if version != FORMAT_VERSION:
@@ -191,7 +209,7 @@ class McuModel:
             b = np.frombuffer(body, dtype="<i4", count=o, offset=pos).astype(np.int64)
             pos += 4 * o
             layers.append(McuLayer(m, e_w, e_b, w.copy(), b))
-        return cls(model_version, in_exp, tuple(sizes), tuple(layers))
+        return cls(model_version, run, in_exp, tuple(sizes), tuple(layers))
 
 
 # -- quantization ------------------------------------------------------------------------
@@ -255,9 +273,19 @@ def _bias_exponent(beta: np.ndarray) -> int:
 
 
 def quantize(
-    spec: ModelSpec, weights: npt.ArrayLike, model_version: int, in_exp: int = DEFAULT_IN_EXP
+    spec: ModelSpec,
+    weights: npt.ArrayLike,
+    model_version: int,
+    in_exp: int = DEFAULT_IN_EXP,
+    *,
+    run: int,
 ) -> McuModel:
-    """The MCU model of an MLP's flat float32 weights (topics.md, "How the gateway quantizes")."""
+    """The MCU model of an MLP's flat float32 weights (topics.md, "How the gateway quantizes"),
+    for global model `model_version` of the coordinator's `run` (the envelope's, both signed).
+
+    `run` has no default: a model stamped with the wrong run would be refused by every
+    board (an older run) or would lock them out of the real one (a newer run).
+    """
     pairs = _mlp_layers(spec, weights)
     sizes = (pairs[0][0].shape[0], *(w.shape[1] for w, _ in pairs))
     _check_sizes(sizes)
@@ -278,7 +306,7 @@ def quantize(
         layers.append(
             McuLayer(m, e_w, e_b, np.ascontiguousarray(q.T.astype(np.int8)), b.astype(np.int64))
         )
-    return McuModel(model_version, in_exp, sizes, tuple(layers))
+    return McuModel(model_version, run, in_exp, sizes, tuple(layers))
 
 
 def quantize_window(x: npt.ArrayLike, in_exp: int) -> list[int]:

@@ -16,7 +16,7 @@ def test_mcu_benchmark_prints_table_and_json_last_line(
 
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
-    assert result["model_bytes"] == 15904 and result["windows"] == 3
+    assert result["model_bytes"] == 15912 and result["windows"] == 3
     assert set(result["cpython"]) == {"firmware_us_per_inference", "reference_us_per_inference"}
     if result["micropython"] is not None:  # None when node is absent (CI installs it)
         assert result["micropython"]["heap_total_bytes"] <= 64 * 1024

@@ -23,6 +23,8 @@ from tern.reports import State, Status, Telemetry
 ESP32 = Path(__file__).resolve().parents[1] / "firmware" / "esp32"
 KEY = bytes(range(32))
 FLEET, DEVICE = "demo", "esp-1"
+RUN = 1_767_225_600_000  # a coordinator's run: ms since the epoch, past 2**32
+HI = RUN >> 32
 TOPICS = {
     "model": topics.mcu_model(FLEET, DEVICE).path,
     "telemetry": topics.telemetry(FLEET, DEVICE).path,
@@ -38,16 +40,32 @@ def fw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, M
         yield importlib.import_module("tern_board"), importlib.import_module("tern_sensors")
 
 
-@pytest.fixture(scope="module")
-def sealed() -> Callable[[int], bytes]:
+# The ordering table: a board that runs (RUN, 7) is offered one model, by (run, version).
+# Runs also differ in their high u32 half only, with a low half that orders the other way:
+# the firmware reads the u64 as two u32 halves.
+CURRENT = (RUN, 7)
+ORDER_CASES = {
+    "same_run_newer_version": ((RUN, 8), "accepted"),
+    "same_run_older_version": ((RUN, 5), "stale"),
+    "same_run_same_version": ((RUN, 7), "ignored"),
+    "newer_run_version_0": ((RUN + 1, 0), "accepted"),
+    "newer_run_high_half": (((HI + 1) << 32, 0), "accepted"),
+    "older_run_higher_version": ((RUN - 1, 30), "stale"),
+    "older_run_high_half": (((HI - 1) << 32 | 0xFFFFFFFF, 30), "stale"),
+}
+
+
+def seal_model(version: int, run: int = RUN) -> bytes:
     spec = mlp_spec((40, 16, 10))
     weights = init_weights(spec, np.random.default_rng(1))
+    body = mcu.quantize(spec, weights, version, run=run).to_bytes()
+    return mcu.seal_mcu(body, KEY, FLEET, DEVICE)
 
-    def make(version: int) -> bytes:
-        body = mcu.quantize(spec, weights, version).to_bytes()
-        return mcu.seal_mcu(body, KEY, FLEET, DEVICE)
 
-    return make
+@pytest.fixture(scope="module")
+def sealed() -> Callable[..., bytes]:
+    """sealed(version, run=RUN): the board's model, sealed for it."""
+    return seal_model
 
 
 class FakeBroker:
@@ -180,7 +198,7 @@ def _status(broker: FakeBroker) -> Status:
 
 
 def test_board_runs_retained_model_and_publishes_status_and_telemetry(
-    fw: tuple[ModuleType, ModuleType], sealed: Callable[[int], bytes], tmp_path: Path
+    fw: tuple[ModuleType, ModuleType], sealed: Callable[..., bytes], tmp_path: Path
 ) -> None:
     broker = FakeBroker()
     broker.retained[TOPICS["model"].encode()] = sealed(7)
@@ -207,7 +225,7 @@ def test_board_runs_retained_model_and_publishes_status_and_telemetry(
 
 
 def test_board_refuses_tampered_model_keeps_last_good_and_says_why(
-    fw: tuple[ModuleType, ModuleType], sealed: Callable[[int], bytes], tmp_path: Path
+    fw: tuple[ModuleType, ModuleType], sealed: Callable[..., bytes], tmp_path: Path
 ) -> None:
     broker = FakeBroker()
     broker.retained[TOPICS["model"].encode()] = sealed(7)
@@ -225,8 +243,37 @@ def test_board_refuses_tampered_model_keeps_last_good_and_says_why(
     assert (tmp_path / "model.bin").read_bytes() == sealed(7)
 
 
+@pytest.mark.parametrize("case", sorted(ORDER_CASES))
+def test_board_accepts_only_a_model_newer_by_run_then_version(
+    fw: tuple[ModuleType, ModuleType], sealed: Callable[..., bytes], tmp_path: Path, case: str
+) -> None:
+    (run, version), outcome = ORDER_CASES[case]
+    broker = FakeBroker()
+    broker.retained[TOPICS["model"].encode()] = sealed(CURRENT[1], CURRENT[0])
+    board = _board(fw, broker, tmp_path)
+    board.connect()
+    offered = sealed(version, run)
+
+    broker.deliver(TOPICS["model"], offered)
+    board.step()
+
+    stats, model = board.stats, board.model
+    if outcome == "accepted":
+        assert (model.run, model.model_version) == (run, version)
+        assert stats["accepted"] == 2 and stats["rejected"] == {} and stats["ignored"] == 0
+        assert (tmp_path / "model.bin").read_bytes() == offered
+    else:
+        assert (model.run, model.model_version) == CURRENT and stats["accepted"] == 1
+        assert (tmp_path / "model.bin").read_bytes() == sealed(CURRENT[1], CURRENT[0])
+        if outcome == "ignored":  # the retained copy of the model in use
+            assert stats["ignored"] == 1 and stats["rejected"] == {}
+        else:
+            assert stats["ignored"] == 0 and stats["rejected"] == {"stale": 1}
+    assert _status(broker).detail == ("model refused: stale" if outcome == "stale" else "")
+
+
 def test_board_ignores_retained_copy_and_refuses_older_model(
-    fw: tuple[ModuleType, ModuleType], sealed: Callable[[int], bytes], tmp_path: Path
+    fw: tuple[ModuleType, ModuleType], sealed: Callable[..., bytes], tmp_path: Path
 ) -> None:
     broker = FakeBroker()
     broker.retained[TOPICS["model"].encode()] = sealed(7)
@@ -245,8 +292,31 @@ def test_board_ignores_retained_copy_and_refuses_older_model(
     assert _status(broker).detail == ""
 
 
+def test_rebooted_board_refuses_a_replay_of_an_older_model(
+    fw: tuple[ModuleType, ModuleType], sealed: Callable[..., bytes], tmp_path: Path
+) -> None:
+    broker = FakeBroker()
+    broker.retained[TOPICS["model"].encode()] = sealed(3, RUN - 1)
+    board = _board(fw, broker, tmp_path)
+    board.connect()
+    broker.deliver(TOPICS["model"], sealed(0, RUN))  # a new run: accepted and stored
+    board.step()
+    assert (board.model.run, board.model.model_version) == (RUN, 0)
+
+    rebooted = _board(fw, broker, tmp_path)  # the retained model is still the old run's
+    rebooted.connect()
+    broker.deliver(TOPICS["model"], sealed(30, RUN - 1))  # an old run's model, replayed
+    rebooted.step()
+
+    assert (rebooted.model.run, rebooted.model.model_version) == (RUN, 0)
+    assert rebooted.stats["accepted"] == 0
+    assert rebooted.stats["rejected"] == {"stale": 2}
+    assert (tmp_path / "model.bin").read_bytes() == sealed(0, RUN)
+    assert rebooted.detail == "model refused: stale"
+
+
 def test_board_loads_its_stored_model_at_boot_and_refuses_a_damaged_one(
-    fw: tuple[ModuleType, ModuleType], sealed: Callable[[int], bytes], tmp_path: Path
+    fw: tuple[ModuleType, ModuleType], sealed: Callable[..., bytes], tmp_path: Path
 ) -> None:
     broker = FakeBroker()
     broker.retained[TOPICS["model"].encode()] = sealed(7)
@@ -279,7 +349,7 @@ def test_board_backoff_is_jittered_doubling_and_capped(
 
 
 def test_board_reconnects_after_losing_its_broker_and_stops_cleanly(
-    fw: tuple[ModuleType, ModuleType], sealed: Callable[[int], bytes], tmp_path: Path
+    fw: tuple[ModuleType, ModuleType], sealed: Callable[..., bytes], tmp_path: Path
 ) -> None:
     broker = FakeBroker()
     broker.retained[TOPICS["model"].encode()] = sealed(7)

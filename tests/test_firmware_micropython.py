@@ -6,7 +6,9 @@ bit for bit, and the demo model with its inference must fit 64 KB of MicroPython
 
 from __future__ import annotations
 
+import hmac
 import json
+from hashlib import sha256
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from tern import mcu
 from tern.messages import TrainConfig
 from tern.reports import State, Status, Telemetry
 from tests.helpers import unavailable
+from tests.test_firmware_board import CURRENT, ORDER_CASES, RUN
 
 ESP32 = Path(__file__).resolve().parents[1] / "firmware" / "esp32"
 KEY = bytes(range(32))
@@ -51,7 +54,7 @@ def demo() -> tuple[mcu.McuModel, list[list[int]]]:
     rng = np.random.default_rng(0)
     weights = train_local(spec, init_weights(spec, rng), data.x[:400], data.y[:400],
                           TrainConfig(), rng)  # fmt: skip
-    model = mcu.quantize(spec, weights, model_version=7)
+    model = mcu.quantize(spec, weights, model_version=7, run=RUN)
     windows = [mcu.quantize_window(x, model.in_exp) for x in data.x_test[:WINDOWS]]
     return model, windows
 
@@ -65,8 +68,15 @@ def _run(source: str, files: dict[str, bytes]) -> list[str]:
     return run_micropython(source, timeout=TIMEOUT, files=files).splitlines()
 
 
-def _with_version(model: mcu.McuModel, version: int) -> mcu.McuModel:
-    return mcu.McuModel(version, model.in_exp, model.sizes, model.layers)
+def _with_version(model: mcu.McuModel, version: int, run: int = RUN) -> mcu.McuModel:
+    return mcu.McuModel(version, run, model.in_exp, model.sizes, model.layers)
+
+
+def _version_1(body: bytes, domain: str) -> bytes:
+    """A format-2 body rewritten as format 1 (version 1, no run), tagged under `domain`."""
+    v1 = body[:4] + b"\x01" + body[5:12] + body[20:]
+    prefix = f"{domain}\0{FLEET}\0{DEVICE}\0".encode()
+    return v1 + hmac.new(KEY, prefix + v1, sha256).digest()
 
 
 def test_micropython_predictions_equal_cpython_reference_bit_for_bit(
@@ -123,19 +133,26 @@ def test_micropython_refuses_tampered_models_with_their_reason(
         "signed_extra": (mcu.seal_mcu(body + b"\0", KEY, FLEET, DEVICE), "malformed"),
         "bad_magic": (mcu.seal_mcu(b"XMCU" + body[4:], KEY, FLEET, DEVICE), "bad_magic"),
         "bad_version": (
-            mcu.seal_mcu(body[:4] + b"\x02" + body[5:], KEY, FLEET, DEVICE),
+            mcu.seal_mcu(body[:4] + b"\x03" + body[5:], KEY, FLEET, DEVICE),
             "bad_version",
         ),
+        "version_1": (  # format 1's layout and domain: its tag never verifies as format 2
+            _version_1(body, "tern-mcu-1"),
+            "bad_mac",
+        ),
+        "version_1_retagged": (_version_1(body, "tern-mcu-2"), "bad_version"),
         "wrong_key": (_sealed(model, bytes(32)), "bad_mac"),
         "other_board": (mcu.seal_mcu(body, KEY, FLEET, "esp-2"), "bad_mac"),
         "stale": (_sealed(_with_version(model, 3)), "stale"),
+        "older_run": (_sealed(_with_version(model, 30, RUN - 1)), "stale"),
         "oversize": (good + bytes(65536), "oversize"),
     }
+    current = RUN << 32 | 5  # the mark of (RUN, 5)
     source = f"""
 import tern_model
 for name in {sorted(cases)!r}:
     try:
-        tern_model.load(open(name, "rb").read(), {KEY!r}, {FLEET!r}, {DEVICE!r}, 5)
+        tern_model.load(open(name, "rb").read(), {KEY!r}, {FLEET!r}, {DEVICE!r}, {current})
         print(name, "accepted")
     except tern_model.ModelError as exc:
         print(name, exc.reason)
@@ -144,6 +161,79 @@ for name in {sorted(cases)!r}:
     lines = _run(source, {name: data for name, (data, _) in cases.items()})
 
     assert dict(line.split() for line in lines) == {n: r for n, (_, r) in cases.items()}
+
+
+_ORDER_SOURCE = """
+import json, os, tern_board
+def read(name):
+    with open(name, "rb") as f:
+        return f.read()
+class Sensor:
+    def read(self):
+        return [0] * 40
+config = json.loads(CONFIG)
+def board(path):
+    try:
+        os.mkdir(path)
+    except OSError:
+        pass
+    return tern_board.Board(config, Sensor(), store_dir=path)
+def show(name, b):
+    s = b.stats
+    print(name, b.model.run, b.model.model_version, s["accepted"], s["ignored"],
+          json.dumps(s["rejected"]))
+for name in NAMES:
+    b = board("/tmp/" + name)
+    b.on_message(b"m", read("current.bin"))
+    b.on_message(b"m", read(name))
+    show(name, b)
+# A board that ran an old run and then a new one reboots and is replayed the old run's.
+b = board("/tmp/reboot")
+b.on_message(b"m", read("old_run.bin"))
+b.on_message(b"m", read("new_run.bin"))
+b = board("/tmp/reboot")
+b.on_message(b"m", read("old_run_replay.bin"))
+show("reboot", b)
+"""
+
+
+def test_micropython_board_accepts_only_a_model_newer_by_run_then_version(
+    micropython: None, demo: tuple[mcu.McuModel, list[list[int]]]
+) -> None:
+    model, _ = demo
+    config = {
+        "fleet": FLEET,
+        "device": DEVICE,
+        "key": KEY.hex(),
+        "broker": {"host": "gw"},
+        "topics": {"model": "m", "telemetry": "t", "status": "s"},
+    }
+    files = {
+        name: _sealed(_with_version(model, version, run))
+        for name, ((run, version), _) in ORDER_CASES.items()
+    }
+    files["current.bin"] = _sealed(_with_version(model, CURRENT[1], CURRENT[0]))
+    files["old_run.bin"] = _sealed(_with_version(model, 3, RUN - 1))
+    files["new_run.bin"] = _sealed(_with_version(model, 0, RUN))
+    files["old_run_replay.bin"] = _sealed(_with_version(model, 30, RUN - 1))
+    files["tern_board.py"] = (ESP32 / "tern_board.py").read_bytes()
+    source = f"CONFIG = {json.dumps(config)!r}\nNAMES = {sorted(ORDER_CASES)!r}\n"
+
+    lines = _run(source + _ORDER_SOURCE, files)
+
+    seen = {}
+    for line in lines:
+        name, run, version, accepted, ignored, rejected = line.split(" ", 5)
+        seen[name] = ((int(run), int(version)), int(accepted), int(ignored), json.loads(rejected))
+    for name, (offered, outcome) in ORDER_CASES.items():
+        want = {
+            "accepted": (offered, 2, 0, {}),
+            "ignored": (CURRENT, 1, 1, {}),
+            "stale": (CURRENT, 1, 0, {"stale": 1}),
+        }[outcome]
+        assert seen[name] == want, name
+    # Rebooted: the stored (RUN, 0) is the mark, and the old run's replay is stale.
+    assert seen["reboot"] == ((RUN, 0), 0, 0, {"stale": 1})
 
 
 def test_board_app_runs_under_micropython_with_an_in_memory_client(

@@ -1,4 +1,5 @@
-"""The microcontroller model (tern/mcu.py): bytes, tag, quantization and integer inference."""
+"""The microcontroller model (tern/mcu.py): bytes, tag, quantization and integer inference;
+and the order the gateway's relay (gateway/mcu.py) derives models in."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import hmac
 import itertools
 import math
+import struct
 from hashlib import sha256
 
 import numpy as np
@@ -14,8 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from gateway.boards import BoardEntry, Boards
+from gateway.mcu import BoardRelay
 from kernels.partition import load_mnist1d
 from kernels.reference import forward, init_weights, mlp_spec, train_local
+from tern import topics
 from tern.errors import (
     BadSignature,
     MalformedMessage,
@@ -28,6 +33,7 @@ from tern.errors import (
 )
 from tern.mcu import (
     DEFAULT_IN_EXP,
+    FORMAT_VERSION,
     KEY_BYTES,
     MAX_MCU_BYTES,
     TAG_BYTES,
@@ -40,11 +46,12 @@ from tern.mcu import (
     quantize_window,
     seal_mcu,
 )
-from tern.messages import TrainConfig
+from tern.messages import GlobalModel, TrainConfig
 from tern.spec import ModelSpec
 
 KEY = bytes(range(32))
 FLEET, DEVICE = "demo", "esp-1"
+RUN = 1_767_225_600_000  # a coordinator's run: ms since the epoch (0x19B_76DAA800)
 
 TINY_SPEC = mlp_spec([2, 2, 2])
 TINY_WEIGHTS = TINY_SPEC.flatten(
@@ -55,9 +62,18 @@ TINY_WEIGHTS = TINY_SPEC.flatten(
         "b1": [0.0, 0.3],
     }
 )
-# seal_mcu(quantize(TINY_SPEC, TINY_WEIGHTS, 7).to_bytes(), KEY, "demo", "esp-1"): any
-# change to the layout, the quantization rules or the tag shows up here.
+# seal_mcu(quantize(TINY_SPEC, TINY_WEIGHTS, 7, run=RUN).to_bytes(), KEY, "demo", "esp-1"):
+# any change to the layout, the quantization rules or the tag shows up here. The header is
+# TMCU, version 2, 2 layers, in_exp 5, flags 0, model_version 7, run (u64, little-endian).
 TINY_SEALED = bytes.fromhex(
+    "544d4355020205000700000000a8da769b010000"
+    "020002000200820e19003f20825f333333009a9999ff"
+    "820d18003f20e07e00000000cdcc4c00"
+    "c6ed5b080c6ac8a72e906f1ac4fe2e515ea01553ea9cd286b411bad162033caa"
+)
+
+# The same model as format 1 sealed it (model_version 7, no run, domain tern-mcu-1).
+TINY_SEALED_V1 = bytes.fromhex(
     "544d43550102050007000000020002000200820e19003f20825f333333009a9999ff"
     "820d18003f20e07e00000000cdcc4c00"
     "4a642803ec1bda42c8231efc41ee6deb8fa997c5d2367650957b183d7915cd14"
@@ -72,7 +88,7 @@ def layer(m: int, e_w: int, e_b: int, w: list[list[int]], b: list[int]) -> McuLa
 
 
 def test_tiny_model_seals_to_the_recorded_bytes() -> None:
-    model = quantize(TINY_SPEC, TINY_WEIGHTS, 7)
+    model = quantize(TINY_SPEC, TINY_WEIGHTS, 7, run=RUN)
 
     sealed = seal_mcu(model.to_bytes(), KEY, FLEET, DEVICE)
 
@@ -80,7 +96,7 @@ def test_tiny_model_seals_to_the_recorded_bytes() -> None:
 
 
 def test_tiny_model_quantizes_as_worked_out_by_hand() -> None:
-    model = quantize(TINY_SPEC, TINY_WEIGHTS, 7)
+    model = quantize(TINY_SPEC, TINY_WEIGHTS, 7, run=RUN)
 
     first, second = model.layers
     # a = 1: 129 * 127 < 2**14 <= 130 * 127, so s = 130 * 2**-14; 0.25 / s = 31.51 -> 32.
@@ -99,11 +115,11 @@ def test_tiny_model_quantizes_as_worked_out_by_hand() -> None:
 
 def test_demo_mlp_message_is_the_documented_size() -> None:
     spec = mlp_spec([40, 100, 100, 10])
-    model = quantize(spec, init_weights(spec, np.random.default_rng(0)), 1)
+    model = quantize(spec, init_weights(spec, np.random.default_rng(0)), 1, run=RUN)
 
     sealed = seal_mcu(model.to_bytes(), KEY, FLEET, DEVICE)
 
-    assert len(sealed) == 15904
+    assert len(sealed) == 15912
 
 
 # -- inference, checked by hand ----------------------------------------------------------
@@ -112,6 +128,7 @@ def test_demo_mlp_message_is_the_documented_size() -> None:
 def test_infer_follows_the_integer_steps_worked_out_by_hand() -> None:
     model = McuModel(
         model_version=3,
+        run=RUN,
         in_exp=0,
         sizes=(2, 2, 2),
         layers=(
@@ -136,6 +153,7 @@ def test_infer_follows_the_integer_steps_worked_out_by_hand() -> None:
 def test_infer_shifts_once_more_when_rounding_carries_past_127() -> None:
     model = McuModel(
         model_version=1,
+        run=RUN,
         in_exp=0,
         sizes=(1, 1, 1),
         layers=(layer(255, 8, 0, [[1]], [0]), layer(128, 7, 0, [[1]], [0])),
@@ -151,7 +169,7 @@ def test_infer_shifts_once_more_when_rounding_carries_past_127() -> None:
 
 
 def test_infer_picks_the_first_label_on_ties() -> None:
-    model = McuModel(1, 0, (1, 3), (layer(128, 7, 0, [[1], [2], [2]], [0, 0, 0]),))
+    model = McuModel(1, RUN, 0, (1, 3), (layer(128, 7, 0, [[1], [2], [2]], [0, 0, 0]),))
 
     pred = infer(model, [5])
 
@@ -161,7 +179,7 @@ def test_infer_picks_the_first_label_on_ties() -> None:
 
 @pytest.mark.parametrize("window", [[1], [1, 2, 3], [128, 0], [0, -128], [0.5, 1]])
 def test_infer_refuses_a_window_of_the_wrong_length_or_range(window: list[float]) -> None:
-    model = McuModel(1, 0, (2, 1), (layer(128, 7, 0, [[1, 1]], [0]),))
+    model = McuModel(1, RUN, 0, (2, 1), (layer(128, 7, 0, [[1, 1]], [0]),))
 
     with pytest.raises((ShapeMismatch, MalformedMessage)):
         infer(model, window)  # type: ignore[arg-type]
@@ -183,7 +201,7 @@ def test_quantized_demo_mlp_agrees_with_float_inference(
     if trained:
         cfg = TrainConfig(epochs=3, batch_size=32, lr=0.5)
         weights = train_local(spec, weights, x, y, cfg, np.random.default_rng(1))
-    model = quantize(spec, weights, 1)
+    model = quantize(spec, weights, 1, run=RUN)
 
     ints = [infer(model, quantize_window(w, DEFAULT_IN_EXP)).label for w in x_test]
 
@@ -220,7 +238,7 @@ def test_quantized_weights_are_within_half_a_step_and_the_scale_is_smallest(
     flat = (rng.standard_normal(spec.size) * 2.0**magnitude).astype(np.float32)
     w, beta = flat[: n_in * n_out].reshape(n_in, n_out), flat[n_in * n_out :]
 
-    (q,) = quantize(spec, flat, 1).layers
+    (q,) = quantize(spec, flat, 1, run=RUN).layers
 
     s = math.ldexp(q.m, -q.e_w)
     a = float(np.abs(w).max())
@@ -240,7 +258,7 @@ def test_quantized_weights_are_within_half_a_step_and_the_scale_is_smallest(
 def test_quantize_marks_an_all_zero_layer_with_a_zero_mantissa() -> None:
     spec = mlp_spec([3, 2])
 
-    (q,) = quantize(spec, np.zeros(spec.size, dtype=np.float32), 1).layers
+    (q,) = quantize(spec, np.zeros(spec.size, dtype=np.float32), 1, run=RUN).layers
 
     assert q.m == 0 and not q.weights.any() and q.e_b == 30
 
@@ -259,7 +277,7 @@ def test_quantize_marks_an_all_zero_layer_with_a_zero_mantissa() -> None:
 )
 def test_quantize_refuses_what_is_not_a_small_mlp(spec: ModelSpec) -> None:
     with pytest.raises(ShapeMismatch):
-        quantize(spec, np.zeros(spec.size, dtype=np.float32), 1)
+        quantize(spec, np.zeros(spec.size, dtype=np.float32), 1, run=RUN)
 
 
 def test_quantize_refuses_non_finite_weights_and_oversized_models() -> None:
@@ -269,9 +287,9 @@ def test_quantize_refuses_non_finite_weights_and_oversized_models() -> None:
     big = mlp_spec([256, 256])
 
     with pytest.raises(NonFiniteValue):
-        quantize(spec, flat, 1)
+        quantize(spec, flat, 1, run=RUN)
     with pytest.raises(PayloadTooLarge):
-        quantize(big, np.zeros(big.size, dtype=np.float32), 1)
+        quantize(big, np.zeros(big.size, dtype=np.float32), 1, run=RUN)
 
 
 # -- bytes: round trips and strict parsing -------------------------------------------------
@@ -287,12 +305,17 @@ def mcu_models(draw: st.DrawFn) -> McuModel:
         b = draw(hnp.arrays(np.int64, (o,), elements=st.integers(-(2**31), 2**31 - 1)))
         layers.append(McuLayer(m, draw(st.integers(-128, 127)), draw(st.integers(-128, 127)), w, b))
     return McuModel(
-        draw(st.integers(0, 2**32 - 1)), draw(st.integers(-128, 127)), sizes, tuple(layers)
+        draw(st.integers(0, 2**32 - 1)),
+        draw(st.integers(0, 2**64 - 1)),
+        draw(st.integers(-128, 127)),
+        sizes,
+        tuple(layers),
     )
 
 
 def _same(a: McuModel, b: McuModel) -> bool:
-    return (a.model_version, a.in_exp, a.sizes) == (b.model_version, b.in_exp, b.sizes) and all(
+    head = (a.model_version, a.run, a.in_exp, a.sizes)
+    return head == (b.model_version, b.run, b.in_exp, b.sizes) and all(
         (x.m, x.e_w, x.e_b) == (y.m, y.e_w, y.e_b)
         and np.array_equal(x.weights, y.weights)
         and np.array_equal(x.bias, y.bias)
@@ -326,7 +349,7 @@ def test_random_bytes_raise_only_tern_errors(data: bytes) -> None:
     with contextlib.suppress(TernError):
         McuModel.from_bytes(data)
     with contextlib.suppress(TernError):  # past the magic and version, into the fields
-        McuModel.from_bytes(b"TMCU\x01" + data)
+        McuModel.from_bytes(b"TMCU\x02" + data)
 
 
 @settings(max_examples=200, deadline=None)
@@ -359,19 +382,20 @@ def _resealed(body: bytes, offset: int, value: int) -> bytes:
     ("offset", "value", "error"),
     [
         (0, ord("X"), MalformedMessage),  # magic
-        (4, 2, UnknownSchemaVersion),  # version
+        (4, 1, UnknownSchemaVersion),  # version 1: no run
+        (4, 3, UnknownSchemaVersion),  # version
         (5, 0, MalformedMessage),  # no layers
         (5, 9, MalformedMessage),  # too many layers
         (7, 1, MalformedMessage),  # reserved flags
-        (12, 0, MalformedMessage),  # a zero width
-        (18, 100, MalformedMessage),  # mantissa outside 128-255
-        (21, 1, MalformedMessage),  # layer padding
+        (20, 0, MalformedMessage),  # a zero width
+        (26, 100, MalformedMessage),  # mantissa outside 128-255
+        (29, 1, MalformedMessage),  # layer padding
     ],
 )
 def test_open_refuses_authentic_but_invalid_fields(
     offset: int, value: int, error: type[TernError]
 ) -> None:
-    body = quantize(TINY_SPEC, TINY_WEIGHTS, 7).to_bytes()
+    body = quantize(TINY_SPEC, TINY_WEIGHTS, 7, run=RUN).to_bytes()
 
     with pytest.raises(error):
         open_mcu(_resealed(body, offset, value), KEY, FLEET, DEVICE)
@@ -391,11 +415,11 @@ def test_a_zero_mantissa_with_nonzero_weights_is_refused() -> None:
 
 
 def test_tag_is_hmac_sha256_over_the_domain_fleet_device_and_body() -> None:
-    body = quantize(TINY_SPEC, TINY_WEIGHTS, 7).to_bytes()
+    body = quantize(TINY_SPEC, TINY_WEIGHTS, 7, run=RUN).to_bytes()
 
     tag = mcu_tag(body, KEY, FLEET, DEVICE)
 
-    expected = hmac.new(KEY, b"tern-mcu-1\x00demo\x00esp-1\x00" + body, sha256).digest()
+    expected = hmac.new(KEY, b"tern-mcu-2\x00demo\x00esp-1\x00" + body, sha256).digest()
     assert tag == expected and len(tag) == TAG_BYTES
 
 
@@ -418,3 +442,91 @@ def test_tag_refuses_short_keys_and_bad_ids() -> None:
         mcu_tag(b"", b"short", FLEET, DEVICE)
     with pytest.raises(TopicError):
         mcu_tag(b"", KEY, FLEET, "esp/1")
+
+
+# -- format 2: the run -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("run", [0, 1, RUN, 2**32, 2**64 - 1])
+def test_run_is_a_little_endian_u64_right_after_the_model_version(run: int) -> None:
+    model = quantize(TINY_SPEC, TINY_WEIGHTS, 7, run=run)
+
+    body = model.to_bytes()
+    back = open_mcu(seal_mcu(body, KEY, FLEET, DEVICE), KEY, FLEET, DEVICE)
+
+    assert body[4] == FORMAT_VERSION == 2
+    assert body[8:12] == (7).to_bytes(4, "little")
+    assert body[12:20] == run.to_bytes(8, "little")
+    assert (back.run, back.model_version) == (run, 7) and back.order == (run, 7)
+
+
+@pytest.mark.parametrize("run", [-1, 2**64])
+def test_a_run_outside_a_u64_is_refused(run: int) -> None:
+    with pytest.raises(MalformedMessage):
+        quantize(TINY_SPEC, TINY_WEIGHTS, 7, run=run)
+
+
+def test_quantize_has_no_default_run() -> None:
+    with pytest.raises(TypeError):
+        quantize(TINY_SPEC, TINY_WEIGHTS, 7)  # type: ignore[call-arg]
+
+
+def _version_1(body: bytes) -> bytes:
+    """`body` (format 2) as format 1 wrote it: no run, version 1."""
+    head = struct.pack("<4sBBbBI", b"TMCU", 1, body[5], body[6] - 256 * (body[6] > 127), 0, 7)
+    return head + body[20:]
+
+
+def test_a_version_1_model_is_refused_whether_tagged_as_1_or_as_2() -> None:
+    v1_body = _version_1(quantize(TINY_SPEC, TINY_WEIGHTS, 7, run=RUN).to_bytes())
+    v1_tag = hmac.new(KEY, b"tern-mcu-1\x00demo\x00esp-1\x00" + v1_body, sha256).digest()
+    assert v1_body + v1_tag == TINY_SEALED_V1  # what format 1 sent for the same model
+
+    # As format 1 sealed it: its tag is under the old domain, so it never verifies now.
+    with pytest.raises(BadSignature):
+        open_mcu(v1_body + v1_tag, KEY, FLEET, DEVICE)
+    # Tagged under the new domain (a gateway that mixed them up): refused by its version.
+    with pytest.raises(UnknownSchemaVersion):
+        open_mcu(seal_mcu(v1_body, KEY, FLEET, DEVICE), KEY, FLEET, DEVICE)
+
+
+# -- the gateway's relay orders models as the boards do --------------------------------------
+
+
+class _Sent:
+    """The relay's publish callable: what it sent, by topic."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+
+    def __call__(self, topic: topics.Topic, data: bytes, *, retain: bool, qos: int = 1) -> None:
+        self.messages.append((topic.path, data))
+
+    def orders(self) -> list[tuple[int, int]]:
+        return [open_mcu(d, BOARD_KEY, FLEET, DEVICE).order for _, d in self.messages]
+
+
+BOARD_KEY = bytes([7]) * KEY_BYTES
+
+
+def _relay() -> tuple[BoardRelay, _Sent]:
+    boards = Boards(FLEET, "gw-1", {DEVICE: BoardEntry(BOARD_KEY, "user-1", "password-1")})
+    down = _Sent()
+    return BoardRelay(boards, DEFAULT_IN_EXP, down, _Sent()), down
+
+
+def test_relay_derives_a_model_only_when_run_and_version_are_newer() -> None:
+    relay, down = _relay()
+    model = GlobalModel(TINY_SPEC, TINY_WEIGHTS)
+
+    relay.on_model(RUN, 3, model)
+    relay.on_model(RUN, 3, model)  # the retained copy again, after a reconnect
+    relay.on_model(RUN, 2, model)  # older version, same run
+    relay.on_model(RUN - 1, 30, model)  # an older run's higher version: a replay
+    relay.on_model(RUN, 4, model)
+    relay.on_model(RUN + 1, 0, model)  # a new run starts again at 0
+
+    assert down.orders() == [(RUN, 3), (RUN, 4), (RUN + 1, 0)]
+    assert relay.stats["model_stale"] == 2 and relay.stats["models"] == 3
+    assert relay.model_order == (RUN + 1, 0)
+    assert {t for t, _ in down.messages} == {topics.mcu_model(FLEET, DEVICE).path}

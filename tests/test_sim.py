@@ -21,12 +21,13 @@ from tests.mqtt_fixtures import AmqttBroker, MakeTransport, listen
 FLEET, DEVICE = "plant-7", "esp-1"
 KEY = bytes(range(32))
 SIZES = (40, 16, 10)
+RUN = 1_767_225_600_000  # a coordinator's run: ms since the epoch
 
 
-def _sealed_model(version: int, rng: np.random.Generator) -> bytes:
+def _sealed_model(version: int, rng: np.random.Generator, run: int = RUN) -> bytes:
     spec = mlp_spec(SIZES)
     weights = rng.normal(0, 0.3, spec.size).astype(np.float32)
-    return seal_mcu(quantize(spec, weights, version).to_bytes(), KEY, FLEET, DEVICE)
+    return seal_mcu(quantize(spec, weights, version, run=run).to_bytes(), KEY, FLEET, DEVICE)
 
 
 @pytest.fixture
@@ -87,6 +88,26 @@ def test_a_tampered_model_is_refused_and_the_last_good_one_stays(
     assert board.wait_until(lambda b: b.stats["rejected"].get("bad_mac") == 1, timeout=10)
     assert board.model_version == 3
     assert board.wait_until(lambda b: b.stats["telemetry"] >= 1, timeout=10)
+    board.stop(timeout=5)
+
+
+def test_a_simulated_board_takes_a_new_run_and_refuses_the_old_one_replayed(
+    board: SimulatedBoard, amqtt_broker: AmqttBroker, make_transport: MakeTransport
+) -> None:
+    rng = np.random.default_rng(3)
+    gateway = make_transport(amqtt_broker.url, "gw")
+    model_topic = topics.mcu_model(FLEET, DEVICE)
+    old_run = _sealed_model(30, rng, RUN - 1)
+    gateway.publish(model_topic, old_run, retain=True, wait=True)
+    board.start()
+    assert board.wait_until(lambda b: b.model_order == (RUN - 1, 30), timeout=10), board.stats
+
+    gateway.publish(model_topic, _sealed_model(0, rng), retain=True, wait=True)
+    assert board.wait_until(lambda b: b.model_order == (RUN, 0), timeout=10), board.stats
+    gateway.publish(model_topic, old_run, retain=True, wait=True)  # a replay
+
+    assert board.wait_until(lambda b: b.stats["rejected"].get("stale") == 1, timeout=10)
+    assert board.model_order == (RUN, 0) and board.stats["accepted"] == 2
     board.stop(timeout=5)
 
 

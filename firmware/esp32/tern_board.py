@@ -187,12 +187,13 @@ class Board:
         """umqtt callback. Nothing a message holds can raise out of here."""
         if bytes(topic) != self.model_topic:
             return
-        current = self.model.model_version if self.model is not None else -1
+        # The model in use is the high-water mark; after a reboot that is the stored one.
+        current = self.model.mark if self.model is not None else -1
         try:
             model = tern_model.load(msg, self.key, self.fleet, self.device, current,
                                     self.max_model_bytes)  # fmt: skip
         except tern_model.ModelError as exc:
-            if exc.reason == "stale" and exc.version == current:
+            if exc.reason == "stale" and exc.mark == current:
                 self.stats["ignored"] += 1  # the retained copy of the model in use
             else:
                 self._refused(exc.reason)

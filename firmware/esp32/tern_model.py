@@ -5,32 +5,42 @@
 # topics.md, "Microcontroller model"; tern.mcu is the CPython reference it must match bit
 # for bit. Memory: the received message is never copied; a Model keeps a memoryview of it
 # and reads the int8 weights in place.
+#
+# Order: a board runs a model only when its (run, model_version) is greater than the one it
+# runs. The pair is kept as one int, `mark` = run << 32 | model_version (model_version is a
+# u32, so ints compare exactly as the pairs do); the run is read as two u32 halves because
+# struct's 'Q' is not on every MicroPython port.
 import hashlib
 import math
 import struct
 
 MAGIC = b"TMCU"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TAG_BYTES = 32
 KEY_BYTES = 32
 MAX_MODEL_BYTES = 65536
 MAX_LAYERS = 8
 MAX_WIDTH = 1024
-HEADER_BYTES = 12
-DOMAIN = b"tern-mcu-1\x00"
+HEADER_BYTES = 20
+DOMAIN = b"tern-mcu-2\x00"
 _BLOCK = 64  # SHA-256 block size, for HMAC (RFC 2104)
 
 REASONS = ("oversize", "truncated", "bad_mac", "bad_magic", "bad_version", "malformed", "stale")
 
 
-class ModelError(Exception):
-    """A model refused; `reason` is one of REASONS, `version` its model_version if known."""
+def mark(run, model_version):
+    """The (run, model_version) order as one int: greater exactly when the pair is."""
+    return (run << 32) | model_version
 
-    def __init__(self, reason, detail="", version=None):
+
+class ModelError(Exception):
+    """A model refused; `reason` is one of REASONS, `mark` its mark() when known ("stale")."""
+
+    def __init__(self, reason, detail="", mark=None):
         super().__init__(reason + (": " + detail if detail else ""))
         self.reason = reason
         self.detail = detail
-        self.version = version
+        self.mark = mark
 
 
 def _pad_key(key, pad):
@@ -109,7 +119,9 @@ class Model:
         self.in_exp = mv[6] - 256 if mv[6] > 127 else mv[6]
         if mv[7] != 0:
             raise ModelError("malformed", "flags")
-        self.model_version = struct.unpack_from("<I", mv, 8)[0]
+        self.model_version, lo, hi = struct.unpack_from("<III", mv, 8)
+        self.run = (hi << 32) | lo
+        self.mark = mark(self.run, self.model_version)
         if not 1 <= n_layers <= MAX_LAYERS:
             raise ModelError("malformed", f"{n_layers} layers")
         pos = HEADER_BYTES + 2 * (n_layers + 1)
@@ -226,10 +238,11 @@ class Model:
         return label, logits, big_e, 1.0 / total
 
 
-def load(data, key, fleet, device, current_version=-1, max_bytes=MAX_MODEL_BYTES):
-    """Verify, parse and check staleness: a Model newer than current_version, or
-    ModelError ("stale" with .version set when it is not newer)."""
+def load(data, key, fleet, device, current=-1, max_bytes=MAX_MODEL_BYTES):
+    """Verify, parse and check order: a Model whose mark is greater than `current` (the
+    mark of the model the board runs, -1 for none), or ModelError ("stale", with .mark
+    set, when it is not newer: equal for a retained copy of the model in use)."""
     model = Model(verify(data, key, fleet, device, max_bytes))
-    if model.model_version <= current_version:
-        raise ModelError("stale", f"version {model.model_version}", model.model_version)
+    if model.mark <= current:
+        raise ModelError("stale", f"run {model.run} version {model.model_version}", model.mark)
     return model
