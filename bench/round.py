@@ -9,9 +9,13 @@ For each broker kind and each device count N, one run builds a real fleet on one
   devices       simulated: no training. Each device's update is a real ternary update
                 (tern.messages.encode_update of a random small delta, its own weight),
                 sealed with the device's own key for the round when the schedule arrives
-                and published on its own topic update(fleet, gw, dev). Devices share
-                MqttTransport connections, --devices-per-connection ids per connection,
-                so the model and schedule reach each connection once, not each device.
+                and published on its own topic update(fleet, gw, dev), over its own MQTT
+                connection with its own login (the brokers enforce every device's
+                rights: the embedded brokers with the fleet's policy, Mosquitto with
+                what `tern mosquitto-config` writes). The devices of one pool
+                (--devices-per-connection) share a worker thread, and only the pool's
+                first connection subscribes to the model and the schedule: the
+                simulated devices do not train, so one copy per pool is enough.
 
 Per round (median of --rounds after one warm-up round):
   round s     schedule published -> coordinator closed the round (RoundRecord.round_seconds);
@@ -47,11 +51,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from nacl.signing import SigningKey
 
+from broker.access import AccessControl
 from broker.embedded import EmbeddedBroker
+from broker.fleet_access import broker_policy
 from broker.lifecycle import quiet_third_party_logs
 from broker.mosquitto import MosquittoProcess, find_mosquitto
+from broker.mosquitto_config import write_mosquitto_config
 from broker.transport import Message, MqttTransport
 from coordinator import Coordinator, CoordinatorConfig
 from coordinator.store import RoundRecord
@@ -60,10 +66,11 @@ from kernels.reference import mlp_spec
 from tern import topics
 from tern.aggregate import Partial
 from tern.codecs import TernaryCodec
-from tern.envelope import Envelope, Kind, open_envelope, seal
+from tern.envelope import Envelope, Kind, seal
 from tern.errors import TernError
-from tern.fleet import COORDINATOR, Fleet, GatewayEntry
-from tern.messages import RoundSchedule, encode_update
+from tern.fleet import COORDINATOR, Fleet
+from tern.members import Members, new_members
+from tern.messages import RoundSchedule, encode_update, open_schedule
 
 __all__ = ["DevicePool", "main", "measure"]
 
@@ -83,76 +90,89 @@ BROKERS = ("amqtt", "mosquitto")
 
 
 class DevicePool:
-    """Many simulated devices of one gateway behind one MQTT connection.
+    """Simulated devices of one gateway, each on its own MQTT connection with its login.
 
     On each new schedule (verified with the coordinator's key) every participating
     device seals its precomputed update body for that round with its own key and
-    publishes it on its own update topic. The handler only queues the schedule; the
-    worker thread signs and publishes, so paho's network loop is never held up.
+    publishes it on its own update topic, over its own connection. The handler only
+    queues the schedule; the worker thread signs and publishes, so paho's network loop
+    is never held up.
     """
 
     def __init__(
         self,
         url: str,
-        client_id: str,
-        fleet: Fleet,
+        members: Members,
         gateway: str,
-        devices: Mapping[str, SigningKey],
+        devices: Sequence[str],
         bodies: Mapping[str, object],
         rng: np.random.Generator,
     ) -> None:
-        self.fleet, self.gateway = fleet, gateway
-        self.devices, self.bodies = dict(devices), bodies
-        self._keys = {COORDINATOR: fleet.coordinator_key}
-        self._schedules: queue.Queue[RoundSchedule] = queue.Queue()
+        self.fleet, self.gateway = members.fleet, gateway
+        self.keys = {d: members.keys[d] for d in devices}
+        self.bodies = bodies
+        self._schedules: queue.Queue[tuple[int, RoundSchedule]] = queue.Queue()
         self._last_round = -1
         self._stop = threading.Event()
         self.errors = 0
-        self.transport = MqttTransport(url, client_id, backoff_min=0.05, backoff_max=1.0, rng=rng)
-        self._worker = threading.Thread(target=self._work, name=f"pool-{client_id}", daemon=True)
+        self.transports = {
+            d: MqttTransport(
+                url,
+                sorted(self.fleet.client_ids(d))[0],
+                login=members.login(d),
+                backoff_min=0.05,
+                backoff_max=1.0,
+                rng=rng,
+            )
+            for d in devices
+        }
+        first = devices[0]
+        self._worker = threading.Thread(target=self._work, name=f"pool-{first}", daemon=True)
 
     def start(self, timeout: float) -> DevicePool:
         f = self.fleet.fleet
-        self.transport.subscribe(topics.global_model(f), self._on_model)
-        self.transport.subscribe(topics.round_schedule(f), self._on_schedule)
+        first = next(iter(self.transports.values()))
+        first.subscribe(topics.global_model(f), self._on_model)
+        first.subscribe(topics.round_schedule(f), self._on_schedule)
         self._worker.start()
-        self.transport.connect(timeout)
+        for transport in self.transports.values():
+            transport.connect(timeout)
         return self
 
     def close(self) -> None:
         self._stop.set()
         self._worker.join(5.0)
-        self.transport.close()
+        for transport in self.transports.values():
+            transport.close()
 
     def _on_model(self, message: Message) -> None:
         """Nothing to do: a simulated device needs only the schedule (delivery is counted)."""
 
     def _on_schedule(self, message: Message) -> None:
         try:
-            env = open_envelope(
-                message.payload, self._keys, fleet=self.fleet.fleet, kinds=(Kind.SCHEDULE,)
-            )
-            schedule = RoundSchedule.from_body(env.body)
+            env, schedule = open_schedule(message.payload, self.fleet)
         except TernError:
             self.errors += 1
             return
         if schedule.round > self._last_round:  # a retained copy of an old round is ignored
             self._last_round = schedule.round
-            self._schedules.put(schedule)
+            self._schedules.put((env.run, schedule))
 
     def _work(self) -> None:
         f = self.fleet.fleet
         while not self._stop.is_set():
             try:
-                s = self._schedules.get(timeout=0.1)
+                run, s = self._schedules.get(timeout=0.1)
             except queue.Empty:
                 continue
-            for dev, key in self.devices.items():
+            for dev, key in self.keys.items():
                 if s.participants is not None and dev not in s.participants:
                     continue
-                env = Envelope(Kind.UPDATE, f, s.round, s.model_version, dev, self.bodies[dev])
+                body = self.bodies[dev]
+                env = Envelope(Kind.UPDATE, f, s.round, s.model_version, dev, body, run=run)
                 try:
-                    self.transport.publish(topics.update(f, self.gateway, dev), seal(env, key))
+                    transport = self.transports[dev]
+                    transport.publish(topics.update(f, self.gateway, dev), seal(env, key))
                 except TernError:
                     self.errors += 1
                 except Exception:  # a transport error is data here, not the end of the bench
@@ -165,25 +185,22 @@ class DevicePool:
 
 @dataclass(frozen=True)
 class _Kit:
-    fleet: Fleet
-    keys: dict[str, SigningKey]
+    members: Members
     layout: dict[str, list[str]]  # gateway -> its devices
+
+    @property
+    def fleet(self) -> Fleet:
+        return self.members.fleet
 
 
 def _build_fleet(n: int, per_gateway: int, seed: int) -> _Kit:
-    rng = np.random.default_rng(seed)
     devices = [f"dev-{i:04d}" for i in range(1, n + 1)]
     layout = {
         f"gw-{g + 1:02d}": devices[i : i + per_gateway]
         for g, i in enumerate(range(0, n, per_gateway))
     }
-    ids = [COORDINATOR, *layout, *devices]
-    keys = {i: SigningKey(rng.bytes(32)) for i in ids}
-    gateways = {
-        gw: GatewayEntry(keys[gw].verify_key, COORDINATOR, {d: keys[d].verify_key for d in devs})
-        for gw, devs in layout.items()
-    }
-    return _Kit(Fleet(FLEET, keys[COORDINATOR].verify_key, gateways), keys, layout)
+    spec = {gw: (COORDINATOR, devs) for gw, devs in layout.items()}
+    return _Kit(new_members(FLEET, spec, rng=np.random.default_rng(seed)), layout)
 
 
 _BODIES: dict[tuple[int, str], object] = {}  # (seed, device) -> body; reused across runs
@@ -222,17 +239,27 @@ def _run_fleet(
     try:
 
         def broker(name: str) -> str | None:
-            """A new broker's URL (mosquitto), or None for the component's own amqtt."""
+            """A new broker's URL (mosquitto, with the fleet's logins and rights), or None
+            for the component's own amqtt."""
             if kind == "amqtt":
                 return None
             assert mosquitto is not None
-            m = MosquittoProcess(mosquitto, workdir / name)
+
+            def configure(directory: Path, host: str, port: int) -> Path:
+                files = write_mosquitto_config(
+                    kit.fleet, directory, broker=name, host=host, port=port
+                )
+                return files.conf
+
+            m = MosquittoProcess(mosquitto, workdir / name, configure=configure)
             stops.append(m.stop)
             return m.url
 
-        coord_url = broker("coordinator")
+        coord_url = broker(COORDINATOR)
         if coord_url is None:
-            embedded = EmbeddedBroker(HOST, 0).start(START_TIMEOUT)
+            embedded = EmbeddedBroker(
+                HOST, 0, access=AccessControl(broker_policy(kit.fleet, COORDINATOR))
+            ).start(START_TIMEOUT)
             stops.append(embedded.stop)
             coord_url = embedded.url
 
@@ -247,27 +274,27 @@ def _run_fleet(
                 listen_port=0,
                 backoff_min=0.05,
                 backoff_max=1.0,
+                login=kit.members.logins[gw],
             )
-            gateway = Gateway(config, kit.fleet, kit.keys[gw], rng=np.random.default_rng([g]))
+            keys = kit.members.keys
+            gateway = Gateway(config, kit.fleet, keys[gw], rng=np.random.default_rng([g]))
             gateway.start(START_TIMEOUT)
             stops.append(gateway.stop)
             assert gateway.upstream is not None and gateway.downstream is not None
             counted += [gateway.upstream, gateway.downstream]
             step = args.devices_per_connection
             for c, i in enumerate(range(0, len(devices), step)):
-                chunk = {d: kit.keys[d] for d in devices[i : i + step]}
                 pool = DevicePool(
                     gateway.downstream_url,
-                    f"bench-{gw}-pool-{c}",
-                    kit.fleet,
+                    kit.members,
                     gw,
-                    chunk,
+                    devices[i : i + step],
                     bodies,
                     np.random.default_rng([g, c]),
                 )
                 stops.append(pool.close)
                 pools.append(pool.start(START_TIMEOUT))
-                counted.append(pool.transport)
+                counted += pool.transports.values()
 
         def messages() -> int:
             return sum(t.stats.messages_in + t.stats.messages_out for t in counted)
@@ -283,8 +310,10 @@ def _run_fleet(
             round_timeout=timeout,
             min_contributors=1,
             seed=args.seed,
+            login=kit.members.logins[COORDINATOR],
         )
-        coordinator = Coordinator(coord_config, kit.fleet, kit.keys[COORDINATOR], on_round=on_round)
+        coord_key = kit.members.keys[COORDINATOR]
+        coordinator = Coordinator(coord_config, kit.fleet, coord_key, on_round=on_round)
         # The coordinator's own client is counted too; it has no public accessor.
         counted.append(coordinator._transport)
         stops.append(coordinator.stop)

@@ -53,10 +53,9 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from nacl.signing import SigningKey
 
 from broker.embedded import EmbeddedBroker
-from broker.lifecycle import quiet_third_party_logs
+from broker.lifecycle import login_path, quiet_third_party_logs
 from broker.transport import Message, MqttTransport
 from coordinator import Coordinator, CoordinatorConfig
 from device.trainer import NumpyTrainer, Trainer
@@ -66,8 +65,10 @@ from kernels.reference import init_weights, mlp_spec
 from kernels.wasm import WasmTrainer
 from tern import topics
 from tern.errors import TernError
-from tern.fleet import COORDINATOR, Fleet, GatewayEntry
+from tern.fleet import COORDINATOR
 from tern.keys import signing_key_to_text
+from tern.logins import OBSERVER
+from tern.members import new_members
 from tern.messages import TrainConfig
 from tern.reports import State, Status
 from tern.spec import ModelSpec
@@ -268,6 +269,7 @@ def agent_command(
         *("--id", device, "--fleet-file", str(fleet_file), "--key", str(key_file)),
         *("--gateway-url", gateway_url, "--data", str(data_file), "--trainer", "wasm"),
         *("--kernel-cache", str(fleet_file.parent / "kernels")),
+        *("--state-dir", str(fleet_file.parent / f"{device}-state")),
     ]
     return [sys.executable, "-m", "device", *flags]
 
@@ -306,7 +308,9 @@ def _stop_process(process: subprocess.Popen[bytes]) -> None:
             process.wait(5.0)
 
 
-def _wait_online(url: str, process: subprocess.Popen[bytes], log_file: Path) -> None:
+def _wait_online(
+    url: str, process: subprocess.Popen[bytes], log_file: Path, login: tuple[str, str]
+) -> None:
     """Until the device's retained status on its gateway's broker says online."""
     online = threading.Event()
 
@@ -315,7 +319,7 @@ def _wait_online(url: str, process: subprocess.Popen[bytes], log_file: Path) -> 
             if Status.from_json(message.payload).state is State.ONLINE:
                 online.set()
 
-    watcher = MqttTransport(url, "bench-trainer-watch")
+    watcher = MqttTransport(url, "bench-trainer-watch", login=login)
     watcher.subscribe(topics.status(FLEET, DEVICE), on_status)
     try:
         watcher.connect(START_TIMEOUT)
@@ -333,19 +337,21 @@ def _wait_online(url: str, process: subprocess.Popen[bytes], log_file: Path) -> 
 
 def measure_agent(x: F32Array, y: IntArray, rounds: int, seed: int, workdir: Path) -> AgentResult:
     """Peak RSS of a device agent process after `rounds` real rounds with the Wasm trainer."""
-    rng = np.random.default_rng(seed)
-    keys = {i: SigningKey(rng.bytes(32)) for i in (COORDINATOR, GATEWAY, DEVICE)}
-    entry = GatewayEntry(keys[GATEWAY].verify_key, COORDINATOR, {DEVICE: keys[DEVICE].verify_key})
-    fleet = Fleet(FLEET, keys[COORDINATOR].verify_key, {GATEWAY: entry})
+    members = new_members(
+        FLEET, {GATEWAY: (COORDINATOR, [DEVICE])}, rng=np.random.default_rng(seed)
+    )
+    fleet, keys, logins = members.fleet, members.keys, members.logins
     fleet_file, key_file = workdir / "fleet.json", workdir / f"{DEVICE}.key"
     data_file, log_file = workdir / f"{DEVICE}.npz", workdir / f"{DEVICE}.log"
     fleet_file.write_text(fleet.to_json())
     key_file.write_text(signing_key_to_text(keys[DEVICE]) + "\n")
+    login_path(key_file).write_text(logins[DEVICE].to_json() + "\n")
     np.savez(data_file, x=x, y=y)
 
     with contextlib.ExitStack() as stack:  # undone in reverse: coordinator, device, gateway
         top = stack.enter_context(EmbeddedBroker(port=0))
-        gateway = Gateway(GatewayConfig(GATEWAY, top.url, listen_port=0), fleet, keys[GATEWAY])
+        gw_config = GatewayConfig(GATEWAY, top.url, listen_port=0, login=logins[GATEWAY])
+        gateway = Gateway(gw_config, fleet, keys[GATEWAY])
         stack.callback(gateway.stop)
         gateway.start()
         command = agent_command(DEVICE, fleet_file, key_file, gateway.downstream_url, data_file)
@@ -354,7 +360,7 @@ def measure_agent(x: F32Array, y: IntArray, rounds: int, seed: int, workdir: Pat
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
         )
         stack.callback(_stop_process, device)
-        _wait_online(gateway.downstream_url, device, log_file)
+        _wait_online(gateway.downstream_url, device, log_file, members.login(OBSERVER))
         config = CoordinatorConfig(
             broker_url=top.url,
             state_dir=workdir / "coordinator-state",

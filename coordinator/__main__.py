@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from broker.lifecycle import configure_logging, load_identity, stop_on_signals
+from broker.lifecycle import configure_logging, load_identity, load_login, stop_on_signals
 from coordinator.config import CoordinatorConfig, CoordinatorError
 from coordinator.service import Coordinator, TestSet
 from kernels.wasm import DEFAULT_FUEL, DEFAULT_MEMORY_LIMIT
 from tern.codecs import CodecName
 from tern.errors import TernError
-from tern.messages import TrainConfig
+from tern.messages import DEFAULT_MAX_NORM, DEFAULT_MAX_WEIGHT, TrainConfig
 
 __all__ = ["add_arguments", "build_parser", "command", "main", "run"]
 
@@ -73,6 +73,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--fraction", type=float, default=1.0, help="fraction of devices sampled")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and local training")
+    p.add_argument(
+        "--max-weight",
+        type=float,
+        default=DEFAULT_MAX_WEIGHT,
+        help="most a device's update may weigh (its training samples) unless the fleet file"
+        f" gives the device its own bound ({DEFAULT_MAX_WEIGHT:g})",
+    )
+    p.add_argument(
+        "--max-norm",
+        type=float,
+        default=DEFAULT_MAX_NORM,
+        help="largest L2 norm of an update's mean delta; beyond it an update is refused"
+        f" ({DEFAULT_MAX_NORM:g})",
+    )
     p.add_argument("--server-lr", type=float, default=1.0)
     p.add_argument("--server-momentum", type=float, default=0.0)
     p.add_argument("--epochs", type=int, default=_TRAIN.epochs)
@@ -139,6 +153,9 @@ def run(args: argparse.Namespace) -> int:
         train=TrainConfig(args.epochs, args.batch_size, args.lr),
         kernel_fuel=args.kernel_fuel,
         kernel_memory=args.kernel_memory,
+        max_weight=args.max_weight,
+        max_norm=args.max_norm,
+        login=load_login(args.key),
     )
     fleet, key = load_identity(args.fleet_file, args.key)
     test_set = load_test_set(args.test_set) if args.test_set is not None else None

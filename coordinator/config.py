@@ -9,7 +9,8 @@ from pathlib import Path
 from kernels.wasm import DEFAULT_FUEL, DEFAULT_MEMORY_LIMIT
 from tern.codecs import CodecName
 from tern.fleet import COORDINATOR
-from tern.messages import TrainConfig
+from tern.logins import Login
+from tern.messages import DEFAULT_MAX_NORM, DEFAULT_MAX_WEIGHT, TrainConfig
 
 __all__ = ["ConfigError", "CoordinatorConfig", "CoordinatorError", "RoundTimeout"]
 
@@ -62,6 +63,9 @@ class CoordinatorConfig:
     kernel_memory: int = DEFAULT_MEMORY_LIMIT  # bytes of Wasm linear memory, likewise
     client_id: str = COORDINATOR
     connect_timeout: float = 10.0
+    max_weight: float = DEFAULT_MAX_WEIGHT  # a device's update, unless the fleet file says
+    max_norm: float = DEFAULT_MAX_NORM  # of an update's mean delta (sum / weight)
+    login: Login | None = None  # its broker login (tern fleet init: coordinator.login)
 
     def __post_init__(self) -> None:
         checks = [
@@ -86,6 +90,12 @@ class CoordinatorConfig:
             ("connect_timeout", self.connect_timeout > 0, "must be > 0"),
             ("kernel_fuel", 0 < self.kernel_fuel < 2**63, "must be in [1, 2**63)"),
             ("kernel_memory", 65536 <= self.kernel_memory < 2**32, "must be in [64 KiB, 4 GiB)"),
+            (
+                "max_weight",
+                math.isfinite(self.max_weight) and self.max_weight >= 1,
+                "must be finite and >= 1",
+            ),
+            ("max_norm", math.isfinite(self.max_norm) and self.max_norm > 0, "must be > 0"),
         ]
         for name, ok, message in checks:
             if not ok:

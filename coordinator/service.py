@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,18 +24,20 @@ from apscheduler.schedulers.base import SchedulerNotRunningError
 from nacl.signing import SigningKey
 
 from broker.errors import BrokerError
+from broker.ratelog import LogLimiter
 from broker.transport import Message, MqttTransport
 from coordinator.config import CoordinatorConfig, CoordinatorError, RoundTimeout
-from coordinator.store import RoundRecord, StateStore
+from coordinator.store import RoundRecord, StateStore, StoreError
 from coordinator.strategy import FedAvg, sample_participants
 from kernels.reference import evaluate, init_weights, mlp_spec
 from kernels.wasm import ABI_VERSION, KernelError, load_kernel, packaged_kernel
 from tern import __version__, topics
+from tern.admit import Terms, peers_of
 from tern.collect import Collector
 from tern.envelope import Envelope, Kind, seal
 from tern.errors import TopicError
 from tern.fleet import COORDINATOR, Fleet
-from tern.messages import GlobalModel, KernelFile, KernelRef, RoundSchedule, seal_kernel
+from tern.messages import Bounds, GlobalModel, KernelFile, KernelRef, RoundSchedule, seal_kernel
 from tern.reports import State, Status
 
 __all__ = ["Coordinator", "TestSet"]
@@ -100,9 +103,11 @@ class Coordinator:
         self._open: _OpenRound | None = None
         self._records: dict[int, RoundRecord] = {}
         self._last_open_at: float | None = None
-        self._keys = {g: fleet.gateways[g].key for g in fleet.children(COORDINATOR)}
+        self._outside: Counter[str] = Counter()  # refused while no round was open
+        self._logs = LogLimiter()
         self._kernel = self._checked_kernel(packaged_kernel() if kernel is None else kernel)
         self._kernel_published = False
+        self.run = self.store.run(clock)
 
         snapshot = self.store.latest(self.spec.size)
         if snapshot is None:
@@ -118,10 +123,12 @@ class Coordinator:
 
         self._scheduler = BackgroundScheduler(timezone=UTC)
         status_topic = topics.status(fleet.fleet, config.client_id)
+        login = config.login
         self._transport = MqttTransport(
             config.broker_url,
             config.client_id,
             will=(status_topic, self._status(State.OFFLINE, "connection lost")),
+            login=None if login is None else (login.username, login.password),
         )
 
     # -- public -------------------------------------------------------------------------
@@ -202,7 +209,7 @@ class Coordinator:
         return KernelRef(kernel.sha256, kernel.abi, cfg.kernel_fuel, cfg.kernel_memory)
 
     def _publish_kernel_locked(self) -> None:
-        data = seal_kernel(self._kernel, self.fleet.fleet, self._key)
+        data = seal_kernel(self._kernel, self.fleet.fleet, self._key, run=self.run)
         try:
             self._transport.publish(
                 topics.kernel(self.fleet.fleet, self._kernel.sha256), data, retain=True
@@ -300,11 +307,6 @@ class Coordinator:
                 np.random.default_rng([self.config.seed, r]),
             )
             chosen = set(self.fleet.devices if participants is None else participants)
-            expected = [
-                g
-                for g in self.fleet.children(COORDINATOR)
-                if chosen & set(self.fleet.devices_below(g))
-            ]
             schedule = RoundSchedule(
                 round=r,
                 model_version=v,
@@ -315,20 +317,19 @@ class Coordinator:
                 seed=self.config.seed,
                 train=self.config.train,
                 kernel=self._kernel_ref(self._kernel),
+                bounds=Bounds(self.config.max_weight, self.config.max_norm),
             )
             fleet = self.fleet.fleet
             sealed_model = self._sealed_model(r)
             sealed_schedule = seal(
-                Envelope(Kind.SCHEDULE, fleet, r, v, COORDINATOR, schedule.to_body()), self._key
+                Envelope(Kind.SCHEDULE, fleet, r, v, COORDINATOR, schedule.to_body(), run=self.run),
+                self._key,
             )
             collector = Collector(
-                fleet=fleet,
-                round=r,
-                spec=self.spec,
-                keys=self._keys,
-                expected=expected,
-                kinds=(Kind.PARTIAL, Kind.FAILURE),
+                terms=Terms.of(fleet, self.run, schedule, self.spec),
+                peers=peers_of(self.fleet, COORDINATOR, schedule),
             )
+            expected = sorted(collector.expected)
             self._open = _OpenRound(
                 r,
                 schedule,
@@ -353,7 +354,9 @@ class Coordinator:
     def _sealed_model(self, r: int) -> bytes:
         """The current model, signed, as of round `r` (caller holds the lock)."""
         body = GlobalModel(self.spec, self._weights).to_body()
-        env = Envelope(Kind.MODEL, self.fleet.fleet, r, self._version, COORDINATOR, body)
+        env = Envelope(
+            Kind.MODEL, self.fleet.fleet, r, self._version, COORDINATOR, body, run=self.run
+        )
         return seal(env, self._key)
 
     def _publish_model_locked(self, r: int) -> None:
@@ -372,15 +375,20 @@ class Coordinator:
         with self._lock:
             current = self._open
             if current is None or self._stopping:
-                log.info("partial from %s with no round open: ignored", sender)
+                self._outside["no_open_round"] += 1
+                self._logs.log(log, str(sender), "no_open_round",
+                               "partial from %s with no round open: refused", sender)  # fmt: skip
                 return
-            offer = current.collector.offer(message.payload, sender)
+            offer = current.collector.offer(message.payload, message.topic, retained=message.retain)
             if offer.reason:
-                log.info(
+                self._logs.log(
+                    log,
+                    str(offer.sender),
+                    offer.reason,
                     "round %d: rejected %s from %s: %s",
                     current.round,
                     offer.reason,
-                    sender,
+                    offer.sender,
                     offer.message,
                 )
             if current.collector.complete:
@@ -392,14 +400,19 @@ class Coordinator:
             if self._stopping or current is None or current.round != r:
                 return  # already closed early, or a stale deadline job
             collector = current.collector
-            partial = collector.result()
+            partial = collector.close()
             ok = partial.count >= self.config.min_contributors and partial.total_weight > 0
             base = self._version
             if ok:
                 weights, momentum = self.strategy.apply(self._weights, self._momentum, partial)
-                version = base + 1
-                self.store.save_model(version, weights, momentum)
-                self._weights, self._momentum, self._version = weights, momentum, version
+                try:
+                    self.store.save_model(base + 1, weights, momentum)
+                except StoreError as exc:  # a non-finite model is never saved or published
+                    log.error("round %d: %s; the round fails on v%d", r, exc, base)
+                    collector.rejected["non_finite_model"] += 1
+                    ok = False
+                else:
+                    self._weights, self._momentum, self._version = weights, momentum, base + 1
             loss = accuracy = None
             if self._test_set is not None:
                 loss, accuracy = evaluate(
@@ -412,7 +425,7 @@ class Coordinator:
                 model_version=self._version,
                 contributors=partial.count,
                 dropped=max(0, current.expected_devices - partial.count),
-                rejected=dict(sorted(collector.rejected.items())),
+                rejected=dict(sorted((collector.rejected + self._outside).items())),
                 failed=dict(sorted(collector.failed.items())),
                 bytes_up=collector.bytes_in,
                 bytes_down=current.bytes_down,
@@ -425,6 +438,7 @@ class Coordinator:
                 kernel=current.schedule.kernel.sha256 if current.schedule.kernel else "",
             )
             self.store.save_round(record)
+            self._outside = Counter()
             self._open = None
             self._next = r + 1
             self._records[r] = record

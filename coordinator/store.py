@@ -2,19 +2,22 @@
 
 Layout::
 
+    run.json          {"run": R}: this state's run number (topics.md "Freshness")
     models/v{N}.npy   the flat float32 weights of model version N
     models/m{N}.npy   the server momentum buffer that came with it
     rounds/{r}.json   the record of closed round r (ok or failed)
 
 Every file is written to a temporary name in the same directory, flushed, and renamed,
 so a crash leaves the old file or the new one, never half of one. A round record is
-written last: it is the commit point, and what `latest()` resumes from.
+written last: it is the commit point, and what `latest()` resumes from. A model that
+is not finite is never written, and never resumed from.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,7 +120,26 @@ class StateStore:
         self.models.mkdir(parents=True, exist_ok=True)
         self.rounds.mkdir(parents=True, exist_ok=True)
 
+    def run(self, clock: Callable[[], float]) -> int:
+        """This state's run number: made on first use (milliseconds of `clock`, so a
+        later fresh state directory gets a higher one) and kept in ``run.json``."""
+        path = self.root / "run.json"
+        if path.exists():
+            try:
+                doc = json.loads(path.read_text(encoding="utf-8"))
+                run = doc["run"]
+                if not isinstance(run, int) or isinstance(run, bool) or not 0 < run < 2**64:
+                    raise ValueError("run is not an integer in (0, 2**64)")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise StoreError(f"cannot read {path}: {exc!r}") from exc
+            return run
+        run = max(1, int(clock() * 1000))
+        write_atomic(path, json.dumps({"run": run}).encode())
+        return run
+
     def save_model(self, version: int, weights: F32Array, momentum: F32Array) -> None:
+        if not (np.isfinite(weights).all() and np.isfinite(momentum).all()):
+            raise StoreError(f"model v{version} is not finite: not saved")
         # momentum first: a model file implies its momentum is already there
         write_atomic(self.models / f"m{version}.npy", _npy(momentum))
         write_atomic(self.models / f"v{version}.npy", _npy(weights))
@@ -132,6 +154,8 @@ class StateStore:
                 raise StoreError(f"cannot read {path}: {exc}") from exc
             if a.dtype != np.float32 or a.shape != (size,):
                 raise StoreError(f"{path} holds {a.dtype} {a.shape}, the spec needs ({size},)")
+            if not np.isfinite(a).all():
+                raise StoreError(f"{path} holds NaN or infinity: this state is not resumed")
             out.append(a)
         return out[0], out[1]
 

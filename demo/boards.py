@@ -108,10 +108,12 @@ class DemoBoards:
         top_url: str,
         x_test: npt.NDArray[np.float32],
         y_test: npt.NDArray[np.integer],
+        login: tuple[str, str] | None = None,
     ) -> None:
-        """Listen for relayed telemetry on `top_url`, then start every board on its
-        gateway's broker; without the firmware's dependencies, record why and run none."""
-        listener = MqttTransport(top_url, f"tern-{self.fleet}-demo-boards")
+        """Listen for relayed telemetry on `top_url` (with `login`, the fleet's observer),
+        then start every board on its gateway's broker; without the firmware's
+        dependencies, record why and run none."""
+        listener = MqttTransport(top_url, f"tern-{self.fleet}-demo-boards", login=login)
         listener.subscribe(topics.telemetry_all(self.fleet), self._on_telemetry)
         listener.connect(10.0)
         self._listener = listener

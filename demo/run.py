@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-from nacl.signing import SigningKey
 
+from broker.access import AccessControl
 from broker.embedded import EmbeddedBroker
+from broker.fleet_access import broker_policy
+from broker.limits import fleet_limits
 from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator, TestSet
 from coordinator.store import RoundRecord
@@ -29,7 +31,9 @@ from gateway.config import GatewayConfig
 from gateway.service import Gateway
 from kernels.partition import dirichlet_partition, load_mnist1d
 from tern.codecs import CodecName
-from tern.fleet import COORDINATOR, Fleet, GatewayEntry
+from tern.fleet import COORDINATOR
+from tern.logins import OBSERVER
+from tern.members import new_members
 from tern.messages import TrainConfig
 
 __all__ = ["DemoResult", "main", "run_demo"]
@@ -91,25 +95,29 @@ def run_demo(
     parts = dirichlet_partition(data.y, devices, alpha, np.random.default_rng(seed))
     dev_ids = [f"dev-{i + 1:02d}" for i in range(devices)]
     gw_ids = [f"gw-{g + 1}" for g in range(gateways)]
-    keys = {cid: SigningKey.generate() for cid in [COORDINATOR, *gw_ids, *dev_ids]}
-    fleet = Fleet(
-        "demo",
-        keys[COORDINATOR].verify_key,
-        {
-            gw: GatewayEntry(
-                keys[gw].verify_key,
-                COORDINATOR,
-                {d: keys[d].verify_key for d in dev_ids[g::gateways]},
-            )
-            for g, gw in enumerate(gw_ids)
-        },
+    members = new_members(
+        "demo", {gw: (COORDINATOR, dev_ids[g::gateways]) for g, gw in enumerate(gw_ids)}
     )
+    fleet, keys, logins = members.fleet, members.keys, members.logins
     result = DemoResult(str(codec), 0, trainer)
-    with tempfile.TemporaryDirectory(prefix="tern-demo-") as state, EmbeddedBroker(port=0) as top:
+    # The coordinator's broker as `tern broker --fleet-file` runs it: logins, rights, limits.
+    top = EmbeddedBroker(
+        port=0,
+        access=AccessControl(broker_policy(fleet, COORDINATOR)),
+        limits=fleet_limits(fleet, COORDINATOR),
+    )
+    with tempfile.TemporaryDirectory(prefix="tern-demo-") as state, top:
         mcus = DemoBoards("demo", gw_ids, boards, Path(state), np.random.default_rng([seed, 1]))
         gws = [
             Gateway(
-                GatewayConfig(gw, top.url, listen_port=0, boards_file=mcus.boards_file(gw)),
+                GatewayConfig(
+                    gw,
+                    top.url,
+                    listen_port=0,
+                    boards_file=mcus.boards_file(gw),
+                    login=logins[gw],
+                    state_dir=Path(state) / gw,
+                ),
                 fleet,
                 keys[gw],
             ).start()
@@ -125,6 +133,8 @@ def run_demo(
                 data.x[idx],
                 data.y[idx],
                 trainer=NumpyTrainer() if trainer == "numpy" else None,
+                login=logins[d],
+                state_dir=Path(state) / d,
             ).start()
             for d, idx in zip(dev_ids, parts, strict=True)
         ]
@@ -139,6 +149,7 @@ def run_demo(
             min_contributors=max(1, devices // 2),
             seed=seed,
             train=TrainConfig(epochs=1, batch_size=32, lr=0.5),
+            login=logins[COORDINATOR],
         )
         started = time.monotonic()
 
@@ -175,7 +186,13 @@ def run_demo(
         )
         result.params = coordinator.spec.size
         try:
-            mcus.start({g.id: g.downstream_url for g in gws}, top.url, data.x_test, data.y_test)
+            mcus.start(
+                {g.id: g.downstream_url for g in gws},
+                top.url,
+                data.x_test,
+                data.y_test,
+                login=members.login(OBSERVER),
+            )
             result.boards_skipped = mcus.skipped
             if mcus.skipped is not None and out is not None:
                 print(f"boards: none run ({mcus.skipped})", file=out)

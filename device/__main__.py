@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from broker.errors import TransportError
-from broker.lifecycle import configure_logging, load_identity, stop_on_signals
+from broker.lifecycle import configure_logging, load_identity, load_login, stop_on_signals
+from broker.marks import default_state_dir
 from device.agent import DeviceAgent, DeviceError
 from device.kernels import default_cache_dir
 from device.trainer import trainer_for
@@ -41,6 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help=f"where verified kernels are kept (default {default_cache_dir()})",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where its high-water marks survive restarts"
+        " (default: $XDG_STATE_HOME/tern/FLEET/ID, ~/.local/state/tern/FLEET/ID)",
     )
     p.add_argument("--connect-timeout", type=float, default=30.0)
 
@@ -71,6 +79,8 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
             y,
             trainer=None if args.trainer == "wasm" else trainer_for(args.trainer),
             kernel_cache=args.kernel_cache or default_cache_dir(),
+            login=load_login(args.key),
+            state_dir=args.state_dir or default_state_dir(fleet.fleet, args.id),
         )
         agent.start(args.connect_timeout)
     except (OSError, KeyError, ValueError, TernError, TransportError, DeviceError) as exc:

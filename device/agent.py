@@ -21,6 +21,8 @@ import numpy.typing as npt
 from nacl.signing import SigningKey
 
 from broker.errors import TransportError
+from broker.marks import MarkFile, MarksError
+from broker.ratelog import LogLimiter
 from broker.transport import Message, MqttTransport
 from device.errors import DeviceError, LateRound
 from device.kernels import KernelShelf
@@ -38,16 +40,11 @@ from tern.aggregate import Partial
 from tern.codecs import codec_for
 from tern.envelope import Envelope, Kind, seal
 from tern.errors import TernError
+from tern.feed import CoordinatorFeed
 from tern.fleet import Fleet
-from tern.messages import (
-    Failure,
-    GlobalModel,
-    RoundSchedule,
-    Update,
-    encode_update,
-    open_model,
-    open_schedule,
-)
+from tern.freshness import Order, Stamp, model_stamp
+from tern.logins import Login
+from tern.messages import Failure, GlobalModel, RoundSchedule, Update, encode_update
 from tern.reports import State, Status
 
 __all__ = [
@@ -130,7 +127,9 @@ class DeviceAgent:
     By default it trains in the WebAssembly kernel each round's schedule names, fetched
     over MQTT and kept in `kernel_cache` (None: in memory only); a schedule that names
     none runs the kernel the device shipped with. An explicit `trainer` (the numpy
-    reference, or a test's) is used for every round instead.
+    reference, or a test's) is used for every round instead. `login`: its broker login
+    (``<id>.login`` beside its key); `state_dir`: where its high-water marks survive
+    restarts (None: in memory only).
     """
 
     def __init__(
@@ -149,6 +148,8 @@ class DeviceAgent:
         backoff_min: float = 0.5,
         backoff_max: float = 30.0,
         rng: np.random.Generator | None = None,
+        login: Login | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.id = device_id
         self.fleet = fleet
@@ -169,13 +170,19 @@ class DeviceAgent:
         # a retained schedule is one it missed the start of.
         self.join_current_round = join_current_round
         self._lock = threading.Condition()
+        self._marks = MarkFile(state_dir)
+        try:
+            self._feed = CoordinatorFeed(fleet, self._marks.load())
+        except MarksError as exc:
+            raise DeviceError(str(exc)) from exc
+        self._logs = LogLimiter()
         self._model: GlobalModel | None = None
-        self._model_version = -1
-        self._schedule: RoundSchedule | None = None
+        self._model_stamp: Stamp | None = None  # (run, version) of the model held
+        self._schedule: tuple[int, RoundSchedule] | None = None  # (run, schedule)
         self._residual: F32Array | None = None
-        # (round, deadline) of the last schedule handled: a restarted coordinator re-issues
-        # an open round under the same number with a later deadline, and that is new.
-        self._last_round: tuple[int, float] = (-1, 0.0)
+        # (run, round, deadline) of the last schedule handled: a restarted coordinator
+        # re-issues an open round under the same number with a later deadline, and that is new.
+        self._last_round: tuple[int, int, float] = (-1, -1, 0.0)
         # The residual before the last round run, for running that round again.
         self._residual_before: tuple[int, F32Array | None] = (-1, None)
         self.outcomes: dict[int, RoundOutcome] = {}
@@ -188,6 +195,7 @@ class DeviceAgent:
             gateway_url,
             f"tern-{fleet.fleet}-{device_id}",
             will=(topics.status(fleet.fleet, device_id), offline.to_json()),
+            login=None if login is None else (login.username, login.password),
             backoff_min=backoff_min,
             backoff_max=backoff_max,
             rng=rng,
@@ -248,20 +256,36 @@ class DeviceAgent:
 
     # -- paho's thread: record and wake the worker ----------------------------------------
 
-    def _reject(self, message: Message, exc: TernError) -> None:
+    def _reject(self, what: str, exc: TernError) -> None:
+        """Count and log (at most once a minute per kind and reason) a refused message.
+        `rejected` counts ``model_<reason>``, ``schedule_<reason>``, ``kernel_<reason>``."""
         with self._lock:
-            self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
-        log.warning("%s: rejected %s: %s", self.id, message.topic, exc)
+            key = f"{what}_{exc.reason}"
+            self.rejected[key] = self.rejected.get(key, 0) + 1
+        if self._logs.log(log, what, exc.reason, "%s: refused a %s (%s): %s",
+                          self.id, what, exc.reason, exc):  # fmt: skip
+            # what a dashboard sees of it, as often as the log line
+            self._publish_status(f"refused a {what}: {exc.reason}")
+
+    def _save_marks(self) -> None:
+        try:
+            self._marks.save(self._feed.marks)
+        except OSError as exc:
+            log.error("%s: high-water marks not saved: %s", self.id, exc)
 
     def _on_model(self, message: Message) -> None:
-        try:
-            env, model = open_model(message.payload, self.fleet.coordinator_key, self.fleet.fleet)
-        except TernError as exc:
-            self._reject(message, exc)
-            return
         with self._lock:
-            self._model_version = env.model_version
-            self._model = model
+            try:
+                taken = self._feed.take_model(message.payload)
+            except TernError as exc:
+                self._reject("model", exc)  # the lock is re-entrant
+                return
+            stamp = model_stamp(taken.envelope)
+            if taken.order is Order.SAME and stamp == self._model_stamp:
+                return  # the model held: a retained copy after a reconnect
+            self._save_marks()
+            self._model_stamp = stamp
+            self._model = taken.value
         self._wake.put(True)
 
     def _on_kernel(self, message: Message) -> None:
@@ -270,24 +294,25 @@ class DeviceAgent:
             assert digest is not None  # our filter is a kernel topic
             self.kernels.offer(digest, message.payload)
         except TernError as exc:
-            self._reject(message, exc)
+            self._reject("kernel", exc)
 
     def _on_schedule(self, message: Message) -> None:
-        try:
-            _, schedule = open_schedule(
-                message.payload, self.fleet.coordinator_key, self.fleet.fleet
-            )
-        except TernError as exc:
-            self._reject(message, exc)
-            return
         with self._lock:
-            if (schedule.round, schedule.deadline) <= self._last_round:
+            try:
+                taken = self._feed.take_schedule(message.payload)
+            except TernError as exc:
+                self._reject("schedule", exc)
+                return
+            if taken.order is Order.NEWER:
+                self._save_marks()
+            run, schedule = taken.envelope.run, taken.value
+            if (run, schedule.round, schedule.deadline) <= self._last_round:
                 return  # a retained copy after a reconnect, or an old round
             if message.retain and not self.join_current_round:
                 # Joined mid-round: skip it, take part from the next schedule.
-                self._last_round = (schedule.round, schedule.deadline)
+                self._last_round = (run, schedule.round, schedule.deadline)
                 return
-            self._schedule = schedule
+            self._schedule = (run, schedule)
         self._wake.put(True)
 
     # -- the worker thread ----------------------------------------------------------------
@@ -304,20 +329,22 @@ class DeviceAgent:
             if job is not None:
                 self._run_round(*job)
 
-    def _take_job(self) -> tuple[GlobalModel, RoundSchedule] | None:
+    def _take_job(self) -> tuple[GlobalModel, int, RoundSchedule] | None:
         with self._lock:
-            s, m = self._schedule, self._model
-            if s is None or (s.round, s.deadline) <= self._last_round:
+            if self._schedule is None:
+                return None
+            (run, s), m = self._schedule, self._model
+            if (run, s.round, s.deadline) <= self._last_round:
                 return None
             if s.participants is not None and self.id not in s.participants:
-                self._last_round = (s.round, s.deadline)
+                self._last_round = (run, s.round, s.deadline)
                 return None
-            if m is None or self._model_version != s.model_version:
+            if m is None or self._model_stamp != Stamp(run, s.model_version):
                 return None  # wait for the model the schedule names
-            self._last_round = (s.round, s.deadline)
-            return m, s
+            self._last_round = (run, s.round, s.deadline)
+            return m, run, s
 
-    def _run_round(self, model: GlobalModel, schedule: RoundSchedule) -> None:
+    def _run_round(self, model: GlobalModel, run: int, schedule: RoundSchedule) -> None:
         n = int(self.x.shape[0])
         start = time.monotonic()
         try:
@@ -333,7 +360,7 @@ class DeviceAgent:
                 trainer, model, self.x, self.y, schedule, self.id, carried
             )
             seconds = time.monotonic() - start
-            data = self._send(Kind.UPDATE, schedule, update.to_body())
+            data = self._send(Kind.UPDATE, run, schedule, update.to_body())
             outcome = RoundOutcome(
                 schedule.round, schedule.model_version, n, len(data), seconds, kernel=kernel
             )
@@ -341,7 +368,7 @@ class DeviceAgent:
             if self._detail:
                 self._publish_status("")  # the last failure is over
         except Exception as exc:  # a failed round is data, and the worker must live on
-            outcome = self._failed(schedule, exc)
+            outcome = self._failed(run, schedule, exc)
         with self._lock:
             self.outcomes[schedule.round] = outcome
             self._lock.notify_all()
@@ -363,14 +390,14 @@ class DeviceAgent:
             self._kernel_subs.add(ref.sha256)
         return self.kernels.trainer(ref, schedule.deadline - self.clock()), ref.sha256
 
-    def _failed(self, schedule: RoundSchedule, exc: Exception) -> RoundOutcome:
+    def _failed(self, run: int, schedule: RoundSchedule, exc: Exception) -> RoundOutcome:
         """Report a round this device could not train: a failure upstream, a status detail."""
         reason = failure_reason(exc)
         log.warning("%s: round %d failed (%s): %s", self.id, schedule.round, reason, exc)
         n = int(self.x.shape[0])
         try:
             if self.clock() < schedule.deadline:
-                self._send(Kind.FAILURE, schedule, Failure({reason: 1}).to_body())
+                self._send(Kind.FAILURE, run, schedule, Failure({reason: 1}).to_body())
             self._publish_status(f"round {schedule.round}: {reason}: {exc}"[:500])
         except TransportError as report_exc:
             log.warning(
@@ -380,10 +407,10 @@ class DeviceAgent:
             schedule.round, schedule.model_version, n, error=str(exc), reason=reason
         )
 
-    def _send(self, kind: Kind, schedule: RoundSchedule, body: object) -> bytes:
+    def _send(self, kind: Kind, run: int, schedule: RoundSchedule, body: object) -> bytes:
         """Seal `body` for the schedule's round and publish it to this device's gateway."""
         f = self.fleet.fleet
-        env = Envelope(kind, f, schedule.round, schedule.model_version, self.id, body)
+        env = Envelope(kind, f, schedule.round, schedule.model_version, self.id, body, run=run)
         data = seal(env, self.key)
         self.transport.publish(topics.update(f, self.gateway, self.id), data)
         return data

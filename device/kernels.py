@@ -60,7 +60,7 @@ class KernelShelf:
     def offer(self, sha256: str, data: bytes) -> KernelFile:
         """Verify a kernel message that arrived for `sha256`; keep it or remember why not."""
         try:
-            kernel = open_kernel(data, self.fleet.coordinator_key, self.fleet.fleet, sha256)
+            kernel = open_kernel(data, self.fleet, sha256)
         except TernError as exc:
             with self._cond:
                 if sha256 not in self._kernels:
@@ -99,7 +99,7 @@ class KernelShelf:
             return None
         try:
             data = path.read_bytes()
-            kernel = open_kernel(data, self.fleet.coordinator_key, self.fleet.fleet, sha256)
+            kernel = open_kernel(data, self.fleet, sha256)
         except (OSError, TernError) as exc:
             log.warning("kernel cache %s is not valid (%s); dropping it", path, exc)
             path.unlink(missing_ok=True)

@@ -9,9 +9,11 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 
-from broker.lifecycle import configure_logging, load_identity, stop_on_signals
+from broker.lifecycle import configure_logging, load_identity, load_login, stop_on_signals
+from broker.marks import default_state_dir
 from gateway.config import DEFAULT_LISTEN_PORT, DEFAULT_MARGIN, GatewayConfig, GatewayError
 from gateway.service import Gateway
 from tern.errors import TernError
@@ -61,6 +63,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"input exponent of the boards' int8 models: x stands for x/2^N ({DEFAULT_IN_EXP})",
     )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where its high-water marks survive restarts"
+        " (default: $XDG_STATE_HOME/tern/FLEET/ID, ~/.local/state/tern/FLEET/ID)",
+    )
     p.add_argument("--verbose", "-v", action="store_true", help="log amqtt's own messages")
 
 
@@ -97,6 +106,7 @@ def _hangups() -> Iterator[threading.Event]:
 def _serve(args: argparse.Namespace, stop: threading.Event, hangup: threading.Event) -> int:
     try:
         fleet, key = load_identity(args.fleet_file, args.key)
+        state_dir = args.state_dir or default_state_dir(fleet.fleet, args.id)
         host, port = args.listen
         config = GatewayConfig(
             args.id,
@@ -107,6 +117,8 @@ def _serve(args: argparse.Namespace, stop: threading.Event, hangup: threading.Ev
             margin=args.margin,
             boards_file=args.boards,
             mcu_in_exp=args.mcu_in_exp,
+            login=load_login(args.key),
+            state_dir=state_dir,
         )
         gateway = Gateway(config, fleet, key).start()
     except (OSError, TernError, GatewayError) as exc:

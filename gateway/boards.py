@@ -17,7 +17,7 @@ from types import MappingProxyType
 
 from broker.lifecycle import write_atomic
 from gateway.config import GatewayError
-from tern.errors import TernError
+from tern.errors import TernError, brief
 from tern.mcu import KEY_BYTES
 from tern.topics import validate_id
 
@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 _PASSWORD_BYTES = 16
+_MAX_FILE_CHARS = 16 << 20  # about 100,000 boards
 
 
 class BoardsError(GatewayError):
@@ -89,10 +90,12 @@ class Boards:
     @classmethod
     def from_json(cls, text: str) -> Boards:
         """Parse; BoardsError says what is wrong."""
+        if len(text) > _MAX_FILE_CHARS:
+            raise BoardsError(f"larger than {_MAX_FILE_CHARS} characters")
         try:
             doc = json.loads(text)
-        except ValueError as exc:  # json.JSONDecodeError, or text that is not UTF-8
-            raise BoardsError(f"not JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # bad JSON, text not UTF-8, deep nesting
+            raise BoardsError(f"not JSON: {str(exc)[:120]}") from exc
         if not isinstance(doc, dict) or set(doc) != {"fleet", "gateway", "boards"}:
             raise BoardsError("expected an object with exactly fleet, gateway and boards")
         if not isinstance(doc["fleet"], str) or not isinstance(doc["gateway"], str):
@@ -102,15 +105,19 @@ class Boards:
         entries = {}
         for device, e in doc["boards"].items():
             if not isinstance(e, dict) or set(e) != {"key", "mqtt_user", "mqtt_password"}:
-                raise BoardsError(f"board {device!r} needs exactly key, mqtt_user, mqtt_password")
+                raise BoardsError(
+                    f"board {brief(device)} needs exactly key, mqtt_user, mqtt_password"
+                )
             if not all(isinstance(v, str) for v in e.values()):
-                raise BoardsError(f"board {device!r}: key, mqtt_user, mqtt_password are strings")
+                raise BoardsError(
+                    f"board {brief(device)}: key, mqtt_user, mqtt_password are strings"
+                )
             try:
                 key = bytes.fromhex(e["key"])
             except ValueError:
                 key = b""
             if len(key) != KEY_BYTES:
-                raise BoardsError(f"board {device!r}: key must be {2 * KEY_BYTES} hex digits")
+                raise BoardsError(f"board {brief(device)}: key must be {2 * KEY_BYTES} hex digits")
             entries[device] = BoardEntry(key, e["mqtt_user"], e["mqtt_password"])
         return cls(doc["fleet"], doc["gateway"], entries)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from broker.errors import TransportError
 from broker.transport import parse_url
 from tern.fleet import Fleet
+from tern.logins import Login
 from tern.topics import validate_id
 
 __all__ = ["DEFAULT_LISTEN_PORT", "DEFAULT_MARGIN", "GatewayConfig", "GatewayError"]
@@ -25,7 +27,8 @@ class GatewayConfig:
 
     `downstream_url` None: serve devices on an embedded broker on
     `listen_host`:`listen_port` (port 0 picks a free one); otherwise use that
-    external broker.
+    external broker. `login`: its fleet login (``<id>.login`` beside its key), on both
+    brokers. `state_dir`: where its high-water marks survive restarts (None: memory).
     """
 
     id: str
@@ -38,6 +41,8 @@ class GatewayConfig:
     backoff_max: float = 30.0
     boards_file: str | None = None  # the microcontroller boards it serves (gateway.boards)
     mcu_in_exp: int = 5  # input exponent of the boards' models (tern.mcu.DEFAULT_IN_EXP)
+    login: Login | None = None
+    state_dir: Path | None = None
 
     def __post_init__(self) -> None:
         validate_id(self.id, "gateway")

@@ -3,88 +3,53 @@
 Upstream it is a client of its parent's broker; downstream it serves its devices (and
 child gateways) on an embedded broker or an external one. MQTT handlers run on
 paho's threads and the close timer on its own, so all round state sits behind one
-lock. A bad message is counted by reason and never ends the round or the process.
+lock. A bad message is counted by reason (in the next round's metrics), logged at most
+once per sender, reason and minute, and never ends the round or the process.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
-from nacl.signing import SigningKey, VerifyKey
+from nacl.signing import SigningKey
 
-from broker.access import AccessControl
-from broker.acl import AccessPolicy
-from broker.embedded import EmbeddedBroker
 from broker.errors import BrokerError, TransportError
+from broker.marks import MarkFile, MarksError
+from broker.ratelog import LogLimiter
 from broker.transport import Message, MqttTransport
-from gateway.access import gateway_policy, gateway_user
-from gateway.boards import Boards, BoardsError, load_boards
+from gateway.boards import Boards
 from gateway.config import GatewayConfig, GatewayError
+from gateway.downstream import OwnBroker, read_boards
 from gateway.mcu import BoardRelay
+from gateway.tree import depth
 from tern import __version__, topics
-from tern.codecs import Float32Codec
+from tern.admit import Terms, peers_of
 from tern.collect import Collector
-from tern.envelope import Envelope, Kind, seal
+from tern.envelope import Envelope, seal
 from tern.errors import TernError
-from tern.fleet import COORDINATOR, Fleet
-from tern.messages import (
-    Failure,
-    GlobalModel,
-    RoundSchedule,
-    encode_update,
-    open_kernel,
-    open_model,
-    open_schedule,
-)
+from tern.feed import CoordinatorFeed
+from tern.fleet import Fleet
+from tern.freshness import Order, Stamp, Watermarks, model_stamp
+from tern.messages import GlobalModel, RoundSchedule, cohort_message, open_kernel
 from tern.reports import RoundMetrics, State, Status
 
-__all__ = ["Gateway", "depth", "expected_contributors"]
+__all__ = ["Gateway"]
 
 log = logging.getLogger(__name__)
 
 _MONITOR_INTERVAL = 0.25
 
 
-def expected_contributors(fleet: Fleet, gateway: str, schedule: RoundSchedule) -> dict[str, int]:
-    """Who `gateway` waits for in a round -> how many participating devices each stands for.
-
-    Its own participating devices (1 each) and its child gateways with at least one
-    participant below them (their participant count).
-    """
-
-    def takes_part(device: str) -> bool:
-        return schedule.participants is None or device in schedule.participants
-
-    out = {d: 1 for d in sorted(fleet.gateways[gateway].devices) if takes_part(d)}
-    for child in fleet.children(gateway):
-        below = sum(1 for d in fleet.devices_below(child) if takes_part(d))
-        if below:
-            out[child] = below
-    return out
-
-
-def depth(fleet: Fleet, gateway: str) -> int:
-    """1 for a gateway whose parent is the coordinator, 1 + its parent's depth otherwise.
-
-    A gateway closes `margin * depth` before the deadline: the deeper, the earlier, so
-    each partial reaches its parent before the parent closes.
-    """
-    n, node = 1, fleet.gateways[gateway].parent
-    while node != COORDINATOR:
-        n, node = n + 1, fleet.gateways[node].parent
-    return n
-
-
 @dataclass
 class _Round:
     schedule: RoundSchedule
+    run: int
     collector: Collector
     stands_for: dict[str, int]
     opened_at: float
@@ -111,33 +76,33 @@ class Gateway:
         self.fleet = fleet
         self.key = key
         self.clock = clock
-        entry = fleet.gateways[self.id]
-        self.parent = entry.parent
+        self.parent = fleet.gateways[self.id].parent
         self.depth = depth(fleet, self.id)
-        keys: dict[str, VerifyKey] = dict(entry.devices)
-        keys.update({c: fleet.gateways[c].key for c in fleet.children(self.id)})
-        self._keys = keys
         self._lock = threading.Condition(threading.RLock())
-        self._models: dict[int, GlobalModel] = {}
-        self._model_bytes: bytes | None = None
+        self._marks = MarkFile(config.state_dir)
+        try:
+            self._feed = CoordinatorFeed(fleet, self._marks.load())
+        except MarksError as exc:
+            raise GatewayError(str(exc)) from exc
+        self._models: dict[Stamp, GlobalModel] = {}  # the current model and the previous
+        self._model_bytes: bytes | None = None  # the held model as signed, relayed down
         self._schedule_bytes: bytes | None = None
+        self._schedule_stamp: Stamp | None = None
         self._kernel_bytes: dict[str, bytes] = {}  # sha256 -> the signed kernel, relayed
-        self._pending: RoundSchedule | None = None
-        self._latest_round = -1
-        # (round, deadline) of the last round opened: a restarted coordinator re-issues
+        self._pending: tuple[int, RoundSchedule] | None = None  # (run, schedule)
+        # (run, round, deadline) of the last round opened: a restarted coordinator re-issues
         # an open round under the same number with a later deadline, and that is new.
-        self._last_opened: tuple[int, float] = (-1, 0.0)
+        self._last_opened: tuple[int, int, float] = (-1, -1, 0.0)
         self._round: _Round | None = None
         self._outside: Counter[str] = Counter()  # rejected while no round was open
+        self._counted: Counter[str] = Counter()  # intake and broker refusals already reported
+        self._logs = LogLimiter()
         self._bytes_down = 0
         self.metrics: dict[int, RoundMetrics] = {}
         self.partials: dict[int, bytes] = {}  # round -> sealed partial sent upstream
         self._stopping = threading.Event()
-        self._broker: EmbeddedBroker | None = None
-        self._access: AccessControl | None = None  # the embedded broker's policy
+        self._broker: OwnBroker | None = None
         self._down_id = f"tern-{fleet.fleet}-{self.id}-down"
-        self._password = secrets.token_urlsafe(24)  # its own login there; memory only
-        self._access_counted: Counter[str] = Counter()  # refusals already in some metrics
         self._monitor: threading.Thread | None = None
         self._rng = rng if rng is not None else np.random.default_rng()
         self.upstream: MqttTransport | None = None
@@ -165,15 +130,16 @@ class Gateway:
             self._boards = BoardRelay(
                 self._read_boards(), cfg.mcu_in_exp, self._publish_down, self._publish_up
             )
-        login = None
+        login = None if cfg.login is None else (cfg.login.username, cfg.login.password)
         try:
             if cfg.downstream_url is None:
-                login = (gateway_user(self.id), self._password)
+                if login is None:
+                    raise GatewayError(
+                        f"gateway {self.id} has no login for its own broker: "
+                        f"tern fleet init writes it as {self.id}.login beside its key"
+                    )
                 boards = None if self._boards is None else self._boards.boards
-                self._access = AccessControl(self._policy(boards))
-                self._broker = EmbeddedBroker(
-                    cfg.listen_host, cfg.listen_port, access=self._access
-                ).start(timeout)
+                self._broker = OwnBroker(cfg, self.fleet, boards).start(timeout)
             jitter = self._rng.spawn(2)
             down = MqttTransport(
                 self.downstream_url,
@@ -195,6 +161,7 @@ class Gateway:
                 cfg.upstream_url,
                 f"tern-{f}-{self.id}-up",
                 will=(topics.status(f, self.id), self._status(State.OFFLINE)),
+                login=login,
                 backoff_min=cfg.backoff_min,
                 backoff_max=cfg.backoff_max,
                 rng=jitter[1],
@@ -275,29 +242,47 @@ class Gateway:
         if self._send(self.downstream, topic, data, retain=True):
             self._bytes_down += len(data)
 
+    def _refused_upstream(self, what: str, exc: TernError) -> None:
+        self._logs.log(log, what, exc.reason, "gateway %s: refused a %s (%s): %s",
+                       self.id, what, exc.reason, exc)  # fmt: skip
+
     def _on_model(self, message: Message) -> None:
-        try:
-            env, model = open_model(message.payload, self.fleet.coordinator_key, self.fleet.fleet)
-        except TernError as exc:
-            log.warning("gateway %s: rejected model (%s): %s", self.id, exc.reason, exc)
-            return
         with self._lock:
-            self._models[env.model_version] = model
+            try:
+                taken = self._feed.take_model(message.payload)
+            except TernError as exc:
+                self._refused_upstream("model", exc)
+                return
+            stamp = model_stamp(taken.envelope)
+            if taken.order is Order.SAME and stamp in self._models:
+                return  # the model we hold: a retained copy after a reconnect
+            self._save_marks()
+            self._models[stamp] = taken.value
             for old in sorted(self._models)[:-2]:  # the current and the previous are enough
                 del self._models[old]
             self._model_bytes = message.payload
             self._relay(topics.global_model(self.fleet.fleet), message.payload)
             self._maybe_open()
         if self._boards is not None:  # outside the round lock: quantizing takes a moment
-            self._boards.on_model(env.model_version, model)
+            self._boards.on_model(stamp.run, stamp.version, taken.value)
+
+    def _save_marks(self) -> None:
+        """Persist the high-water marks (caller holds the lock); a failed write is logged:
+        the marks in memory still hold, and the next accepted message writes again."""
+        try:
+            self._marks.save(self._feed.marks)
+        except OSError as exc:
+            log.error("gateway %s: high-water marks not saved: %s", self.id, exc)
 
     def _on_kernel(self, message: Message) -> None:
         try:
             digest = topics.parse(message.topic).digest
             assert digest is not None  # our filter is a kernel topic
-            open_kernel(message.payload, self.fleet.coordinator_key, self.fleet.fleet, digest)
+            open_kernel(message.payload, self.fleet, digest)
         except TernError as exc:
-            log.warning("gateway %s: rejected kernel (%s): %s", self.id, exc.reason, exc)
+            with self._lock:
+                self._feed.rejected[f"kernel_{exc.reason}"] += 1
+            self._refused_upstream("kernel", exc)
             return
         with self._lock:
             if self._kernel_bytes.get(digest) == message.payload:
@@ -306,35 +291,38 @@ class Gateway:
             self._relay(topics.kernel(self.fleet.fleet, digest), message.payload)
 
     def _on_schedule(self, message: Message) -> None:
-        try:
-            _, schedule = open_schedule(
-                message.payload, self.fleet.coordinator_key, self.fleet.fleet
-            )
-        except TernError as exc:
-            log.warning("gateway %s: rejected schedule (%s): %s", self.id, exc.reason, exc)
-            return
         with self._lock:
-            if schedule.round < self._latest_round:
+            try:
+                taken = self._feed.take_schedule(message.payload)
+            except TernError as exc:
+                self._refused_upstream("schedule", exc)
                 return
-            self._latest_round = schedule.round
+            stamp = self._feed.marks.schedule
+            if taken.order is Order.SAME and stamp == self._schedule_stamp:
+                return  # the schedule we hold: a retained copy after a reconnect
+            self._save_marks()
+            self._schedule_stamp = stamp
             self._schedule_bytes = message.payload
             self._relay(topics.round_schedule(self.fleet.fleet), message.payload)
-            self._pending = schedule
+            self._pending = (taken.envelope.run, taken.value)
             self._maybe_open()
 
     def _maybe_open(self) -> None:
         """Open the pending schedule's round once its model is here (caller holds the lock)."""
-        s = self._pending
-        if s is None or (s.round, s.deadline) <= self._last_opened or self._stopping.is_set():
+        if self._pending is None or self._stopping.is_set():
             return
-        model = self._models.get(s.model_version)
+        run, s = self._pending
+        if (run, s.round, s.deadline) <= self._last_opened:
+            return
+        model = self._models.get(Stamp(run, s.model_version))
         if model is None:
             return  # the schedule overtook its model: open when the model arrives
         self._pending = None
-        self._last_opened = (s.round, s.deadline)
+        self._last_opened = (run, s.round, s.deadline)
         if self._round is not None:
             self._close(self._round)  # superseded by a newer round
-        stands_for = expected_contributors(self.fleet, self.id, s)
+        peers = peers_of(self.fleet, self.id, s)
+        stands_for = {p.id: p.devices for p in peers.values()}
         close_at = s.deadline - self.config.margin * self.depth
         now = self.clock()
         if not stands_for:
@@ -343,14 +331,8 @@ class Gateway:
         if now >= close_at:
             log.warning("gateway %s: round %d closed before it reached us", self.id, s.round)
             return
-        collector = Collector(
-            fleet=self.fleet.fleet,
-            round=s.round,
-            spec=model.spec,
-            keys=self._keys,
-            expected=stands_for.keys(),
-        )
-        rnd = _Round(s, collector, stands_for, now, close_at, extra_rejected=self._outside)
+        collector = Collector(terms=Terms.of(self.fleet.fleet, run, s, model.spec), peers=peers)
+        rnd = _Round(s, run, collector, stands_for, now, close_at, extra_rejected=self._outside)
         self._outside = Counter()
         rnd.timer = threading.Timer(close_at - now, self._on_timer, args=(rnd,))
         rnd.timer.daemon = True
@@ -361,33 +343,19 @@ class Gateway:
     # -- downstream: updates and partials -------------------------------------------------
 
     def _on_contribution(self, message: Message) -> None:
-        try:
-            topic = topics.parse(message.topic)
-        except TernError:
-            return  # our filters only deliver our topics
-        sender = topic.sender
-        own = self.fleet.gateways[self.id].devices
-        right_topic = (topic.kind is topics.TopicKind.UPDATE and sender in own) or (
-            topic.kind is topics.TopicKind.PARTIAL and sender in self.fleet.children(self.id)
-        )
         with self._lock:
             rnd = self._round
             if rnd is None:
                 self._outside["no_open_round"] += 1
+                self._logs.log(log, message.topic[:128], "no_open_round",
+                               "gateway %s: refused a message on %s: no round is open",
+                               self.id, message.topic[:128])  # fmt: skip
                 return
-            if not right_topic:
-                rnd.extra_rejected["wrong_topic"] += 1
-                rnd.collector.bytes_in += len(message.payload)
-                return
-            offer = rnd.collector.offer(message.payload, sender)
+            offer = rnd.collector.offer(message.payload, message.topic, retained=message.retain)
             if offer.reason:
-                log.warning(
-                    "gateway %s: rejected from %s (%s): %s",
-                    self.id,
-                    sender,
-                    offer.reason,
-                    offer.message,
-                )
+                self._logs.log(log, str(offer.sender), offer.reason,
+                               "gateway %s: refused a message from %s (%s): %s",
+                               self.id, offer.sender, offer.reason, offer.message)  # fmt: skip
             if rnd.collector.complete:
                 self._close(rnd)
 
@@ -403,17 +371,13 @@ class Gateway:
         if rnd.timer is not None:
             rnd.timer.cancel()
         s, collector, f = rnd.schedule, rnd.collector, self.fleet.fleet
-        result = collector.result()
+        result = collector.close()
         failed = dict(sorted(collector.failed.items()))
-        body: dict[str, object] | None = None
-        kind = Kind.PARTIAL
-        if result.count > 0:
-            update, _ = encode_update(Float32Codec(), collector.spec, result)
-            body = replace(update, failed=failed).to_body()
-        elif failed:  # nothing to fold, but the parent learns why and stops waiting
-            kind, body = Kind.FAILURE, Failure(failed).to_body()
-        if body is not None:
-            data = seal(Envelope(kind, f, s.round, s.model_version, self.id, body), self.key)
+        message = cohort_message(collector.spec, result, failed)
+        if message is not None:
+            kind, body = message
+            env = Envelope(kind, f, s.round, s.model_version, self.id, body, run=rnd.run)
+            data = seal(env, self.key)
             self.partials[s.round] = data
             self._publish_up(topics.partial(f, self.parent, self.id), data, retain=False)
         dropped = sum(
@@ -426,7 +390,7 @@ class Gateway:
             model_version=s.model_version,
             contributors=result.count,
             dropped=dropped,
-            rejected=dict(collector.rejected + rnd.extra_rejected + self._access_refusals()),
+            rejected=dict(collector.rejected + rnd.extra_rejected + self._new_refusals()),
             failed=failed,
             bytes_up=collector.bytes_in,  # received from below (topics.md "Metrics")
             bytes_down=self._bytes_down,
@@ -438,19 +402,33 @@ class Gateway:
         self._lock.notify_all()
         log.info("gateway %s: round %d closed: %s", self.id, s.round, metrics)
 
-    def _access_refusals(self) -> Counter[str]:
-        """What the broker refused since the last metrics, as ``access_<reason>``."""
-        if self._access is None:
-            return Counter()
-        refused = self._access.refused
-        new = refused - self._access_counted
-        self._access_counted = refused
-        return Counter({f"access_{reason}": n for reason, n in new.items()})
+    def _new_refusals(self) -> Counter[str]:
+        """Refusals since the last metrics (caller holds the lock): the coordinator's
+        messages refused (``model_<reason>``, ``schedule_<reason>``, ``kernel_<reason>``)
+        and what the embedded broker refused, as ``access_<reason>``."""
+        refused = self._feed.rejected + Counter(
+            {f"access_{reason}": n for reason, n in self.access_refused.items()}
+        )
+        new = refused - self._counted
+        self._counted = refused
+        return new
 
     @property
     def access_refused(self) -> Counter[str]:
-        """Everything the embedded broker has refused (broker.acl.Refusal names)."""
-        return Counter() if self._access is None else self._access.refused
+        """Everything the embedded broker has refused (its access policy and its limits)."""
+        return Counter() if self._broker is None else self._broker.refused
+
+    @property
+    def high_water(self) -> Watermarks:
+        """The newest model and schedule accepted so far (tern.freshness), as persisted."""
+        with self._lock:
+            return self._feed.marks
+
+    @property
+    def intake_refused(self) -> Counter[str]:
+        """Every model, schedule and kernel from upstream refused so far, by reason."""
+        with self._lock:
+            return Counter(self._feed.rejected)
 
     def _send(
         self,
@@ -507,17 +485,7 @@ class Gateway:
 
     def _read_boards(self) -> Boards:
         assert self.config.boards_file is not None
-        boards = load_boards(self.config.boards_file)
-        if (boards.fleet, boards.gateway) != (self.fleet.fleet, self.id):
-            raise BoardsError(
-                f"lists boards of gateway {boards.gateway!r} in fleet {boards.fleet!r}, "
-                f"not {self.id!r} in {self.fleet.fleet!r}",
-                self.config.boards_file,
-            )
-        return boards
-
-    def _policy(self, boards: Boards | None) -> AccessPolicy:
-        return gateway_policy(self.fleet.fleet, self.id, self._down_id, self._password, boards)
+        return read_boards(self.config.boards_file, self.fleet, self.id)
 
     def reload_boards(self) -> Boards:
         """Re-read the boards file (SIGHUP); a board added gets the current model at once.
@@ -527,8 +495,8 @@ class Gateway:
         if self._boards is None:
             raise GatewayError(f"gateway {self.id} was started without a boards file")
         boards = self._read_boards()
-        if self._access is not None:
-            self._access.set_policy(self._policy(boards))
+        if self._broker is not None:
+            self._broker.set_boards(boards)
         self._boards.set_boards(boards)
         return boards
 

@@ -30,6 +30,8 @@ from gateway.boards import BoardEntry, Boards, new_board_entry, save_boards
 from kernels.reference import mlp_spec
 from tern import topics
 from tern.codecs import CodecName
+from tern.fleet import COORDINATOR
+from tern.logins import OBSERVER
 from tern.mcu import infer, open_mcu, quantize, quantize_window, seal_mcu
 from tern.messages import TrainConfig
 from tern.reports import Status, Telemetry
@@ -65,6 +67,7 @@ class Plant:
             backoff_max=0.3,
             boards_file=str(boards_file),
             downstream_url=downstream_url,
+            login=self.kit.logins["gw-1"],
         )
         self.gateway = Gateway(config, self.kit.fleet, self.kit.keys["gw-1"])
         stack.callback(self.gateway.stop)
@@ -79,6 +82,7 @@ class Plant:
                 round_timeout=10.0,
                 seed=7,
                 train=TRAIN,
+                login=self.kit.logins[COORDINATOR],
             ),
             self.kit.fleet,
             self.kit.coordinator_key,
@@ -104,6 +108,7 @@ class Plant:
                 backoff_min=0.05,
                 backoff_max=0.3,
                 rng=np.random.default_rng(2),
+                login=self.kit.logins[dev],
             )
             self.stack.callback(agent.stop)
             agent.start()
@@ -158,7 +163,7 @@ def test_after_a_round_the_board_runs_the_new_model_and_its_telemetry_reaches_th
     report = telemetry.wait_for(lambda m: Telemetry.from_json(m.payload).model_version == new, WAIT)
     assert Telemetry.from_json(report.payload).device == BOARD
     # the board's model is the gateway's int8 derivation of the round's global model
-    expected = quantize(SPEC, plant.coordinator.weights, new)
+    expected = quantize(SPEC, plant.coordinator.weights, new, run=plant.coordinator.run)
     for window in plant.windows:
         label, logits, exp, _ = board.board.model.infer(window)
         reference = infer(expected, window)
@@ -184,7 +189,8 @@ def test_a_tampered_model_is_refused_and_the_last_good_one_stays_even_after_a_re
     assert board.wait_until(lambda b: b.model_version == good, WAIT), board.stats
     attacker = make_transport(open_broker.url, "someone-on-the-floor")
     forged_key = bytes(32)  # not the board's key
-    forged = quantize(SPEC, np.zeros(SPEC.size, np.float32), good + 1).to_bytes()
+    zeros = np.zeros(SPEC.size, np.float32)
+    forged = quantize(SPEC, zeros, good + 1, run=plant.coordinator.run).to_bytes()
 
     attacker.publish(
         topics.mcu_model(plant.fleet, BOARD),
@@ -221,8 +227,10 @@ def test_the_gateway_broker_keeps_strangers_off_the_board_topics(
     good = plant.coordinator.wait_for_round(1, WAIT).model_version
     assert board.wait_until(lambda b: b.model_version == good, WAIT), board.stats
     down = plant.gateway.downstream_url
-    stranger = make_transport(down, "someone-on-the-floor")
-    forged = quantize(SPEC, np.zeros(SPEC.size, np.float32), good + 1).to_bytes()
+    # Logged in, but not as the board: the observer (a dashboard's login) may read, not post.
+    stranger = make_transport(down, "someone-on-the-floor", login=plant.kit.login(OBSERVER))
+    zeros = np.zeros(SPEC.size, np.float32)
+    forged = quantize(SPEC, zeros, good + 1, run=plant.coordinator.run).to_bytes()
     fake = Telemetry(BOARD, good, 0, 0, 1.0, 1).to_json()
 
     stranger.publish(
@@ -233,7 +241,9 @@ def test_the_gateway_broker_keeps_strangers_off_the_board_topics(
     )
     stranger.publish(topics.telemetry(plant.fleet, BOARD), fake, wait=True)
     with pytest.raises(ConnectRefused):  # its client id is the board's
-        make_transport(down, BOARD, backoff_max=0.05)
+        make_transport(down, BOARD, login=plant.kit.login(OBSERVER), backoff_max=0.05)
+    with pytest.raises(ConnectRefused):  # no login at all
+        make_transport(down, "anyone", backoff_max=0.05)
     with pytest.raises(ConnectRefused):
         make_transport(down, "guess", login=(plant.entry.mqtt_user, "not-the-password"))
 
@@ -242,7 +252,18 @@ def test_the_gateway_broker_keeps_strangers_off_the_board_topics(
     assert fake not in [m.payload for m in telemetry.messages]
     assert board.stats["rejected"] == {} and board.model_version == good
     refused = plant.gateway.access_refused
-    assert refused == {"publish_denied": 2, "client_id_reserved": 1, "bad_password": 1}
+    assert refused == {
+        "publish_denied": 2,
+        "client_id_reserved": 1,
+        "anonymous": 1,
+        "bad_password": 1,
+    }
     # the genuine model is still the retained one
-    late = listen(make_transport, down, topics.mcu_model(plant.fleet, BOARD), "late")
+    late = listen(
+        make_transport,
+        down,
+        topics.mcu_model(plant.fleet, BOARD),
+        "late",
+        plant.kit.login(OBSERVER),
+    )
     assert open_mcu(late.wait_for(timeout=WAIT).payload, plant.entry.key, plant.fleet, BOARD)

@@ -21,7 +21,7 @@ from nacl.signing import SigningKey
 from broker.transport import Message, MqttTransport
 from coordinator import Coordinator, CoordinatorConfig, CoordinatorError, TestSet
 from coordinator.__main__ import main
-from coordinator.store import StateStore
+from coordinator.store import RoundRecord, StateStore
 from coordinator.strategy import sample_participants
 from kernels.reference import init_weights, mlp_spec
 from tern import topics
@@ -69,6 +69,16 @@ def config(broker: RunningBroker, state: Path, **overrides: Any) -> CoordinatorC
     return CoordinatorConfig(**values)
 
 
+def config_for_url(url: str, state: Path, **overrides: Any) -> CoordinatorConfig:
+    """A config for a broker that need not be running (the coordinator is not started)."""
+
+    class _Url:
+        def __init__(self, url: str) -> None:
+            self.url = url
+
+    return config(_Url(url), state, **overrides)  # type: ignore[arg-type]
+
+
 def gw_partial(gw: str, seed: int, weight: float = 3.0, count: int = 2) -> Partial:
     values = np.random.default_rng(seed).standard_normal(SPEC.size, dtype=np.float32)
     return Partial(values, weight, count)
@@ -83,21 +93,30 @@ def sealed_partial(
     key: SigningKey | None = None,
     fleet: str = FLEET,
     body: object = None,
+    run: int,
 ) -> bytes:
     if body is None:
         body = encode_update(Float32Codec(), SPEC, partial)[0].to_body()
-    env = Envelope(Kind.PARTIAL, fleet, round, model, gw, body)
+    env = Envelope(Kind.PARTIAL, fleet, round, model, gw, body, run=run)
     return seal(env, key or GW_KEYS[gw])
 
 
-def schedule_of(message: Message) -> RoundSchedule:
-    env = open_envelope(
+def _schedule_envelope(message: Message) -> Envelope:
+    return open_envelope(
         message.payload,
         {COORDINATOR: COORD_KEY.verify_key},
         fleet=FLEET,
         kinds={Kind.SCHEDULE},
     )
-    return RoundSchedule.from_body(env.body)
+
+
+def schedule_of(message: Message) -> RoundSchedule:
+    return RoundSchedule.from_body(_schedule_envelope(message).body)
+
+
+def run_of(message: Message) -> int:
+    """The coordinator's run, as its schedule carries it (partials must carry the same)."""
+    return _schedule_envelope(message).run
 
 
 def model_of(message: Message) -> tuple[int, int, GlobalModel]:
@@ -113,6 +132,7 @@ class Watcher:
     def __init__(self, make_transport: MakeTransport, broker: RunningBroker) -> None:
         self.schedules, self.models, self.metrics, self.status = Inbox(), Inbox(), Inbox(), Inbox()
         self.transport = make_transport(broker.url, "watcher")
+        self.run = 0  # the coordinator's run, once a schedule was seen
         self.transport.subscribe(topics.round_schedule(FLEET), self.schedules)
         self.transport.subscribe(topics.global_model(FLEET), self.models)
         self.transport.subscribe(topics.metrics(FLEET, COORDINATOR), self.metrics)
@@ -122,6 +142,7 @@ class Watcher:
         m = self.schedules.wait_for(
             lambda m: (not live or not m.retain) and schedule_of(m).round == round, WAIT
         )
+        self.run = run_of(m)
         return schedule_of(m)
 
     def model(self, round: int, *, live: bool = True) -> tuple[int, int, GlobalModel]:
@@ -161,7 +182,8 @@ class AutoGateways:
                 return
             self.answered.add(s.round)
         for i, gw in enumerate(self.gateways):
-            payload = sealed_partial(gw, s.round, s.model_version, gw_partial(gw, s.round * 10 + i))
+            part = gw_partial(gw, s.round * 10 + i)
+            payload = sealed_partial(gw, s.round, s.model_version, part, run=run_of(message))
             self.transport.publish(topics.partial(FLEET, COORDINATOR, gw), payload)
 
 
@@ -192,7 +214,7 @@ def test_round_closes_when_every_gateway_reported_with_weights_plus_mean(
     parts = {"gw-1": gw_partial("gw-1", 1, 3.0, 2), "gw-2": gw_partial("gw-2", 2, 5.0, 1)}
 
     for gw in ("gw-2", "gw-1"):  # arrival order must not matter
-        watcher.send(gw, sealed_partial(gw, s.round, s.model_version, parts[gw]))
+        watcher.send(gw, sealed_partial(gw, s.round, s.model_version, parts[gw], run=watcher.run))
     record = c.wait_for_round(1, WAIT)
 
     expected = model.weights + mean(fold_sorted(parts.items(), SPEC.size))
@@ -243,7 +265,9 @@ def test_round_closes_at_the_deadline_with_a_gateway_missing(
     c = running(Coordinator(cfg, make_fleet(), COORD_KEY))
     s = watcher.schedule(1)
 
-    watcher.send("gw-1", sealed_partial("gw-1", 1, 0, gw_partial("gw-1", 1, 2.0, 1)))
+    watcher.send(
+        "gw-1", sealed_partial("gw-1", 1, 0, gw_partial("gw-1", 1, 2.0, 1), run=watcher.run)
+    )
     record = c.wait_for_round(1, WAIT)
 
     assert record.ok and record.model_version == 1
@@ -266,7 +290,7 @@ def test_round_with_too_few_contributors_fails_and_keeps_the_model(
     watcher.schedule(1)
 
     for gw in ("gw-1", "gw-2"):
-        watcher.send(gw, sealed_partial(gw, 1, 0, gw_partial(gw, 1, 2.0, 2)))
+        watcher.send(gw, sealed_partial(gw, 1, 0, gw_partial(gw, 1, 2.0, 2), run=watcher.run))
     record = c.wait_for_round(1, WAIT)
 
     assert not record.ok and record.contributors == 4
@@ -284,7 +308,7 @@ def test_bad_partials_are_counted_by_reason_and_the_round_completes(
     c = running(Coordinator(config(amqtt_broker, tmp_path, rounds=2), make_fleet(), COORD_KEY))
     watcher.schedule(1)
     for gw in ("gw-1", "gw-2"):
-        watcher.send(gw, sealed_partial(gw, 1, 0, gw_partial(gw, 1)))
+        watcher.send(gw, sealed_partial(gw, 1, 0, gw_partial(gw, 1), run=watcher.run))
     c.wait_for_round(1, WAIT)
     watcher.schedule(2)
     good = gw_partial("gw-1", 2)
@@ -301,19 +325,20 @@ def test_bad_partials_are_counted_by_reason_and_the_round_completes(
     wrong_shape = encode_update(
         Float32Codec(), other_spec, Partial(np.ones(other_spec.size, np.float32), 1.0, 1)
     )[0].to_body()
-    bad = [
-        b"\x00 not cbor \xff",
-        sealed_partial("gw-1", 2, 1, good, body=nan),
-        sealed_partial("gw-1", 2, 1, good, body=wrong_shape),
-        sealed_partial("gw-1", 1, 0, good),  # stale round
-        sealed_partial("gw-1", 2, 1, good, fleet="other-fleet"),
-        sealed_partial("gw-1", 2, 1, good, key=GW_KEYS["gw-2"]),  # signed by another key
+    run = watcher.run
+    bad = [  # three from each gateway: a sender's messages are verified only a few times
+        ("gw-1", b"\x00 not cbor \xff"),
+        ("gw-1", sealed_partial("gw-1", 2, 1, good, body=nan, run=run)),
+        ("gw-1", sealed_partial("gw-1", 2, 1, good, body=wrong_shape, run=run)),
+        ("gw-2", sealed_partial("gw-2", 1, 0, good, run=run)),  # stale round
+        ("gw-2", sealed_partial("gw-2", 2, 1, good, fleet="other-fleet", run=run)),
+        ("gw-2", sealed_partial("gw-2", 2, 1, good, key=GW_KEYS["gw-1"], run=run)),  # forged
     ]
 
-    for payload in bad:
-        watcher.send("gw-1", payload)
-    watcher.send("gw-1", sealed_partial("gw-1", 2, 1, good))
-    watcher.send("gw-2", sealed_partial("gw-2", 2, 1, gw_partial("gw-2", 2)))
+    for gw, payload in bad:
+        watcher.send(gw, payload)
+    watcher.send("gw-1", sealed_partial("gw-1", 2, 1, good, run=run))
+    watcher.send("gw-2", sealed_partial("gw-2", 2, 1, gw_partial("gw-2", 2), run=run))
     record = c.wait_for_round(2, WAIT)
 
     expected = {
@@ -540,3 +565,112 @@ def test_the_command_stops_cleanly_on_sigterm(
     )
     assert Status.from_json(offline.payload).detail == "shutdown"
     assert StateStore(tmp_path / "state").round_numbers() == []
+
+
+# -- runs, and nothing non-finite --------------------------------------------------------
+
+
+def test_a_state_dir_keeps_its_run_and_a_fresh_one_gets_a_higher_run(tmp_path: Path) -> None:
+    first = StateStore(tmp_path / "a").run(lambda: 1_800_000_000.0)
+    again = StateStore(tmp_path / "a").run(lambda: 1_900_000_000.0)
+    fresh = StateStore(tmp_path / "b").run(lambda: 1_800_000_000.5)
+
+    assert first == again == 1_800_000_000_000
+    assert fresh > first
+
+
+def test_every_message_of_the_coordinator_carries_its_run(
+    amqtt_broker: RunningBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
+) -> None:
+    watcher = Watcher(make_transport, amqtt_broker)
+    c = running(Coordinator(config(amqtt_broker, tmp_path, rounds=1), make_fleet(), COORD_KEY))
+
+    watcher.schedule(1)
+    model = watcher.models.wait_for(lambda m: not m.retain, WAIT)
+    keys = {COORDINATOR: COORD_KEY.verify_key}
+
+    assert watcher.run == c.run == StateStore(tmp_path).run(lambda: 0.0) > 0
+    assert open_envelope(model.payload, keys, fleet=FLEET, kinds={Kind.MODEL}).run == c.run
+
+
+def test_a_partial_of_another_run_is_refused(
+    amqtt_broker: RunningBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
+) -> None:
+    watcher = Watcher(make_transport, amqtt_broker)
+    c = running(Coordinator(config(amqtt_broker, tmp_path, rounds=1), make_fleet(), COORD_KEY))
+    s = watcher.schedule(1)
+    part = gw_partial("gw-1", 1)
+
+    watcher.send("gw-1", sealed_partial("gw-1", 1, s.model_version, part, run=c.run - 1))
+    watcher.send("gw-1", sealed_partial("gw-1", 1, s.model_version, part, run=c.run))
+    watcher.send("gw-2", sealed_partial("gw-2", 1, s.model_version, part, run=c.run))
+    record = c.wait_for_round(1, WAIT)
+
+    assert record.ok and record.rejected == {"stale_run": 1}
+
+
+def test_a_strategy_step_that_is_not_finite_fails_the_round_and_is_never_saved(
+    amqtt_broker: RunningBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
+) -> None:
+    class Poisoned:
+        def apply(self, weights: Any, momentum: Any, partial: Partial) -> Any:
+            return np.full_like(weights, np.nan), momentum
+
+    watcher = Watcher(make_transport, amqtt_broker)
+    AutoGateways(make_transport(amqtt_broker.url, "gateways"), ["gw-1", "gw-2"])
+    c = Coordinator(config(amqtt_broker, tmp_path, rounds=2), make_fleet(), COORD_KEY)
+    c.strategy = Poisoned()  # type: ignore[assignment]
+    before = c.weights
+    running(c)
+
+    first = c.wait_for_round(1, WAIT)
+    second_schedule = watcher.schedule(2)
+
+    assert not first.ok and first.rejected == {"non_finite_model": 1}
+    assert first.model_version == 0 and c.weights.tobytes() == before.tobytes()
+    assert second_schedule.model_version == 0
+    assert not (tmp_path / "models" / "v1.npy").exists()
+    assert np.isfinite(watcher.model(2)[2].weights).all()
+
+
+def test_a_poisoned_state_dir_is_never_resumed(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    weights = init_weights(SPEC, np.random.default_rng(5))
+    store.save_model(0, weights, np.zeros_like(weights))
+    poisoned = weights.copy()
+    poisoned[3] = np.nan
+    np.save(tmp_path / "models" / "v1.npy", poisoned)  # written behind the store's back
+    np.save(tmp_path / "models" / "m1.npy", np.zeros_like(weights))
+    (tmp_path / "rounds" / "1.json").write_text(
+        RoundRecord(
+            round=1, ok=True, base_version=0, model_version=1, contributors=1, dropped=0
+        ).to_json()
+    )
+
+    with pytest.raises(CoordinatorError, match="NaN or infinity"):
+        Coordinator(config_for_url("mqtt://127.0.0.1:1", tmp_path), make_fleet(), COORD_KEY)
+    with pytest.raises(CoordinatorError, match="not finite"):
+        store.save_model(2, poisoned, np.zeros_like(weights))
+
+
+def test_partials_with_no_round_open_are_counted_in_the_next_record(
+    amqtt_broker: RunningBroker, make_transport: MakeTransport, running: Any, tmp_path: Path
+) -> None:
+    watcher = Watcher(make_transport, amqtt_broker)
+    c = running(
+        Coordinator(config(amqtt_broker, tmp_path, rounds=2, interval=1.5), make_fleet(), COORD_KEY)
+    )
+    s = watcher.schedule(1)
+    for gw in ("gw-1", "gw-2"):
+        part = gw_partial(gw, 1)
+        watcher.send(gw, sealed_partial(gw, 1, s.model_version, part, run=watcher.run))
+    c.wait_for_round(1, WAIT)
+
+    watcher.send("gw-1", b"between rounds")  # round 2 opens 1.5 s after round 1
+    s2 = watcher.schedule(2)
+    for gw in ("gw-1", "gw-2"):
+        part = gw_partial(gw, 2)
+        watcher.send(gw, sealed_partial(gw, 2, s2.model_version, part, run=watcher.run))
+    record = c.wait_for_round(2, WAIT)
+
+    assert record.rejected == {"no_open_round": 1}

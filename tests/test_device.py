@@ -26,6 +26,7 @@ from tern.aggregate import Partial
 from tern.codecs import CodecName, codec_for
 from tern.envelope import Envelope, Kind, open_envelope, seal
 from tern.fleet import COORDINATOR
+from tern.logins import OBSERVER
 from tern.messages import GlobalModel, RoundSchedule, TrainConfig, Update, encode_update
 from tern.reports import State, Status
 from tests.fleet_fixtures import FleetKit, build_fleet, write_fleet
@@ -160,7 +161,7 @@ def test_device_ignores_a_forged_schedule_and_sends_a_signed_update(
     message: Message = updates.wait_for(timeout=WAIT)
 
     assert outcome.error == "" and outcome.samples == 24
-    assert agent.rejected == {"bad_signature": 1}
+    assert agent.rejected == {"schedule_bad_signature": 1}
     assert topics.parse(message.topic) == topics.update(kit.fleet.fleet, "gw-1", "dev-01")
     keys = {"dev-01": kit.keys["dev-01"].verify_key}
     env = open_envelope(message.payload, keys, fleet=kit.fleet.fleet, kinds=(Kind.UPDATE,))
@@ -255,6 +256,8 @@ def test_data_gateway_and_device_commands_complete_a_round_together(
             amqtt_broker.url,
             "--listen",
             "127.0.0.1:0",
+            "--state-dir",
+            str(tmp_path / "state" / "gw-1"),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -269,7 +272,8 @@ def test_data_gateway_and_device_commands_complete_a_round_together(
         assert line, "the gateway did not report its downstream URL"
         url = line[0].decode().rsplit(" ", 1)[-1].strip()
         status = Inbox()
-        make_transport(url, "watcher").subscribe(topics.status_all(kit.fleet.fleet), status)
+        watcher = make_transport(url, "watcher", login=kit.login(OBSERVER))
+        watcher.subscribe(topics.status_all(kit.fleet.fleet), status)
         for dev in ("dev-01", "dev-02"):
             procs.append(
                 subprocess.Popen(
@@ -286,6 +290,8 @@ def test_data_gateway_and_device_commands_complete_a_round_together(
                         url,
                         "--data",
                         str(tmp_path / "data" / f"{dev}.npz"),
+                        "--state-dir",
+                        str(tmp_path / "state" / dev),
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,

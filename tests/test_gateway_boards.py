@@ -34,6 +34,7 @@ from kernels.reference import init_weights, mlp_spec
 from tern import topics
 from tern.envelope import Envelope, Kind, seal
 from tern.fleet import COORDINATOR
+from tern.logins import OBSERVER
 from tern.mcu import McuModel, open_mcu, quantize
 from tern.messages import GlobalModel
 from tern.reports import State, Status, Telemetry
@@ -48,6 +49,8 @@ QUIET = 0.5  # how long "nothing arrives" is watched for
 REPO = Path(__file__).resolve().parents[1]
 KIT = build_fleet({"gw-1": (COORDINATOR, ["dev-01"])})
 FLEET = KIT.fleet.fleet
+OBSERVER_LOGIN = KIT.login(OBSERVER)  # what a dashboard on a gateway's broker logs in with
+RUN = 0  # the run this test's stand-in coordinator seals its models with
 
 
 def entry(seed: int) -> BoardEntry:
@@ -70,6 +73,11 @@ def publish_model(
     )
 
 
+def watch_mcu(make_transport: MakeTransport, url: str, board: str, client_id: str) -> Inbox:
+    """What a dashboard logged in as the observer sees of `board`'s model topic."""
+    return listen(make_transport, url, topics.mcu_model(FLEET, board), client_id, OBSERVER_LOGIN)
+
+
 def board_model(inbox: Inbox, board: BoardEntry, device: str, version: int) -> McuModel:
     """The first sealed model for `device` of `version` that arrives in `inbox`."""
 
@@ -90,6 +98,7 @@ def start_gateway(
         backoff_min=0.05,
         backoff_max=0.3,
         boards_file=str(boards_file),
+        login=KIT.logins["gw-1"],
     )
     gateway = Gateway(config, KIT.fleet, KIT.keys["gw-1"], rng=np.random.default_rng(1))
     stack.callback(gateway.stop)
@@ -179,17 +188,29 @@ def test_registered_board_gets_each_new_model_sealed_for_it(
     amqtt_broker: AmqttBroker, make_transport: MakeTransport, boards_file: Path, stack: ExitStack
 ) -> None:
     gateway = start_gateway(stack, amqtt_broker.url, boards_file)
-    inbox = listen(make_transport, gateway.downstream_url, topics.mcu_model(FLEET, "esp-1"), "b1")
+    inbox = listen(
+        make_transport,
+        gateway.downstream_url,
+        topics.mcu_model(FLEET, "esp-1"),
+        "b1",
+        OBSERVER_LOGIN,
+    )
 
     publish_model(amqtt_broker.url, make_transport, 1)
     first = board_model(inbox, entry(1), "esp-1", 1)
     publish_model(amqtt_broker.url, make_transport, 2)
     second = board_model(inbox, entry(1), "esp-1", 2)
 
-    assert first.to_bytes() == quantize(SPEC, weights(1), 1).to_bytes()
-    assert second.to_bytes() == quantize(SPEC, weights(2), 2).to_bytes()
+    assert first.to_bytes() == quantize(SPEC, weights(1), 1, run=RUN).to_bytes()
+    assert second.to_bytes() == quantize(SPEC, weights(2), 2, run=RUN).to_bytes()
     assert all(m.retain is False for m in inbox.messages)  # live deliveries
-    late = listen(make_transport, gateway.downstream_url, topics.mcu_model(FLEET, "esp-1"), "b2")
+    late = listen(
+        make_transport,
+        gateway.downstream_url,
+        topics.mcu_model(FLEET, "esp-1"),
+        "b2",
+        OBSERVER_LOGIN,
+    )
     retained = late.wait_for(timeout=WAIT)
     assert retained.retain and open_mcu(retained.payload, entry(1).key, FLEET, "esp-1") == second
     assert gateway.mcu_stats["models"] == 2
@@ -200,26 +221,32 @@ def test_unregistered_board_gets_nothing_and_its_telemetry_is_not_relayed(
 ) -> None:
     gateway = start_gateway(stack, amqtt_broker.url, boards_file)
     down = gateway.downstream_url
-    stranger = listen(make_transport, down, topics.mcu_model(FLEET, "esp-9"), "stranger")
-    known = listen(make_transport, down, topics.mcu_model(FLEET, "esp-1"), "known")
+    stranger = watch_mcu(make_transport, down, "esp-9", "s")
+    known = watch_mcu(make_transport, down, "esp-1", "k")
     upstream = listen(make_transport, amqtt_broker.url, topics.telemetry_all(FLEET), "up")
 
     publish_model(amqtt_broker.url, make_transport, 1)
     known.wait_for(timeout=WAIT)
-    report = Telemetry("esp-9", 1, 0, 2, 0.5, 100).to_json()
-    make_transport(down, "esp-9").publish(topics.telemetry(FLEET, "esp-9"), report, qos=0)
-    wait_until(lambda: gateway.mcu_stats["unregistered"] == 1)
+    with pytest.raises(ConnectRefused):  # a board nobody registered has no login
+        make_transport(down, "esp-9", login=("esp-9", "guess"), backoff_max=0.05)
     time.sleep(QUIET)
 
     assert stranger.messages == []
     assert upstream.messages == []
+    assert gateway.access_refused == {"unknown_user": 1}
 
 
 def test_a_board_added_by_reload_gets_the_current_model(
     amqtt_broker: AmqttBroker, make_transport: MakeTransport, boards_file: Path, stack: ExitStack
 ) -> None:
     gateway = start_gateway(stack, amqtt_broker.url, boards_file)
-    added = listen(make_transport, gateway.downstream_url, topics.mcu_model(FLEET, "esp-2"), "b2")
+    added = listen(
+        make_transport,
+        gateway.downstream_url,
+        topics.mcu_model(FLEET, "esp-2"),
+        "b2",
+        OBSERVER_LOGIN,
+    )
     publish_model(amqtt_broker.url, make_transport, 3)
     wait_until(lambda: gateway.mcu_stats["models"] == 1)
 
@@ -228,7 +255,7 @@ def test_a_board_added_by_reload_gets_the_current_model(
 
     assert sorted(boards.boards) == ["esp-1", "esp-2"]
     model = board_model(added, entry(2), "esp-2", 3)
-    assert model.to_bytes() == quantize(SPEC, weights(3), 3).to_bytes()
+    assert model.to_bytes() == quantize(SPEC, weights(3), 3, run=RUN).to_bytes()
 
 
 def test_a_reload_changes_which_boards_may_log_in(
@@ -276,7 +303,13 @@ def test_a_model_that_is_not_an_mlp_is_skipped_and_the_last_one_stays(
     publish_model(amqtt_broker.url, make_transport, 2, ModelSpec.of({"conv": (3, 3, 2)}))
     wait_until(lambda: gateway.mcu_stats["model_skipped"] == 1)
 
-    late = listen(make_transport, gateway.downstream_url, topics.mcu_model(FLEET, "esp-1"), "l")
+    late = listen(
+        make_transport,
+        gateway.downstream_url,
+        topics.mcu_model(FLEET, "esp-1"),
+        "l",
+        OBSERVER_LOGIN,
+    )
     kept = open_mcu(late.wait_for(timeout=WAIT).payload, entry(1).key, FLEET, "esp-1")
     assert kept.model_version == 1
     assert gateway.mcu_stats["models"] == 1
@@ -362,6 +395,8 @@ def test_gateway_command_serves_boards_and_rereads_them_on_sighup(
         str(boards_file),
         "--mcu-in-exp",
         "4",
+        "--state-dir",
+        str(tmp_path / "state"),
     ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO)
     try:
@@ -369,14 +404,14 @@ def test_gateway_command_serves_boards_and_rereads_them_on_sighup(
         assert b"serving on " in line, line
         down = line.decode().split("serving on ")[1].strip()
         publish_model(amqtt_broker.url, make_transport, 5)
-        first = listen(make_transport, down, topics.mcu_model(FLEET, "esp-1"), "b1")
+        first = watch_mcu(make_transport, down, "esp-1", "b1")
         assert board_model(first, entry(1), "esp-1", 5).in_exp == 4
 
         save_boards(boards_file, load_boards(boards_file).with_board("esp-2", entry(2)))
         os.kill(proc.pid, signal.SIGHUP)
-        added = listen(make_transport, down, topics.mcu_model(FLEET, "esp-2"), "b2")
+        added = watch_mcu(make_transport, down, "esp-2", "b2")
 
-        assert board_model(added, entry(2), "esp-2", 5) == quantize(SPEC, weights(5), 5, 4)
+        assert board_model(added, entry(2), "esp-2", 5) == quantize(SPEC, weights(5), 5, 4, run=RUN)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(WAIT) == 0
     finally:
@@ -388,7 +423,7 @@ def test_gateway_command_serves_boards_and_rereads_them_on_sighup(
 def test_gateway_without_boards_file_has_none_to_reload(
     amqtt_broker: AmqttBroker, stack: ExitStack
 ) -> None:
-    config = GatewayConfig("gw-1", amqtt_broker.url, listen_port=0)
+    config = GatewayConfig("gw-1", amqtt_broker.url, listen_port=0, login=KIT.logins["gw-1"])
     gateway = Gateway(config, KIT.fleet, KIT.keys["gw-1"])
     stack.callback(gateway.stop)
     gateway.start()

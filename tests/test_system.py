@@ -159,6 +159,7 @@ class Rig(FleetRig):
             "round_timeout": 5.0,
             "seed": SEED,
             "train": TRAIN,
+            "login": self.kit.logins[COORDINATOR],
         }
         settings.update(overrides)
         coordinator = Coordinator(
@@ -485,7 +486,7 @@ def test_a_tampered_kernel_on_an_open_downstream_broker_is_refused_and_reported_
     )
 
 
-def test_the_gateway_broker_drops_a_stranger_s_kernel_and_counts_it_in_the_metrics(
+def test_the_gateway_broker_drops_a_device_s_forged_kernel_and_counts_it_in_the_metrics(
     amqtt_broker: AmqttBroker, stack: ExitStack, tmp_path: Path, make_transport: MakeTransport
 ) -> None:
     kit = build_fleet(simple_layout(1, 2))
@@ -494,7 +495,10 @@ def test_the_gateway_broker_drops_a_stranger_s_kernel_and_counts_it_in_the_metri
     digest = hashlib.sha256(VARIANT_KERNEL).hexdigest()
     downstream = rig.gateways["gw-1"].downstream_url
     relayed = Inbox()
-    attacker = make_transport(downstream, "attacker")
+    # A compromised device: the attacker holds dev-1-01, its login and its client id.
+    rig.devices["dev-1-01"].stop()
+    client_id = sorted(kit.fleet.client_ids("dev-1-01"))[0]
+    attacker = make_transport(downstream, client_id, login=kit.login("dev-1-01"))
     attacker.subscribe(topics.kernel(kit.fleet.fleet, digest), relayed)
 
     coordinator.start()
@@ -505,7 +509,7 @@ def test_the_gateway_broker_drops_a_stranger_s_kernel_and_counts_it_in_the_metri
     attacker.publish(topics.kernel(kit.fleet.fleet, digest), forged, retain=True, wait=True)
     second = coordinator.wait_for_round(2, WAIT)
 
-    assert second.ok and second.contributors == 2 and second.failed == {}
+    assert second.ok and second.contributors == 1 and second.failed == {}  # dev-1-02
     assert len(relayed.messages) == 1  # the forged copy never reached a subscriber
     gateway = rig.gateways["gw-1"]
     assert gateway.wait_for_round(2, WAIT).rejected == {"access_publish_denied": 1}
