@@ -15,12 +15,11 @@ from collections import Counter
 
 from broker.acl import AccessPolicy, Refusal, check_connect, check_publish, check_subscribe
 from broker.ratelog import LogLimiter
+from broker.refusals import shown
 
 __all__ = ["AccessControl"]
 
 log = logging.getLogger(__name__)
-
-_SHOWN_CHARS = 160  # client ids, user names and topics from the network, in log lines
 
 
 class AccessControl:
@@ -83,20 +82,9 @@ class AccessControl:
         with self._lock:
             self._refused[refusal.value] += 1
         if topic is not None:
-            what = f"{what} {_shown(topic)}"
+            what = f"{what} {shown(topic)}"
         self._limiter.log(
-            log, _shown(client_id), refusal, "access: %s (client %s, user %s): %s",
-            what, _shown(client_id), _shown(user), refusal,
+            log, shown(client_id), refusal, "access: %s (client %s, user %s): %s",
+            what, shown(client_id), shown(user), refusal,
         )  # fmt: skip
         return False
-
-
-def _shown(value: object) -> str:
-    """A value from the network, bounded for a log line."""
-    if value is None or value == "":
-        return "-"
-    if not isinstance(value, str):
-        return type(value).__name__
-    if len(value) > _SHOWN_CHARS or not value.isprintable():
-        return f"<{len(value)} characters>"
-    return value

@@ -6,6 +6,7 @@ component still refuses every model and schedule older than the last it accepted
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from broker.lifecycle import write_atomic
 from tern.errors import TernError
 from tern.freshness import Watermarks
 
-__all__ = ["MarkFile", "MarksError", "default_state_dir"]
+__all__ = ["MarkFile", "MarksError", "add_state_dir_argument", "default_state_dir"]
 
 _MAX_BYTES = 4096
 
@@ -26,6 +27,17 @@ def default_state_dir(fleet: str, component: str) -> Path:
     """``$XDG_STATE_HOME/tern/<fleet>/<component>`` (``~/.local/state/...`` by default)."""
     root = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(root) / "tern" / fleet / component
+
+
+def add_state_dir_argument(p: argparse.ArgumentParser) -> None:
+    """`--state-dir`, as a gateway and a device take it."""
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where its high-water marks survive restarts"
+        " (default: $XDG_STATE_HOME/tern/FLEET/ID, ~/.local/state/tern/FLEET/ID)",
+    )
 
 
 class MarkFile:

@@ -13,7 +13,7 @@ import numpy as np
 
 from broker.errors import TransportError
 from broker.lifecycle import configure_logging, load_identity, load_login, stop_on_signals
-from broker.marks import default_state_dir
+from broker.marks import add_state_dir_argument, default_state_dir
 from device.agent import DeviceAgent, DeviceError
 from device.kernels import default_cache_dir
 from device.trainer import trainer_for
@@ -43,13 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"where verified kernels are kept (default {default_cache_dir()})",
     )
-    p.add_argument(
-        "--state-dir",
-        type=Path,
-        default=None,
-        help="where its high-water marks survive restarts"
-        " (default: $XDG_STATE_HOME/tern/FLEET/ID, ~/.local/state/tern/FLEET/ID)",
-    )
+    add_state_dir_argument(p)
     p.add_argument("--connect-timeout", type=float, default=30.0)
 
 

@@ -9,11 +9,10 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from types import FrameType
 
 from broker.lifecycle import configure_logging, load_identity, load_login, stop_on_signals
-from broker.marks import default_state_dir
+from broker.marks import add_state_dir_argument, default_state_dir
 from gateway.config import DEFAULT_LISTEN_PORT, DEFAULT_MARGIN, GatewayConfig, GatewayError
 from gateway.service import Gateway
 from tern.errors import TernError
@@ -63,13 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"input exponent of the boards' int8 models: x stands for x/2^N ({DEFAULT_IN_EXP})",
     )
-    p.add_argument(
-        "--state-dir",
-        type=Path,
-        default=None,
-        help="where its high-water marks survive restarts"
-        " (default: $XDG_STATE_HOME/tern/FLEET/ID, ~/.local/state/tern/FLEET/ID)",
-    )
+    add_state_dir_argument(p)
     p.add_argument("--verbose", "-v", action="store_true", help="log amqtt's own messages")
 
 

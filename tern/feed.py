@@ -17,7 +17,14 @@ from tern.envelope import Envelope
 from tern.errors import TernError, UnexpectedMessage
 from tern.fleet import Fleet
 from tern.freshness import Order, Watermarks, compare, model_stamp, schedule_stamp
-from tern.messages import GlobalModel, RoundSchedule, open_model, open_schedule
+from tern.messages import (
+    GlobalModel,
+    RoundSchedule,
+    model_body,
+    open_model_envelope,
+    open_schedule_envelope,
+    schedule_body,
+)
 
 __all__ = ["CoordinatorFeed", "Taken"]
 
@@ -42,14 +49,18 @@ class CoordinatorFeed:
         self.rejected: Counter[str] = Counter()
 
     def take_model(self, data: bytes) -> Taken[GlobalModel]:
-        """Open a model; UnexpectedMessage ``stale`` when it is older than the mark."""
+        """Open a model; UnexpectedMessage ``stale`` when it is older than the mark.
+
+        The order is checked on the signed envelope, before the weights are decoded: a
+        replayed model costs its receiver less than a new one."""
         try:
-            env, model = open_model(data, self.fleet)
+            env = open_model_envelope(data, self.fleet)
             order = compare(model_stamp(env), self.marks.model)
             if order is Order.OLDER:
                 raise UnexpectedMessage(
                     f"model v{env.model_version} of run {env.run} is older than the last", "stale"
                 )
+            model = model_body(env, self.fleet)
         except TernError as exc:
             self.rejected[f"model_{exc.reason}"] += 1
             raise
@@ -60,7 +71,15 @@ class CoordinatorFeed:
     def take_schedule(self, data: bytes) -> Taken[RoundSchedule]:
         """Open a schedule; UnexpectedMessage ``stale`` when it is older than the mark."""
         try:
-            env, schedule = open_schedule(data, self.fleet)
+            env = open_schedule_envelope(data, self.fleet)
+            mark = self.marks.schedule
+            if mark is not None and (env.run, env.round) < (mark.run, mark.version):
+                # older by its signed envelope alone: no need to decode its body
+                raise UnexpectedMessage(
+                    f"schedule of round {env.round} (run {env.run}) is older than the last",
+                    "stale",
+                )
+            schedule = schedule_body(env)
             stamp = schedule_stamp(env, schedule)
             order = compare(stamp, self.marks.schedule)
             if order is Order.OLDER:

@@ -48,9 +48,13 @@ __all__ = [
     "Update",
     "cohort_message",
     "encode_update",
+    "model_body",
     "open_kernel",
     "open_model",
+    "open_model_envelope",
     "open_schedule",
+    "open_schedule_envelope",
+    "schedule_body",
     "seal_kernel",
 ]
 
@@ -486,32 +490,56 @@ def cohort_message(
 # -- the coordinator's messages, as every receiver opens them ---------------------------
 
 
-def open_model(data: bytes, fleet: Fleet) -> tuple[Envelope, GlobalModel]:
-    """A signed global model from the coordinator of `fleet`, of at most the fleet's
-    `max_params` parameters; a TernError otherwise."""
-    env = open_envelope(
+def open_model_envelope(data: bytes, fleet: Fleet) -> Envelope:
+    """The coordinator's signed envelope of a global model, its body not yet checked
+    (`model_body`): a receiver can refuse an old one before it decodes the weights."""
+    return open_envelope(
         data,
         {COORDINATOR: fleet.coordinator_key},
         fleet=fleet.fleet,
         kinds=(Kind.MODEL,),
         caps=model_caps(fleet.max_params),
     )
-    return env, GlobalModel.from_body(env.body, max_params=fleet.max_params)
 
 
-def open_schedule(data: bytes, fleet: Fleet) -> tuple[Envelope, RoundSchedule]:
-    """A signed round schedule from the coordinator of `fleet`; a TernError otherwise."""
-    env = open_envelope(
+def model_body(env: Envelope, fleet: Fleet) -> GlobalModel:
+    """The global model in an envelope from `open_model_envelope`; a TernError if its
+    body is not one of at most the fleet's `max_params` parameters."""
+    return GlobalModel.from_body(env.body, max_params=fleet.max_params)
+
+
+def open_model(data: bytes, fleet: Fleet) -> tuple[Envelope, GlobalModel]:
+    """A signed global model from the coordinator of `fleet`, of at most the fleet's
+    `max_params` parameters; a TernError otherwise."""
+    env = open_model_envelope(data, fleet)
+    return env, model_body(env, fleet)
+
+
+def open_schedule_envelope(data: bytes, fleet: Fleet) -> Envelope:
+    """The coordinator's signed envelope of a round schedule, its body not yet checked
+    (`schedule_body`)."""
+    return open_envelope(
         data,
         {COORDINATOR: fleet.coordinator_key},
         fleet=fleet.fleet,
         kinds=(Kind.SCHEDULE,),
         caps=schedule_caps(len(fleet.devices)),
     )
+
+
+def schedule_body(env: Envelope) -> RoundSchedule:
+    """The schedule in an envelope from `open_schedule_envelope`; its round and model
+    must be its envelope's."""
     schedule = RoundSchedule.from_body(env.body)
     if (schedule.round, schedule.model_version) != (env.round, env.model_version):
         raise MalformedMessage("the schedule's round or model differs from its envelope's")
-    return env, schedule
+    return schedule
+
+
+def open_schedule(data: bytes, fleet: Fleet) -> tuple[Envelope, RoundSchedule]:
+    """A signed round schedule from the coordinator of `fleet`; a TernError otherwise."""
+    env = open_schedule_envelope(data, fleet)
+    return env, schedule_body(env)
 
 
 # -- training kernels ---------------------------------------------------------------

@@ -26,7 +26,7 @@ from tern.keys import signing_key_to_text
 from tern.logins import OBSERVER, Login
 from tern.members import new_members
 
-__all__ = ["FleetKit", "FleetRig", "build_fleet", "simple_layout", "write_fleet"]
+__all__ = ["RIGHTS_LAYOUT", "FleetKit", "FleetRig", "build_fleet", "simple_layout", "write_fleet"]
 
 Layout = Mapping[str, tuple[str, Sequence[str]]]  # gateway -> (parent, its devices)
 
@@ -44,6 +44,14 @@ class FleetKit:
     def login(self, user: str) -> tuple[str, str]:
         """`user`'s (user name, password), as MqttTransport's `login=` takes it."""
         return self.logins[user].username, self.logins[user].password
+
+
+# Two levels and two top gateways: every row of the rights tables has a member to play it.
+RIGHTS_LAYOUT: Layout = {
+    "gw-1": (COORDINATOR, ["dev-01", "dev-02"]),
+    "gw-1a": ("gw-1", ["dev-03"]),
+    "gw-2": (COORDINATOR, ["dev-04"]),
+}
 
 
 def build_fleet(

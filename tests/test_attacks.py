@@ -267,6 +267,19 @@ def attacked_round(
 # -- CBOR that cannot explode ------------------------------------------------------------
 
 
+def gateway_config(kit: FleetKit, upstream_url: str, tmp: Path) -> GatewayConfig:
+    """gw-1 under `upstream_url`, serving on its own broker, its marks in `tmp`."""
+    return GatewayConfig(
+        "gw-1",
+        upstream_url,
+        listen_port=0,
+        login=kit.logins["gw-1"],
+        state_dir=tmp / "gw-1",
+        backoff_min=0.05,
+        backoff_max=0.3,
+    )
+
+
 def shared_reference_bomb(levels: int = 60) -> bytes:
     """28/29 tags: each level refers twice to the one below; a naive expansion is 2**60."""
     bomb = b"\xd8\x1c\x82\x00\x00"
@@ -492,15 +505,7 @@ def test_a_replayed_old_model_and_schedule_on_an_open_broker_are_refused_as_stal
     kit = build_fleet(LAYOUT, "plant-7")
     f = kit.fleet.fleet
     open_top = stack.enter_context(EmbeddedBroker(port=0))
-    config = GatewayConfig(
-        "gw-1",
-        open_top.url,
-        listen_port=0,
-        login=kit.logins["gw-1"],
-        state_dir=tmp_path / "gw-1",
-        backoff_min=0.05,
-        backoff_max=0.3,
-    )
+    config = gateway_config(kit, open_top.url, tmp_path)
     gateway = Gateway(config, kit.fleet, kit.keys["gw-1"])
     stack.callback(gateway.stop)
     gateway.start()
@@ -552,15 +557,7 @@ def test_hostile_messages_retained_on_an_open_upstream_broker_cost_the_gateway_n
     bomb_env = b"\xa9" + canonical("v") + b"\x02" + canonical("body") + shared_reference_bomb()
     stranger.publish(topics.round_schedule(f), schedule, retain=True, wait=True)
     stranger.publish(topics.kernel(f, digest), bomb_env, retain=True, wait=True)
-    config = GatewayConfig(
-        "gw-1",
-        open_top.url,
-        listen_port=0,
-        login=kit.logins["gw-1"],
-        state_dir=tmp_path / "gw-1",
-        backoff_min=0.05,
-        backoff_max=0.3,
-    )
+    config = gateway_config(kit, open_top.url, tmp_path)
 
     for attempt in range(2):
         gateway = Gateway(config, kit.fleet, kit.keys["gw-1"])

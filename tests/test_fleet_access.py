@@ -18,17 +18,10 @@ from gateway.boards import BoardEntry, Boards, BoardsError
 from tern import topics
 from tern.fleet import COORDINATOR
 from tern.logins import OBSERVER
-from tests.fleet_fixtures import build_fleet
+from tests.fleet_fixtures import RIGHTS_LAYOUT, build_fleet
 
 F = "plant-7"
-KIT = build_fleet(
-    {
-        "gw-1": (COORDINATOR, ["dev-01", "dev-02"]),
-        "gw-1a": ("gw-1", ["dev-03"]),
-        "gw-2": (COORDINATOR, ["dev-04"]),
-    },
-    fleet_id=F,
-)
+KIT = build_fleet(RIGHTS_LAYOUT, fleet_id=F)
 FLEET = KIT.fleet
 BOARDS = Boards(F, "gw-1", {"esp-1": BoardEntry(bytes(32), "esp-1", "board-pw")})
 POLICIES = {
