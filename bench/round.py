@@ -12,10 +12,11 @@ For each broker kind and each device count N, one run builds a real fleet on one
                 and published on its own topic update(fleet, gw, dev), over its own MQTT
                 connection with its own login (the brokers enforce every device's
                 rights: the embedded brokers with the fleet's policy, Mosquitto with
-                what `tern mosquitto-config` writes). The devices of one pool
-                (--devices-per-connection) share a worker thread, and only the pool's
-                first connection subscribes to the model and the schedule: the
-                simulated devices do not train, so one copy per pool is enough.
+                what `tern mosquitto-config` writes). The devices are amqtt's asyncio
+                client on one event loop per gateway (bench.devices: paho's select()
+                loop holds only about 250 clients in one process); only each pool's
+                first device subscribes to the model and the schedule: the simulated
+                devices do not train, so one copy per pool is enough.
 
 Per round (median of --rounds after one warm-up round):
   round s     schedule published -> coordinator closed the round (RoundRecord.round_seconds);
@@ -41,36 +42,32 @@ import contextlib
 import json
 import logging
 import math
-import queue
 import statistics
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from bench.devices import DevicePool
 from broker.access import AccessControl
 from broker.embedded import EmbeddedBroker
 from broker.fleet_access import broker_policy
 from broker.lifecycle import quiet_third_party_logs
 from broker.mosquitto import MosquittoProcess, find_mosquitto
 from broker.mosquitto_config import write_mosquitto_config
-from broker.transport import Message, MqttTransport
+from broker.transport import MqttTransport
 from coordinator import Coordinator, CoordinatorConfig
 from coordinator.store import RoundRecord
 from gateway import Gateway, GatewayConfig
 from kernels.reference import mlp_spec
-from tern import topics
 from tern.aggregate import Partial
 from tern.codecs import TernaryCodec
-from tern.envelope import Envelope, Kind, seal
-from tern.errors import TernError
 from tern.fleet import COORDINATOR, Fleet
 from tern.members import Members, new_members
-from tern.messages import RoundSchedule, encode_update, open_schedule
+from tern.messages import encode_update
 
 __all__ = ["DevicePool", "main", "measure"]
 
@@ -84,100 +81,6 @@ BROKERS = ("amqtt", "mosquitto")
 
 
 # -- brokers ------------------------------------------------------------------------------
-
-
-# -- simulated devices --------------------------------------------------------------------
-
-
-class DevicePool:
-    """Simulated devices of one gateway, each on its own MQTT connection with its login.
-
-    On each new schedule (verified with the coordinator's key) every participating
-    device seals its precomputed update body for that round with its own key and
-    publishes it on its own update topic, over its own connection. The handler only
-    queues the schedule; the worker thread signs and publishes, so paho's network loop
-    is never held up.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        members: Members,
-        gateway: str,
-        devices: Sequence[str],
-        bodies: Mapping[str, object],
-        rng: np.random.Generator,
-    ) -> None:
-        self.fleet, self.gateway = members.fleet, gateway
-        self.keys = {d: members.keys[d] for d in devices}
-        self.bodies = bodies
-        self._schedules: queue.Queue[tuple[int, RoundSchedule]] = queue.Queue()
-        self._last_round = -1
-        self._stop = threading.Event()
-        self.errors = 0
-        self.transports = {
-            d: MqttTransport(
-                url,
-                sorted(self.fleet.client_ids(d))[0],
-                login=members.login(d),
-                backoff_min=0.05,
-                backoff_max=1.0,
-                rng=rng,
-            )
-            for d in devices
-        }
-        first = devices[0]
-        self._worker = threading.Thread(target=self._work, name=f"pool-{first}", daemon=True)
-
-    def start(self, timeout: float) -> DevicePool:
-        f = self.fleet.fleet
-        first = next(iter(self.transports.values()))
-        first.subscribe(topics.global_model(f), self._on_model)
-        first.subscribe(topics.round_schedule(f), self._on_schedule)
-        self._worker.start()
-        for transport in self.transports.values():
-            transport.connect(timeout)
-        return self
-
-    def close(self) -> None:
-        self._stop.set()
-        self._worker.join(5.0)
-        for transport in self.transports.values():
-            transport.close()
-
-    def _on_model(self, message: Message) -> None:
-        """Nothing to do: a simulated device needs only the schedule (delivery is counted)."""
-
-    def _on_schedule(self, message: Message) -> None:
-        try:
-            env, schedule = open_schedule(message.payload, self.fleet)
-        except TernError:
-            self.errors += 1
-            return
-        if schedule.round > self._last_round:  # a retained copy of an old round is ignored
-            self._last_round = schedule.round
-            self._schedules.put((env.run, schedule))
-
-    def _work(self) -> None:
-        f = self.fleet.fleet
-        while not self._stop.is_set():
-            try:
-                run, s = self._schedules.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            for dev, key in self.keys.items():
-                if s.participants is not None and dev not in s.participants:
-                    continue
-                body = self.bodies[dev]
-                env = Envelope(Kind.UPDATE, f, s.round, s.model_version, dev, body, run=run)
-                try:
-                    transport = self.transports[dev]
-                    transport.publish(topics.update(f, self.gateway, dev), seal(env, key))
-                except TernError:
-                    self.errors += 1
-                except Exception:  # a transport error is data here, not the end of the bench
-                    log.exception("device %s: publish failed", dev)
-                    self.errors += 1
 
 
 # -- one fleet ----------------------------------------------------------------------------
@@ -264,8 +167,9 @@ def _run_fleet(
             coord_url = embedded.url
 
         counted: list[MqttTransport] = []
-        pools: list[DevicePool] = []
-        for g, (gw, devices) in enumerate(kit.layout.items()):
+        pools: list[DevicePool] = []  # their own counts: bench.devices are not paho clients
+        gateways: list[Gateway] = []
+        for g, gw in enumerate(kit.layout):
             config = GatewayConfig(
                 gw,
                 coord_url,
@@ -280,24 +184,13 @@ def _run_fleet(
             gateway = Gateway(config, kit.fleet, keys[gw], rng=np.random.default_rng([g]))
             gateway.start(START_TIMEOUT)
             stops.append(gateway.stop)
+            gateways.append(gateway)
             assert gateway.upstream is not None and gateway.downstream is not None
             counted += [gateway.upstream, gateway.downstream]
-            step = args.devices_per_connection
-            for c, i in enumerate(range(0, len(devices), step)):
-                pool = DevicePool(
-                    gateway.downstream_url,
-                    kit.members,
-                    gw,
-                    devices[i : i + step],
-                    bodies,
-                    np.random.default_rng([g, c]),
-                )
-                stops.append(pool.close)
-                pools.append(pool.start(START_TIMEOUT))
-                counted += pool.transports.values()
 
         def messages() -> int:
-            return sum(t.stats.messages_in + t.stats.messages_out for t in counted)
+            paho = sum(t.stats.messages_in + t.stats.messages_out for t in counted)
+            return paho + sum(p.messages_in + p.messages_out for p in pools)
 
         def on_round(record: RoundRecord) -> None:
             closed.append(_Closed(record, time.monotonic(), messages()))
@@ -317,7 +210,15 @@ def _run_fleet(
         # The coordinator's own client is counted too; it has no public accessor.
         counted.append(coordinator._transport)
         stops.append(coordinator.stop)
+        # Every paho client connects before the devices: paho waits with select(), which
+        # cannot watch descriptors above 1024, and a thousand devices take that many.
+        # Devices that come up after round 1 opened answer its retained schedule.
         coordinator.start()
+        for gw, devices in kit.layout.items():
+            url = next(g.downstream_url for g in gateways if g.id == gw)
+            pool = DevicePool(url, kit.members, gw, devices, bodies)
+            stops.append(pool.close)
+            pools.append(pool.start(START_TIMEOUT + 0.05 * len(devices)))
         budget = (1 + args.rounds) * (timeout + 5.0)
         if not coordinator.wait_finished(budget):
             log.warning("%s, %d devices: rounds unfinished after %.0f s", kind, n, budget)
@@ -405,15 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--brokers", type=_csv_brokers, default=list(BROKERS), help="amqtt,mosquitto")
     ap.add_argument("--rounds", type=int, default=5, help="measured rounds (median), after 1")
     ap.add_argument("--devices-per-gateway", type=int, default=50)
-    ap.add_argument("--devices-per-connection", type=int, default=50)
     ap.add_argument(
         "--round-timeout", type=float, default=0.0, help="seconds; 0: max(30, 0.06 * devices)"
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="also print one JSON object last")
     args = ap.parse_args(argv)
-    if min(args.rounds, args.devices_per_gateway, args.devices_per_connection, *args.devices) < 1:
-        ap.error("--rounds, --devices and the per-gateway/connection counts must be >= 1")
+    if min(args.rounds, args.devices_per_gateway, *args.devices) < 1:
+        ap.error("--rounds, --devices and --devices-per-gateway must be >= 1")
 
     mosquitto = find_mosquitto()
     brokers = [b for b in args.brokers if b != "mosquitto" or mosquitto is not None]
@@ -434,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"round benchmark: MLP {'-'.join(map(str, LAYERS))}, ternary updates, "
-        f"{args.devices_per_gateway} devices per gateway, {args.devices_per_connection} per "
-        f"connection; median of {args.rounds} rounds after 1 warm-up"
+        f"{args.devices_per_gateway} devices per gateway, each on its own connection; "
+        f"median of {args.rounds} rounds after 1 warm-up"
     )
     print("msgs/s = MQTT PUBLISHes sent + delivered, all clients; ratio = round s mosq/amqtt")
     head = (
