@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -384,7 +385,10 @@ def test_gateway_command_serves_and_shuts_down_cleanly_on_sigterm(
         "--margin",
         "0.2",
     ]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO)
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}  # its default --state-dir
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO, env=env
+    )
     try:
         line = first_line(proc, WAIT)
         assert b"serving on mqtt://127.0.0.1:" in line, line
