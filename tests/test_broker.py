@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -185,9 +186,12 @@ def _lines(stream: object, into: queue.Queue[str]) -> None:
         into.put(line)
 
 
-def test_python_m_broker_serves_until_sigterm_and_exits_0() -> None:
+@contextlib.contextmanager
+def broker_process(*flags: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`python -m broker --port 0 FLAGS`, and the URL its log line says it listens on
+    (port 0: chosen by the OS); killed at the end if it is still running."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "broker", "--host", "127.0.0.1", "--port", "0"],
+        [sys.executable, "-m", "broker", "--host", "127.0.0.1", "--port", "0", *flags],
         cwd=REPO,
         stderr=subprocess.PIPE,
         text=True,
@@ -196,19 +200,24 @@ def test_python_m_broker_serves_until_sigterm_and_exits_0() -> None:
     threading.Thread(target=_lines, args=(process.stderr, lines), daemon=True).start()
     try:
         port = 0
-        while not port:  # the log line says where it listens (port 0: chosen by the OS)
+        while not port:
             found = re.search(r"listening on mqtt://127\.0\.0\.1:(\d+)", lines.get(timeout=10))
             port = int(found.group(1)) if found else 0
+        yield process, format_url("127.0.0.1", port)
+    finally:
+        process.kill()
+        process.wait(timeout=5)
+
+
+def test_python_m_broker_serves_until_sigterm_and_exits_0() -> None:
+    with broker_process() as (process, url):
         inbox = Inbox()
-        with MqttTransport(format_url("127.0.0.1", port), "dev-1").connect(timeout=5) as client:
+        with MqttTransport(url, "dev-1").connect(timeout=5) as client:
             client.subscribe(topics.status_all("plant-7"), inbox)
 
         process.send_signal(signal.SIGTERM)
 
         assert process.wait(timeout=10) == 0
-    finally:
-        process.kill()
-        process.wait(timeout=5)
 
 
 def test_python_m_broker_exits_1_when_its_port_is_taken() -> None:
@@ -274,21 +283,7 @@ def test_a_fleet_sizes_the_packets_for_its_models_and_exempts_its_gateways_from_
 def test_python_m_broker_with_a_fleet_file_lets_only_the_fleet_in(tmp_path: Path) -> None:
     kit = build_fleet({"gw-1": ("coordinator", ["dev-01"])}, fleet_id="plant-7")
     fleet_file = write_fleet(kit, tmp_path)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "broker", "--port", "0", "--fleet-file", str(fleet_file)],
-        cwd=REPO,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=_lines, args=(process.stderr, lines), daemon=True).start()
-    try:
-        port = 0
-        while not port:
-            found = re.search(r"listening on mqtt://127\.0\.0\.1:(\d+)", lines.get(timeout=10))
-            port = int(found.group(1)) if found else 0
-        url = format_url("127.0.0.1", port)
-
+    with broker_process("--fleet-file", str(fleet_file)) as (process, url):
         with pytest.raises(ConnectRefused):
             MqttTransport(url, "stranger", backoff_min=0.05, backoff_max=0.05).connect(timeout=5)
         member = MqttTransport(url, "coordinator", login=kit.login("coordinator"))
@@ -297,6 +292,3 @@ def test_python_m_broker_with_a_fleet_file_lets_only_the_fleet_in(tmp_path: Path
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
-    finally:
-        process.kill()
-        process.wait(timeout=5)
