@@ -1,4 +1,6 @@
-"""Message bodies: the global model, the round schedule, and updates.
+"""Message bodies: the global model, updates and failures, kernels; and how every
+receiver opens the coordinator's messages. The round schedule is in `tern.schedule`
+(re-exported here).
 
 Each has ``to_body()`` (the CBOR value that goes into an Envelope's body) and a
 checking ``from_body()``; field-by-field schemas are in topics.md.
@@ -18,17 +20,18 @@ from tern.aggregate import Accumulator, Partial
 from tern.caps import KERNEL_CAPS, MAX_KERNEL_BYTES, model_caps, schedule_caps
 from tern.codecs import CheckedTensor, Codec, CodecName, Float32Codec, codec_for
 from tern.envelope import Envelope, Kind, open_envelope, seal
-from tern.errors import (
-    DigestMismatch,
-    MalformedMessage,
-    NonFiniteValue,
-    PayloadTooLarge,
-    ShapeMismatch,
-    UnknownCodec,
-    Unsigned,
-    brief,
-)
+from tern.errors import DigestMismatch, MalformedMessage, PayloadTooLarge, ShapeMismatch, Unsigned
+from tern.fields import body_map, codec_field, digest_field, number_field, tally_field, uint_field
 from tern.fleet import COORDINATOR, Fleet
+from tern.schedule import (
+    DEFAULT_MAX_NORM,
+    DEFAULT_MAX_WEIGHT,
+    MIN_WEIGHT,
+    Bounds,
+    KernelRef,
+    RoundSchedule,
+    TrainConfig,
+)
 from tern.spec import MAX_PARAMS, ModelSpec
 from tern.tensors import TypedArrayTag, decode_array, encode_array
 
@@ -58,81 +61,7 @@ __all__ = [
     "seal_kernel",
 ]
 
-MIN_WEIGHT = 1.0  # an update's weight counts training samples: at least one
-# The schedule's defaults (coordinator flags --max-weight, --max-norm). The demo's devices
-# hold 145-708 samples; their ternary updates have norms (per unit weight) of 2.9-6.6
-# (measured over 30 rounds of the demo task), so 20 leaves honest updates 3x room while
-# an update scaled by 100 is far outside it.
-DEFAULT_MAX_WEIGHT = 10_000.0
-DEFAULT_MAX_NORM = 20.0
-
 F32Array = npt.NDArray[np.float32]
-
-
-def _map(
-    value: object, keys: frozenset[str], what: str, optional: frozenset[str] = frozenset()
-) -> Mapping[str, object]:
-    if not isinstance(value, Mapping):
-        raise MalformedMessage(f"{what} body must be a map")
-    if not keys <= set(value) <= keys | optional:
-        got = sorted(map(str, value))
-        raise MalformedMessage(f"{what} body keys {got} are not {sorted(keys)}")
-    return value
-
-
-def _number(value: object, what: str, *, positive: bool = False) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise MalformedMessage(f"{what} must be a number")
-    try:
-        f = float(value)
-    except OverflowError:  # a CBOR bignum beyond any float
-        raise NonFiniteValue(f"{what} is not finite") from None
-    if not np.isfinite(f):
-        raise NonFiniteValue(f"{what} is not finite")
-    if f < 0 or (positive and f == 0):
-        raise MalformedMessage(f"{what} must be {'positive' if positive else 'non-negative'}")
-    return f
-
-
-def _count(value: object, what: str, minimum: int = 0) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value < 2**32:
-        raise MalformedMessage(f"{what} must be an integer in [{minimum}, 2**32)")
-    return value
-
-
-def _count64(value: object, what: str, minimum: int = 0) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value < 2**63:
-        raise MalformedMessage(f"{what} must be an integer in [{minimum}, 2**63)")
-    return value
-
-
-def _digest(value: object, what: str) -> str:
-    if not isinstance(value, bytes) or len(value) != 32:
-        raise MalformedMessage(f"{what} must be a 32-byte SHA-256")
-    return value.hex()
-
-
-def _tally(value: object, what: str) -> dict[str, int]:
-    """A {reason: count} map of positive counts with slug-like reasons."""
-    if not isinstance(value, Mapping) or len(value) > 64:
-        raise MalformedMessage(f"{what} must be a map of at most 64 reasons")
-    out: dict[str, int] = {}
-    for reason, count in value.items():
-        if not isinstance(reason, str) or not 0 < len(reason) <= 64 or not reason.isascii():
-            raise MalformedMessage(f"{what} reasons must be short ASCII text")
-        out[reason] = _count(count, f"{what}[{reason!r}]", 1)  # reason: short ASCII, checked
-    return dict(sorted(out.items()))
-
-
-def _codec_name(value: object) -> CodecName:
-    try:
-        if not isinstance(value, str):
-            raise ValueError(value)
-        return CodecName(value)
-    except ValueError:
-        raise UnknownCodec(
-            f"codec {brief(value)} is not one of {[str(c) for c in CodecName]}"
-        ) from None
 
 
 # -- global model ------------------------------------------------------------------
@@ -161,7 +90,7 @@ class GlobalModel:
     @classmethod
     def from_body(cls, body: object, *, max_params: int = MAX_PARAMS) -> GlobalModel:
         """`max_params`: the receiver's bound (the fleet file's), checked before the weights."""
-        m = _map(body, frozenset({"spec", "weights"}), "model")
+        m = body_map(body, frozenset({"spec", "weights"}), "model")
         spec = ModelSpec.from_cbor(m["spec"])
         if spec.size > max_params:
             raise ShapeMismatch(
@@ -177,158 +106,6 @@ class GlobalModel:
             a = decode_array(wire, t.shape, TypedArrayTag.FLOAT32_LE, f"weights {t.name!r}")
             flat[o : o + t.size] = a.reshape(-1)
         return cls(spec, flat)
-
-
-# -- round schedule ----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TrainConfig:
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.5  # measured best for the shipped MLP on MNIST-1D (bench/compression.py)
-
-    def to_cbor(self) -> dict[str, object]:
-        return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr}
-
-    @classmethod
-    def from_cbor(cls, value: object) -> TrainConfig:
-        m = _map(value, frozenset({"epochs", "batch_size", "lr"}), "train")
-        return cls(
-            _count(m["epochs"], "train.epochs", 1),
-            _count(m["batch_size"], "train.batch_size", 1),
-            _number(m["lr"], "train.lr", positive=True),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class KernelRef:
-    """The training kernel a round runs, and the budget a device gives it."""
-
-    sha256: str  # hex; the kernel's topic level
-    abi: int
-    fuel: int  # wasmtime fuel units for the whole local training of one round
-    memory: int  # bytes of linear memory
-
-    def to_cbor(self) -> dict[str, object]:
-        return {
-            "sha256": bytes.fromhex(self.sha256),
-            "abi": self.abi,
-            "fuel": self.fuel,
-            "memory": self.memory,
-        }
-
-    @classmethod
-    def from_cbor(cls, value: object) -> KernelRef:
-        m = _map(value, frozenset({"sha256", "abi", "fuel", "memory"}), "schedule.kernel")
-        return cls(
-            _digest(m["sha256"], "schedule.kernel.sha256"),
-            _count(m["abi"], "schedule.kernel.abi", 1),
-            _count64(m["fuel"], "schedule.kernel.fuel", 1),
-            _count64(m["memory"], "schedule.kernel.memory", 1),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Bounds:
-    """What one contribution may claim, signed in every schedule (topics.md "Bounds").
-
-    `max_weight`: a device's update weighs at most this, unless the fleet file gives the
-    device its own bound (a gateway's partial: at most the sum of its devices' bounds).
-    `max_norm`: the L2 norm of an update's mean delta (its sum divided by its weight) is
-    at most this, for a device's update and a gateway's partial alike.
-    """
-
-    max_weight: float = DEFAULT_MAX_WEIGHT
-    max_norm: float = DEFAULT_MAX_NORM
-
-    def __post_init__(self) -> None:
-        for name in ("max_weight", "max_norm"):
-            value = getattr(self, name)
-            if not (np.isfinite(value) and value > 0):
-                raise ValueError(f"bounds.{name} must be finite and > 0")
-        if self.max_weight < MIN_WEIGHT:
-            raise ValueError(f"bounds.max_weight must be at least {MIN_WEIGHT}")
-
-    def to_cbor(self) -> dict[str, object]:
-        return {"max_weight": float(self.max_weight), "max_norm": float(self.max_norm)}
-
-    @classmethod
-    def from_cbor(cls, value: object) -> Bounds:
-        m = _map(value, frozenset({"max_weight", "max_norm"}), "schedule.bounds")
-        max_weight = _number(m["max_weight"], "schedule.bounds.max_weight", positive=True)
-        if max_weight < MIN_WEIGHT:
-            raise MalformedMessage(f"schedule.bounds.max_weight must be at least {MIN_WEIGHT}")
-        return cls(max_weight, _number(m["max_norm"], "schedule.bounds.max_norm", positive=True))
-
-
-@dataclass(frozen=True, slots=True)
-class RoundSchedule:
-    """What round `round` asks of participants, built on model `model_version`."""
-
-    round: int
-    model_version: int
-    codec: CodecName
-    deadline: float  # unix seconds
-    min_contributors: int
-    participants: tuple[str, ...] | None = None  # None: everyone
-    seed: int = 0
-    train: TrainConfig = field(default_factory=TrainConfig)
-    kernel: KernelRef | None = None  # None: devices train with what they shipped with
-    bounds: Bounds = field(default_factory=Bounds)
-
-    def to_body(self) -> dict[str, object]:
-        return {
-            "bounds": self.bounds.to_cbor(),
-            "kernel": None if self.kernel is None else self.kernel.to_cbor(),
-            "round": self.round,
-            "model": self.model_version,
-            "codec": str(self.codec),
-            "deadline": self.deadline,
-            "min_contributors": self.min_contributors,
-            "participants": None if self.participants is None else list(self.participants),
-            "seed": self.seed,
-            "train": self.train.to_cbor(),
-        }
-
-    @classmethod
-    def from_body(cls, body: object) -> RoundSchedule:
-        keys = frozenset(
-            {
-                "round",
-                "model",
-                "codec",
-                "deadline",
-                "min_contributors",
-                "participants",
-                "seed",
-                "train",
-                "kernel",
-                "bounds",
-            }
-        )
-        m = _map(body, keys, "schedule")
-        participants = m["participants"]
-        if participants is not None:
-            if not isinstance(participants, list | tuple) or not all(
-                isinstance(p, str) for p in participants
-            ):
-                raise MalformedMessage("schedule participants must be null or an array of ids")
-            participants = tuple(participants)
-            if len(set(participants)) != len(participants):
-                raise MalformedMessage("schedule participants repeat an id")
-        return cls(
-            round=_count(m["round"], "schedule.round"),
-            model_version=_count(m["model"], "schedule.model"),
-            codec=_codec_name(m["codec"]),
-            deadline=_number(m["deadline"], "schedule.deadline"),
-            min_contributors=_count(m["min_contributors"], "schedule.min_contributors"),
-            participants=participants,
-            seed=_count(m["seed"], "schedule.seed"),
-            train=TrainConfig.from_cbor(m["train"]),
-            kernel=None if m["kernel"] is None else KernelRef.from_cbor(m["kernel"]),
-            bounds=Bounds.from_cbor(m["bounds"]),
-        )
 
 
 # -- updates and partials ----------------------------------------------------------
@@ -360,16 +137,16 @@ class Update:
 
     @classmethod
     def from_body(cls, body: object) -> Update:
-        m = _map(body, _UPDATE_KEYS, "update", frozenset({"failed"}))
+        m = body_map(body, _UPDATE_KEYS, "update", frozenset({"failed"}))
         tensors = m["tensors"]
         if not isinstance(tensors, list | tuple):
             raise MalformedMessage("update tensors must be an array")
         return cls(
-            codec=_codec_name(m["codec"]),
-            weight=_number(m["weight"], "update.weight", positive=True),
-            count=_count(m["count"], "update.count", 1),
+            codec=codec_field(m["codec"]),
+            weight=number_field(m["weight"], "update.weight", positive=True),
+            count=uint_field(m["count"], "update.count", 1),
             tensors=tuple(tensors),
-            failed=_tally(m["failed"], "update.failed") if "failed" in m else {},
+            failed=tally_field(m["failed"], "update.failed") if "failed" in m else {},
         )
 
     def check(self, spec: ModelSpec) -> CheckedUpdate:
@@ -431,8 +208,8 @@ class Failure:
 
     @classmethod
     def from_body(cls, body: object) -> Failure:
-        m = _map(body, frozenset({"failed"}), "failure")
-        failed = _tally(m["failed"], "failure.failed")
+        m = body_map(body, frozenset({"failed"}), "failure")
+        failed = tally_field(m["failed"], "failure.failed")
         if not failed:
             raise MalformedMessage("a failure names at least one reason")
         return cls(failed)
@@ -561,14 +338,14 @@ class KernelFile:
 
     @classmethod
     def from_body(cls, body: object) -> KernelFile:
-        m = _map(body, frozenset({"abi", "sha256", "wasm"}), "kernel")
+        m = body_map(body, frozenset({"abi", "sha256", "wasm"}), "kernel")
         wasm = m["wasm"]
         if not isinstance(wasm, bytes) or not wasm:
             raise MalformedMessage("kernel wasm must be a non-empty byte string")
         if len(wasm) > MAX_KERNEL_BYTES:
             raise PayloadTooLarge(len(wasm), MAX_KERNEL_BYTES)
-        kernel = cls(_count(m["abi"], "kernel.abi", 1), wasm)
-        if _digest(m["sha256"], "kernel.sha256") != kernel.sha256:
+        kernel = cls(uint_field(m["abi"], "kernel.abi", 1), wasm)
+        if digest_field(m["sha256"], "kernel.sha256") != kernel.sha256:
             raise DigestMismatch("kernel bytes do not hash to the sha256 they carry")
         return kernel
 

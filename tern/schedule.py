@@ -1,0 +1,191 @@
+"""The round schedule: what a round asks of its participants, signed by the coordinator.
+
+Field-by-field schema in topics.md ("schedule"); `Bounds` are what one contribution may
+claim in the round (topics.md "The trust boundary").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tern.codecs import CodecName
+from tern.errors import MalformedMessage
+from tern.fields import (
+    body_map,
+    codec_field,
+    digest_field,
+    number_field,
+    uint64_field,
+    uint_field,
+)
+
+__all__ = [
+    "DEFAULT_MAX_NORM",
+    "DEFAULT_MAX_WEIGHT",
+    "MIN_WEIGHT",
+    "Bounds",
+    "KernelRef",
+    "RoundSchedule",
+    "TrainConfig",
+]
+
+MIN_WEIGHT = 1.0  # an update's weight counts training samples: at least one
+# The schedule's defaults (coordinator flags --max-weight, --max-norm). The demo's devices
+# hold 145-708 samples; their ternary updates have norms (per unit weight) of 2.9-6.6
+# (measured over 30 rounds of the demo task), so 20 leaves honest updates 3x room while
+# an update scaled by 100 is far outside it.
+DEFAULT_MAX_WEIGHT = 10_000.0
+DEFAULT_MAX_NORM = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.5  # measured best for the shipped MLP on MNIST-1D (bench/compression.py)
+
+    def to_cbor(self) -> dict[str, object]:
+        return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr}
+
+    @classmethod
+    def from_cbor(cls, value: object) -> TrainConfig:
+        m = body_map(value, frozenset({"epochs", "batch_size", "lr"}), "train")
+        return cls(
+            uint_field(m["epochs"], "train.epochs", 1),
+            uint_field(m["batch_size"], "train.batch_size", 1),
+            number_field(m["lr"], "train.lr", positive=True),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class KernelRef:
+    """The training kernel a round runs, and the budget a device gives it."""
+
+    sha256: str  # hex; the kernel's topic level
+    abi: int
+    fuel: int  # wasmtime fuel units for the whole local training of one round
+    memory: int  # bytes of linear memory
+
+    def to_cbor(self) -> dict[str, object]:
+        return {
+            "sha256": bytes.fromhex(self.sha256),
+            "abi": self.abi,
+            "fuel": self.fuel,
+            "memory": self.memory,
+        }
+
+    @classmethod
+    def from_cbor(cls, value: object) -> KernelRef:
+        m = body_map(value, frozenset({"sha256", "abi", "fuel", "memory"}), "schedule.kernel")
+        return cls(
+            digest_field(m["sha256"], "schedule.kernel.sha256"),
+            uint_field(m["abi"], "schedule.kernel.abi", 1),
+            uint64_field(m["fuel"], "schedule.kernel.fuel", 1),
+            uint64_field(m["memory"], "schedule.kernel.memory", 1),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """What one contribution may claim, signed in every schedule (topics.md "Bounds").
+
+    `max_weight`: a device's update weighs at most this, unless the fleet file gives the
+    device its own bound (a gateway's partial: at most the sum of its devices' bounds).
+    `max_norm`: the L2 norm of an update's mean delta (its sum divided by its weight) is
+    at most this, for a device's update and a gateway's partial alike.
+    """
+
+    max_weight: float = DEFAULT_MAX_WEIGHT
+    max_norm: float = DEFAULT_MAX_NORM
+
+    def __post_init__(self) -> None:
+        for name in ("max_weight", "max_norm"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value > 0):
+                raise ValueError(f"bounds.{name} must be finite and > 0")
+        if self.max_weight < MIN_WEIGHT:
+            raise ValueError(f"bounds.max_weight must be at least {MIN_WEIGHT}")
+
+    def to_cbor(self) -> dict[str, object]:
+        return {"max_weight": float(self.max_weight), "max_norm": float(self.max_norm)}
+
+    @classmethod
+    def from_cbor(cls, value: object) -> Bounds:
+        m = body_map(value, frozenset({"max_weight", "max_norm"}), "schedule.bounds")
+        max_weight = number_field(m["max_weight"], "schedule.bounds.max_weight", positive=True)
+        if max_weight < MIN_WEIGHT:
+            raise MalformedMessage(f"schedule.bounds.max_weight must be at least {MIN_WEIGHT}")
+        return cls(
+            max_weight, number_field(m["max_norm"], "schedule.bounds.max_norm", positive=True)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RoundSchedule:
+    """What round `round` asks of participants, built on model `model_version`."""
+
+    round: int
+    model_version: int
+    codec: CodecName
+    deadline: float  # unix seconds
+    min_contributors: int
+    participants: tuple[str, ...] | None = None  # None: everyone
+    seed: int = 0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kernel: KernelRef | None = None  # None: devices train with what they shipped with
+    bounds: Bounds = field(default_factory=Bounds)
+
+    def to_body(self) -> dict[str, object]:
+        return {
+            "bounds": self.bounds.to_cbor(),
+            "kernel": None if self.kernel is None else self.kernel.to_cbor(),
+            "round": self.round,
+            "model": self.model_version,
+            "codec": str(self.codec),
+            "deadline": self.deadline,
+            "min_contributors": self.min_contributors,
+            "participants": None if self.participants is None else list(self.participants),
+            "seed": self.seed,
+            "train": self.train.to_cbor(),
+        }
+
+    @classmethod
+    def from_body(cls, body: object) -> RoundSchedule:
+        keys = frozenset(
+            {
+                "round",
+                "model",
+                "codec",
+                "deadline",
+                "min_contributors",
+                "participants",
+                "seed",
+                "train",
+                "kernel",
+                "bounds",
+            }
+        )
+        m = body_map(body, keys, "schedule")
+        participants = m["participants"]
+        if participants is not None:
+            if not isinstance(participants, list | tuple) or not all(
+                isinstance(p, str) for p in participants
+            ):
+                raise MalformedMessage("schedule participants must be null or an array of ids")
+            participants = tuple(participants)
+            if len(set(participants)) != len(participants):
+                raise MalformedMessage("schedule participants repeat an id")
+        return cls(
+            round=uint_field(m["round"], "schedule.round"),
+            model_version=uint_field(m["model"], "schedule.model"),
+            codec=codec_field(m["codec"]),
+            deadline=number_field(m["deadline"], "schedule.deadline"),
+            min_contributors=uint_field(m["min_contributors"], "schedule.min_contributors"),
+            participants=participants,
+            seed=uint_field(m["seed"], "schedule.seed"),
+            train=TrainConfig.from_cbor(m["train"]),
+            kernel=None if m["kernel"] is None else KernelRef.from_cbor(m["kernel"]),
+            bounds=Bounds.from_cbor(m["bounds"]),
+        )
