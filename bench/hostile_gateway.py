@@ -34,7 +34,7 @@ from tern import topics
 from tern.cli import main as tern_cli
 from tern.envelope import Kind, open_envelope
 from tern.errors import TernError
-from tern.fleet import COORDINATOR, Fleet
+from tern.fleet import COORDINATOR, Fleet, client_id
 from tern.keys import signing_key_from_text
 from tern.logins import Login
 from tern.messages import RoundSchedule, Update
@@ -237,7 +237,7 @@ def flood_gateway(messages: int, strangers: int, seed: int = 0) -> dict[str, Any
         open_round(s.round, 600.0, DEVICES)
         time.sleep(1.0)
         before = _settled_rss(gateway)
-        attacker = client(downstream, f"tern-{f}-{ATTACKER}", ATTACKER).connect(WAIT)
+        attacker = client(downstream, client_id(f, ATTACKER), ATTACKER).connect(WAIT)
         classes = sorted(
             (c for c in s.classes() if not c.history), key=lambda c: c.name not in COSTLIEST
         )
@@ -260,8 +260,8 @@ def flood_gateway(messages: int, strangers: int, seed: int = 0) -> dict[str, Any
         identities = [
             ("stranger", None),
             ("stranger", ("dev-02", "not-its-password")),
-            (f"tern-{f}-dev-02", None),
-            (f"tern-{f}-{GATEWAY}-down", ("x", "y")),
+            (client_id(f, "dev-02"), None),
+            (client_id(f, GATEWAY, "down"), ("x", "y")),
             ("bench-observer-2", ("observer", "wrong")),
         ]
         for k in range(strangers):
@@ -273,7 +273,7 @@ def flood_gateway(messages: int, strangers: int, seed: int = 0) -> dict[str, Any
         # Round 6 closes round 5 (its metrics count the flood), then three honest devices.
         honest = DEVICES[1:]
         open_round(s.round + 1, 8.0, honest)
-        devices = [client(downstream, f"tern-{f}-{d}", d).connect(WAIT) for d in honest]
+        devices = [client(downstream, client_id(f, d), d).connect(WAIT) for d in honest]
         for d, t in zip(honest, devices, strict=True):
             update = s.update(0, s.update_body(), sender=d, rnd=s.round + 1)
             t.publish(topics.update(f, GATEWAY, d), update, wait=True)

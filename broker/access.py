@@ -10,12 +10,11 @@ exactly in `refused` and logged at most once per client, reason and minute.
 from __future__ import annotations
 
 import logging
-import threading
 from collections import Counter
 
 from broker.acl import AccessPolicy, Refusal, check_connect, check_publish, check_subscribe
 from broker.ratelog import LogLimiter
-from broker.refusals import shown
+from broker.refusals import Refusals, shown
 
 __all__ = ["AccessControl"]
 
@@ -27,9 +26,7 @@ class AccessControl:
 
     def __init__(self, policy: AccessPolicy, *, limiter: LogLimiter | None = None) -> None:
         self._policy = policy
-        self._lock = threading.Lock()
-        self._refused: Counter[str] = Counter()
-        self._limiter = limiter if limiter is not None else LogLimiter()
+        self._refusals = Refusals(limiter, logger=log)
 
     @property
     def policy(self) -> AccessPolicy:
@@ -42,8 +39,7 @@ class AccessControl:
     @property
     def refused(self) -> Counter[str]:
         """Refusals so far, by `broker.acl.Refusal` value (a copy)."""
-        with self._lock:
-            return Counter(self._refused)
+        return self._refusals.counts
 
     def connect(
         self,
@@ -79,12 +75,6 @@ class AccessControl:
     ) -> bool:
         if refusal is None:
             return True
-        with self._lock:
-            self._refused[refusal.value] += 1
-        if topic is not None:
-            what = f"{what} {shown(topic)}"
-        self._limiter.log(
-            log, shown(client_id), refusal, "access: %s (client %s, user %s): %s",
-            what, shown(client_id), shown(user), refusal,
-        )  # fmt: skip
+        where = "" if topic is None else f" {shown(topic)}"
+        self._refusals.add(refusal, client_id, f"{what}{where}, user {shown(user)}")
         return False

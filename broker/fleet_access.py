@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from broker.acl import AccessPolicy, Account, Rights
 from broker.errors import BrokerConfigError
 from tern import topics
-from tern.errors import TernError
+from tern.errors import TernError, brief
 from tern.fleet import COORDINATOR, Fleet
 from tern.logins import OBSERVER, hash_password
 
@@ -53,7 +53,7 @@ def broker_policy(fleet: Fleet, broker: str, boards: Boards | None = None) -> Ac
     """
     f = fleet.fleet
     if broker != COORDINATOR and broker not in fleet.gateways:
-        raise BrokerConfigError(f"{_brief(broker)} is not the coordinator or a gateway of {f!r}")
+        raise BrokerConfigError(f"{brief(broker, 64)} is not the coordinator or a gateway of {f!r}")
     rights: dict[str, Rights] = {}
     # Every member's status and telemetry topic, built once and sorted: each child
     # gateway's deny list is all of them but its own, sorted too, which `Rights` keeps
@@ -84,7 +84,8 @@ def broker_policy(fleet: Fleet, broker: str, boards: Boards | None = None) -> Ac
         user: Account(fleet.logins[user], r, fleet.client_ids(user)) for user, r in rights.items()
     }
     if OBSERVER in fleet.logins:
-        accounts[OBSERVER] = Account(fleet.logins[OBSERVER], Rights(subscribe=(_everything(f),)))
+        observer = Rights(subscribe=(topics.everything(f),))
+        accounts[OBSERVER] = Account(fleet.logins[OBSERVER], observer)
     reserved = {cid: member for member in fleet.members for cid in fleet.client_ids(member)}
     if boards is not None:
         _add_boards(fleet, broker, boards, accounts, reserved)
@@ -123,7 +124,7 @@ def _child_gateway(f: str, parent: str, gateway: str, voiced: list[tuple[str, st
 
 
 def _own_gateway(f: str, gateway: str) -> Rights:
-    sent = (*_downlink(f), _mcu_all(f))
+    sent = (*_downlink(f), topics.mcu_models(f).path)
     heard = (
         topics.updates_to(f, gateway).path,
         topics.partials_to(f, gateway).path,
@@ -180,16 +181,3 @@ def _add_boards(
         secret = hash_password(entry.mqtt_password)
         accounts[entry.mqtt_user] = Account(secret, _board(fleet.fleet, board), frozenset({board}))
         reserved[board] = entry.mqtt_user
-
-
-def _mcu_all(f: str) -> str:
-    return topics.Topic(topics.TopicKind.MCU_MODEL, f).path  # tern/<fleet>/mcu/+
-
-
-def _everything(f: str) -> str:
-    # tern.topics builds one kind at a time; the observer's filter spans them all.
-    return "/".join((topics.ROOT, f, "#"))
-
-
-def _brief(value: str) -> str:
-    return repr(value) if len(value) <= 64 else f"an id of {len(value)} characters"

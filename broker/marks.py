@@ -7,6 +7,7 @@ component still refuses every model and schedule older than the last it accepted
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from tern.errors import TernError
 from tern.freshness import Watermarks
 
 __all__ = ["MarkFile", "MarksError", "add_state_dir_argument", "default_state_dir"]
+
+log = logging.getLogger(__name__)
 
 _MAX_BYTES = 4096
 
@@ -61,7 +64,12 @@ class MarkFile:
             raise MarksError(f"cannot read the high-water marks {self.path}: {exc}") from exc
 
     def save(self, marks: Watermarks) -> None:
+        """Write `marks`. A failed write is logged, not raised: the marks in memory still
+        hold, and the next mark that moves writes them again."""
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, marks.to_json().encode())
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, marks.to_json().encode())
+        except OSError as exc:
+            log.error("high-water marks not saved to %s: %s", self.path, exc)

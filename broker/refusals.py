@@ -55,20 +55,23 @@ class Refusals:
     Counted on the broker's loop, read from any thread.
     """
 
-    def __init__(self, limiter: LogLimiter | None = None) -> None:
+    def __init__(self, limiter: LogLimiter | None = None, *, logger: logging.Logger = log) -> None:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._limiter = limiter if limiter is not None else LogLimiter()
+        self._log = logger
 
-    def add(self, reason: Reason, client: str, detail: str = "") -> None:
-        """Count one refusal of `client` (a client id, or an address before CONNECT)."""
+    def add(self, reason: str, client: str, detail: str = "") -> None:
+        """Count one refusal of `client` (a client id, or an address before CONNECT);
+        `reason` is a `Reason` here, a `broker.acl.Refusal` for the access policy, and
+        `detail` is already bounded by the caller (`shown`)."""
         with self._lock:
             self._counts[reason] += 1
-        self._limiter.log(log, shown(client), reason, "refused %s: %s%s", shown(client), reason,
-                          f" ({detail})" if detail else "")  # fmt: skip
+        self._limiter.log(self._log, shown(client), reason, "refused %s: %s%s", shown(client),
+                          reason, f" ({detail})" if detail else "")  # fmt: skip
 
     @property
     def counts(self) -> Counter[str]:
-        """Refusals so far by `Reason` value (a copy)."""
+        """Refusals so far by reason value (a copy)."""
         with self._lock:
             return Counter(self._counts)

@@ -41,7 +41,7 @@ from tern.codecs import codec_for
 from tern.envelope import Envelope, Kind, seal
 from tern.errors import TernError
 from tern.feed import CoordinatorFeed
-from tern.fleet import Fleet
+from tern.fleet import Fleet, client_id
 from tern.freshness import Order, Stamp, model_stamp
 from tern.logins import Login
 from tern.messages import Failure, GlobalModel, RoundSchedule, Update, encode_update
@@ -193,7 +193,7 @@ class DeviceAgent:
         offline = Status(self.id, "device", State.OFFLINE, __version__)
         self.transport = MqttTransport(
             gateway_url,
-            f"tern-{fleet.fleet}-{device_id}",
+            client_id(fleet.fleet, device_id),
             will=(topics.status(fleet.fleet, device_id), offline.to_json()),
             login=None if login is None else (login.username, login.password),
             backoff_min=backoff_min,
@@ -267,12 +267,6 @@ class DeviceAgent:
             # what a dashboard sees of it, as often as the log line
             self._publish_status(f"refused a {what}: {exc.reason}")
 
-    def _save_marks(self) -> None:
-        try:
-            self._marks.save(self._feed.marks)
-        except OSError as exc:
-            log.error("%s: high-water marks not saved: %s", self.id, exc)
-
     def _on_model(self, message: Message) -> None:
         with self._lock:
             try:
@@ -283,7 +277,7 @@ class DeviceAgent:
             stamp = model_stamp(taken.envelope)
             if taken.order is Order.SAME and stamp == self._model_stamp:
                 return  # the model held: a retained copy after a reconnect
-            self._save_marks()
+            self._marks.save(self._feed.marks)
             self._model_stamp = stamp
             self._model = taken.value
         self._wake.put(True)
@@ -304,7 +298,7 @@ class DeviceAgent:
                 self._reject("schedule", exc)
                 return
             if taken.order is Order.NEWER:
-                self._save_marks()
+                self._marks.save(self._feed.marks)
             run, schedule = taken.envelope.run, taken.value
             if (run, schedule.round, schedule.deadline) <= self._last_round:
                 return  # a retained copy after a reconnect, or an old round

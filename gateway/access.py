@@ -17,12 +17,7 @@ from broker.fleet_access import broker_policy
 from gateway.boards import Boards
 from tern.fleet import Fleet
 
-__all__ = ["gateway_policy", "gateway_user"]
-
-
-def gateway_user(gateway: str) -> str:
-    """The gateway's own user name on every broker: its id."""
-    return gateway
+__all__ = ["gateway_policy"]
 
 
 def gateway_policy(fleet: Fleet, gateway: str, boards: Boards | None) -> AccessPolicy:

@@ -34,7 +34,7 @@ from tern.collect import Collector
 from tern.envelope import Envelope, seal
 from tern.errors import TernError
 from tern.feed import CoordinatorFeed
-from tern.fleet import Fleet
+from tern.fleet import Fleet, client_id
 from tern.freshness import Order, Stamp, Watermarks, model_stamp
 from tern.messages import GlobalModel, RoundSchedule, cohort_message, open_kernel
 from tern.reports import RoundMetrics, State, Status
@@ -102,7 +102,7 @@ class Gateway:
         self.partials: dict[int, bytes] = {}  # round -> sealed partial sent upstream
         self._stopping = threading.Event()
         self._broker: OwnBroker | None = None
-        self._down_id = f"tern-{fleet.fleet}-{self.id}-down"
+        self._down_id = client_id(fleet.fleet, self.id, "down")
         self._monitor: threading.Thread | None = None
         self._rng = rng if rng is not None else np.random.default_rng()
         self.upstream: MqttTransport | None = None
@@ -159,7 +159,7 @@ class Gateway:
             down.connect(timeout)
             up = MqttTransport(
                 cfg.upstream_url,
-                f"tern-{f}-{self.id}-up",
+                client_id(f, self.id, "up"),
                 will=(topics.status(f, self.id), self._status(State.OFFLINE)),
                 login=login,
                 backoff_min=cfg.backoff_min,
@@ -256,7 +256,7 @@ class Gateway:
             stamp = model_stamp(taken.envelope)
             if taken.order is Order.SAME and stamp in self._models:
                 return  # the model we hold: a retained copy after a reconnect
-            self._save_marks()
+            self._marks.save(self._feed.marks)
             self._models[stamp] = taken.value
             for old in sorted(self._models)[:-2]:  # the current and the previous are enough
                 del self._models[old]
@@ -266,18 +266,13 @@ class Gateway:
         if self._boards is not None:  # outside the round lock: quantizing takes a moment
             self._boards.on_model(stamp.run, stamp.version, taken.value)
 
-    def _save_marks(self) -> None:
-        """Persist the high-water marks (caller holds the lock); a failed write is logged:
-        the marks in memory still hold, and the next accepted message writes again."""
-        try:
-            self._marks.save(self._feed.marks)
-        except OSError as exc:
-            log.error("gateway %s: high-water marks not saved: %s", self.id, exc)
-
     def _on_kernel(self, message: Message) -> None:
         try:
             digest = topics.parse(message.topic).digest
             assert digest is not None  # our filter is a kernel topic
+            with self._lock:
+                if self._kernel_bytes.get(digest) == message.payload:
+                    return  # the kernel relayed, again (a retained copy after a reconnect)
             open_kernel(message.payload, self.fleet, digest)
         except TernError as exc:
             with self._lock:
@@ -285,8 +280,6 @@ class Gateway:
             self._refused_upstream("kernel", exc)
             return
         with self._lock:
-            if self._kernel_bytes.get(digest) == message.payload:
-                return  # a retained copy after a reconnect
             self._kernel_bytes[digest] = message.payload
             self._relay(topics.kernel(self.fleet.fleet, digest), message.payload)
 
@@ -300,7 +293,7 @@ class Gateway:
             stamp = self._feed.marks.schedule
             if taken.order is Order.SAME and stamp == self._schedule_stamp:
                 return  # the schedule we hold: a retained copy after a reconnect
-            self._save_marks()
+            self._marks.save(self._feed.marks)
             self._schedule_stamp = stamp
             self._schedule_bytes = message.payload
             self._relay(topics.round_schedule(self.fleet.fleet), message.payload)

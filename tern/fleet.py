@@ -29,13 +29,21 @@ from typing import Any
 
 from nacl.signing import VerifyKey
 
-from tern.errors import MalformedMessage, TernError
+from tern.errors import MalformedMessage, TernError, brief
+from tern.jsontext import parse_json
 from tern.keys import verify_key_from_text, verify_key_to_text
 from tern.logins import OBSERVER, is_password_hash
 from tern.spec import MAX_PARAMS
 from tern.topics import validate_id
 
-__all__ = ["COORDINATOR", "DEFAULT_MAX_PARAMS", "MAX_FLEET_BYTES", "Fleet", "GatewayEntry"]
+__all__ = [
+    "COORDINATOR",
+    "DEFAULT_MAX_PARAMS",
+    "MAX_FLEET_BYTES",
+    "Fleet",
+    "GatewayEntry",
+    "client_id",
+]
 
 COORDINATOR = "coordinator"
 DEFAULT_MAX_PARAMS = 1 << 20  # the largest model a fleet accepts unless its file says more
@@ -44,6 +52,14 @@ MAX_FLEET_BYTES = 64 << 20  # about 150,000 members with their keys and logins
 _TOP_KEYS = {"fleet", "coordinator", "gateways"}
 _OPTIONAL_KEYS = {"logins", "max_params", "max_weight"}
 _GATEWAY_KEYS = {"key", "parent", "devices"}
+
+
+def client_id(fleet: str, member: str, link: str = "") -> str:
+    """The MQTT client id a gateway or a device of `fleet` connects with: a device's
+    ``tern-{fleet}-{device}``; a gateway's ``tern-{fleet}-{gateway}-up`` to its parent's
+    broker and ``...-down`` to its own (`link`). The coordinator's is ``coordinator``."""
+    name = f"tern-{fleet}-{member}"
+    return f"{name}-{link}" if link else name
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +106,7 @@ class Fleet:
     def _check_limits(self, members: set[str]) -> None:
         for user, hashed in self.logins.items():
             if user not in members and user != OBSERVER:
-                raise MalformedMessage(f"a login for {_short(user)}, who is not in the fleet")
+                raise MalformedMessage(f"a login for {brief(user, 64)}, who is not in the fleet")
             if not is_password_hash(hashed):
                 raise MalformedMessage(f"the login of {user!r} is not a $7$ password hash")
         if not _is_int(self.max_params) or not 1 <= self.max_params <= MAX_PARAMS:
@@ -99,7 +115,7 @@ class Fleet:
         weights: dict[str, float] = {}
         for device, bound in self.max_weight.items():
             if device not in devices:
-                raise MalformedMessage(f"max_weight for {_short(device)}: not a device here")
+                raise MalformedMessage(f"max_weight for {brief(device, 64)}: not a device here")
             if not _is_finite(bound) or bound < 1:
                 raise MalformedMessage(f"max_weight of {device!r} must be a finite number >= 1")
             weights[device] = float(bound)
@@ -140,17 +156,16 @@ class Fleet:
         if member == COORDINATOR:
             return frozenset({COORDINATOR})
         if member in self.gateways:
-            prefix = f"tern-{self.fleet}-{member}"
-            return frozenset({f"{prefix}-up", f"{prefix}-down"})
+            return frozenset(client_id(self.fleet, member, link) for link in ("up", "down"))
         if member in self._device_set:
-            return frozenset({f"tern-{self.fleet}-{member}"})
-        raise TernError(f"{_short(member)} is not a member of fleet {self.fleet!r}")
+            return frozenset({client_id(self.fleet, member)})
+        raise TernError(f"{brief(member, 64)} is not a member of fleet {self.fleet!r}")
 
     def gateway_of(self, device: str) -> str:
         for gw, entry in self.gateways.items():
             if device in entry.devices:
                 return gw
-        raise TernError(f"device {_short(device)} is not in fleet {self.fleet!r}")
+        raise TernError(f"device {brief(device, 64)} is not in fleet {self.fleet!r}")
 
     def height(self, gateway: str) -> int:
         """1 for a gateway with no child gateways; 1 + the tallest child's otherwise."""
@@ -182,10 +197,7 @@ class Fleet:
         """Parse a fleet file; MalformedMessage says what is wrong, whatever the input."""
         if not isinstance(text, str) or len(text) > MAX_FLEET_BYTES:
             raise MalformedMessage(f"a fleet file is JSON text of at most {MAX_FLEET_BYTES} bytes")
-        try:
-            doc = json.loads(text)
-        except (ValueError, RecursionError) as exc:  # ValueError: also an int of 5,000 digits
-            raise MalformedMessage(f"fleet file is not JSON ({type(exc).__name__})") from None
+        doc = parse_json(text, "fleet file", MAX_FLEET_BYTES)
         try:
             return cls._from_doc(doc)
         except MalformedMessage:
@@ -198,8 +210,8 @@ class Fleet:
         v = _object(doc, "the fleet file", _TOP_KEYS, _OPTIONAL_KEYS)
         gateways = {}
         for g, e in _object(v["gateways"], "gateways").items():
-            entry = _object(e, f"gateway {_short(g)}", _GATEWAY_KEYS)
-            devices = _object(entry["devices"], f"devices of gateway {_short(g)}")
+            entry = _object(e, f"gateway {brief(g, 64)}", _GATEWAY_KEYS)
+            devices = _object(entry["devices"], f"devices of gateway {brief(g, 64)}")
             gateways[g] = GatewayEntry(
                 _key(entry["key"]),
                 _text(entry["parent"], "a gateway's parent"),
@@ -255,10 +267,3 @@ def _is_finite(value: object) -> bool:
         return math.isfinite(value)
     except OverflowError:  # an int too large for a float
         return False
-
-
-def _short(value: object) -> str:
-    """An id from a file, safe for an error message (ids are at most 64 characters)."""
-    if isinstance(value, str) and len(value) <= 64:
-        return repr(value)
-    return f"text of {len(value)} characters" if isinstance(value, str) else type(value).__name__

@@ -22,6 +22,7 @@ from enum import StrEnum
 
 from tern.envelope import Envelope
 from tern.errors import MalformedMessage
+from tern.jsontext import parse_json
 from tern.messages import RoundSchedule
 
 __all__ = ["Order", "Stamp", "Watermarks", "compare", "model_stamp", "schedule_stamp"]
@@ -94,11 +95,8 @@ class Watermarks:
 
     @classmethod
     def from_json(cls, text: str) -> Watermarks:
-        try:
-            doc = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise MalformedMessage("high-water marks are not JSON") from exc
-        if not isinstance(doc, dict) or set(doc) != {"model", "schedule"}:
+        doc = parse_json(text, "high-water marks")
+        if set(doc) != {"model", "schedule"}:
             raise MalformedMessage("high-water marks are {model, schedule}")
         model, schedule = doc["model"], doc["schedule"]
         return cls(

@@ -23,6 +23,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from tern.errors import MalformedMessage, TernError
+from tern.jsontext import parse_json
 from tern.topics import validate_id
 
 __all__ = [
@@ -77,11 +78,8 @@ class Login:
         """Parse ``{"username": .., "password": ..}``; MalformedMessage for anything else."""
         if not isinstance(text, str) or len(text) > MAX_LOGIN_BYTES:
             raise MalformedMessage(f"a login is a JSON text of at most {MAX_LOGIN_BYTES} bytes")
-        try:
-            doc = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise MalformedMessage(f"a login is not JSON ({type(exc).__name__})") from None
-        if not isinstance(doc, dict) or set(doc) != {"username", "password"}:
+        doc = parse_json(text, "a login", MAX_LOGIN_BYTES)
+        if set(doc) != {"username", "password"}:
             raise MalformedMessage("a login is an object with exactly username and password")
         return cls(doc["username"], doc["password"])
 

@@ -13,21 +13,19 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from tern.errors import MalformedMessage, PayloadTooLarge
+from tern.errors import MalformedMessage
+from tern.jsontext import parse_json
 from tern.topics import validate_id
 
 __all__ = [
-    "MAX_JSON_BYTES",
     "MAX_STATUS_BYTES",
     "MAX_TELEMETRY_BYTES",
     "RoundMetrics",
     "State",
     "Status",
     "Telemetry",
-    "parse_json",
 ]
 
-MAX_JSON_BYTES = 64 * 1024  # metrics: tallies of many reasons
 MAX_STATUS_BYTES = 4096  # an id, a role, a version and a detail of at most 500 characters, escaped
 MAX_TELEMETRY_BYTES = 1024  # six short fields
 
@@ -35,23 +33,6 @@ MAX_TELEMETRY_BYTES = 1024  # six short fields
 class State(StrEnum):
     ONLINE = "online"
     OFFLINE = "offline"
-
-
-def parse_json(data: bytes, what: str, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
-    """Bounded, strict JSON object; MalformedMessage or PayloadTooLarge otherwise."""
-    if len(data) > max_bytes:
-        raise PayloadTooLarge(len(data), max_bytes)
-    try:
-        value = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise MalformedMessage(f"{what}: not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise MalformedMessage(f"{what}: a JSON object is expected")
-    return value
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _fields(value: Mapping[str, Any], required: set[str], optional: set[str], what: str) -> None:

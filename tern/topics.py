@@ -18,10 +18,12 @@ __all__ = [
     "ROOT",
     "Topic",
     "TopicKind",
+    "everything",
     "global_model",
     "kernel",
     "kernels",
     "mcu_model",
+    "mcu_models",
     "metrics",
     "parse",
     "partial",
@@ -200,6 +202,18 @@ def partials_to(fleet: str, parent: str) -> Topic:
 
 def mcu_model(fleet: str, device: str) -> Topic:
     return _concrete(Topic(TopicKind.MCU_MODEL, fleet, receiver=device))
+
+
+def mcu_models(fleet: str) -> Topic:
+    """Filter for every board's model (what a gateway publishes on its own broker)."""
+    return Topic(TopicKind.MCU_MODEL, fleet)
+
+
+def everything(fleet: str) -> str:
+    """The filter for every topic of `fleet`, ``tern/<fleet>/#`` (what the observer may
+    read). A plain string: a `Topic` names one kind of topic."""
+    validate_id(fleet, "fleet")
+    return f"{ROOT}/{fleet}/#"
 
 
 def telemetry(fleet: str, device: str) -> Topic:
