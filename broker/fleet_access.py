@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from broker.acl import AccessPolicy, Account, Rights
 from broker.errors import BrokerConfigError
 from tern import topics
+from tern.caps import largest_message
 from tern.errors import TernError, brief
 from tern.fleet import COORDINATOR, Fleet
 from tern.logins import OBSERVER, hash_password
@@ -33,15 +34,19 @@ if TYPE_CHECKING:  # gateway.boards imports the gateway package, which imports t
 __all__ = ["MAX_MQTT_PACKET", "broker_policy", "max_packet_bytes"]
 
 MAX_MQTT_PACKET = 268_435_455  # the largest remaining length MQTT can encode (+ header)
-_FRAMING = 64 << 10  # the envelope, the tensor headers and MQTT around 4 bytes a parameter
-_KERNEL_PACKET = 3 << 19  # 1.5 MiB: a signed 1 MiB kernel with room to spare
+# MQTT around a message: the PUBLISH fixed header (at most 5 bytes), the topic (its
+# 2-byte length and at most three 64-character ids and a kind: well under 300 bytes)
+# and the packet id.
+_MQTT_FRAMING = 1024
 
 
 def max_packet_bytes(fleet: Fleet) -> int:
-    """The largest MQTT packet a broker of `fleet` needs to accept: the biggest model the
-    fleet allows (4 bytes a parameter, float32) plus framing, or a kernel, whichever is
-    larger; never more than MQTT can carry."""
-    return min(MAX_MQTT_PACKET, max(4 * fleet.max_params + _FRAMING, _KERNEL_PACKET))
+    """The largest MQTT packet a broker of `fleet` needs to accept: the largest message
+    its receivers accept (`tern.caps.largest_message`: a model of the fleet's
+    `max_params`, a schedule listing every device, or a kernel) with its MQTT framing;
+    never more than MQTT can carry."""
+    largest = largest_message(fleet.max_params, len(fleet.devices))
+    return min(MAX_MQTT_PACKET, largest + _MQTT_FRAMING)
 
 
 def broker_policy(fleet: Fleet, broker: str, boards: Boards | None = None) -> AccessPolicy:

@@ -20,6 +20,7 @@ __all__ = [
     "KERNEL_CAPS",
     "MAX_REASONS",
     "contribution_caps",
+    "largest_message",
     "model_caps",
     "schedule_caps",
 ]
@@ -79,4 +80,17 @@ def contribution_caps(spec: ModelSpec, codec: CodecName, *, partial: bool) -> Ca
     return Caps(
         max(update.max_bytes, FAILURE_CAPS.max_bytes),
         max(update.max_items, FAILURE_CAPS.max_items),
+    )
+
+
+def largest_message(max_params: int, devices: int) -> int:
+    """The most bytes any receiver of a fleet accepts in one message: a global model of
+    `max_params`, a schedule that lists all `devices`, or a kernel, whichever is larger.
+    An update or a partial answers a model of at most `max_params` and is never larger
+    than it (fewer framing bytes a tensor); failures, board models and JSON reports are
+    smaller still. Every broker of the fleet must carry a message this large."""
+    return max(
+        model_caps(max_params).max_bytes,
+        schedule_caps(devices).max_bytes,
+        KERNEL_CAPS.max_bytes,
     )

@@ -9,7 +9,7 @@ import pytest
 
 from tern.admit import Peer, Role, Terms, admit, peers_of
 from tern.aggregate import Partial
-from tern.caps import contribution_caps
+from tern.caps import contribution_caps, largest_message
 from tern.codecs import CodecName, Float32Codec, TernaryCodec, codec_for
 from tern.envelope import Envelope, Kind, seal
 from tern.errors import TernError
@@ -300,6 +300,29 @@ def test_caps_hold_the_largest_valid_contribution_of_each_role(kit: FleetKit) ->
         kit.keys["dev-1"],
     )
     assert len(failure) <= contribution_caps(spec, CodecName.TERNARY, partial=False).max_bytes
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"w" * 128: (3, 4, 5, 6, 7, 2, 2, 2)},
+        {f"t{i:03d}" + "x" * 124: (1,) * 8 for i in range(256)},
+    ],
+    ids=["one-large-tensor", "256-tensors-of-8-dims"],
+)
+def test_no_contribution_is_larger_than_the_largest_message_of_its_fleet(
+    kit: FleetKit, shape: dict[str, tuple[int, ...]]
+) -> None:
+    spec = ModelSpec.of(shape)  # the fleet's max_params is exactly this model's size
+    tally = {f"r{i:02d}" + "x" * 61: 1 for i in range(64)}
+    largest = largest_message(spec.size, 1)
+    for codec in CodecName:
+        caps = contribution_caps(spec, codec, partial=True)
+        p = Partial(np.full(spec.size, 3.0, np.float32), 1e6, 10**6)
+        body = replace(encode_update(codec_for(codec), spec, p)[0], failed=tally).to_body()
+        env = Envelope(Kind.PARTIAL, "f" * 64, 2**32 - 1, 2**32 - 1, "g" * 64, body, run=2**64 - 1)
+
+        assert len(seal(env, kit.keys["gw-1"])) <= caps.max_bytes <= largest, codec
 
 
 def test_an_update_body_from_update_from_body_survives_admission_unchanged(kit: FleetKit) -> None:

@@ -22,9 +22,11 @@ import pytest
 from broker.cli import add_arguments, limits_from_args
 from broker.embedded import ANONYMOUS, DEFAULT_CONFIG, EmbeddedBroker, load_config, merge_config
 from broker.errors import BrokerConfigError, BrokerError, BrokerStartError, ConnectRefused
+from broker.fleet_access import max_packet_bytes
 from broker.limits import BrokerLimits
 from broker.transport import MqttTransport, format_url
 from tern import topics
+from tern.caps import model_caps
 from tests.fleet_fixtures import build_fleet, write_fleet
 from tests.mqtt_fixtures import Inbox
 
@@ -273,7 +275,8 @@ def test_a_fleet_sizes_the_packets_for_its_models_and_exempts_its_gateways_from_
     derived = limits_from_args(parse("--unlimited-user", "ops"), fleet)
     given = limits_from_args(parse("--max-packet-bytes", "1000000"), fleet)
 
-    assert derived.max_packet_bytes == 4 * (16 << 20) + (64 << 10)
+    assert derived.max_packet_bytes == max_packet_bytes(fleet)
+    assert derived.max_packet_bytes > model_caps(16 << 20).max_bytes  # a model at the cap fits
     assert derived.max_retained_bytes >= 4 * derived.max_packet_bytes
     assert derived.max_queued_bytes >= 2 * derived.max_packet_bytes
     assert derived.unlimited_users == {"coordinator", "gw-1", "ops"}

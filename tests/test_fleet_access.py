@@ -16,7 +16,8 @@ from broker.mosquitto_config import acl_file_text, password_file_text
 from gateway.access import gateway_policy
 from gateway.boards import BoardEntry, Boards, BoardsError
 from tern import topics
-from tern.fleet import COORDINATOR
+from tern.caps import KERNEL_CAPS, largest_message, model_caps, schedule_caps
+from tern.fleet import COORDINATOR, Fleet
 from tern.logins import OBSERVER
 from tests.fleet_fixtures import RIGHTS_LAYOUT, build_fleet
 
@@ -311,9 +312,53 @@ def test_the_gateway_s_policy_is_the_fleet_s_policy_for_its_broker() -> None:
     assert mine.reserved_client_ids == POLICIES["gw-1"].reserved_client_ids
 
 
-def test_the_packet_size_follows_the_largest_model() -> None:
-    assert max_packet_bytes(FLEET) == 4 * FLEET.max_params + (64 << 10)
-    assert max_packet_bytes(replace(FLEET, max_params=10)) == 3 << 19  # a kernel still fits
+def _with_devices(devices: int) -> Fleet:
+    """FLEET with `devices` more devices on gw-1 (sharing one key: only the count matters)."""
+    entry = FLEET.gateways["gw-1"]
+    key = next(iter(entry.devices.values()))
+    more = {f"extra-{i}": key for i in range(devices)}
+    grown = replace(entry, devices={**entry.devices, **more})
+    return replace(FLEET, gateways={**FLEET.gateways, "gw-1": grown})
+
+
+def _publish_bytes(message: int) -> int:
+    """An MQTT PUBLISH (QoS 1) of a `message`-byte payload on the longest topic a large
+    message of a fleet with 64-character ids travels on."""
+    f, a, b = "f" * 64, "a" * 64, "b" * 64
+    carriers = [
+        topics.global_model(f),
+        topics.round_schedule(f),
+        topics.kernel(f, HEX),
+        topics.update(f, a, b),
+        topics.partial(f, a, b),
+    ]
+    topic = max(len(t.path.encode()) for t in carriers)
+    remaining = 2 + topic + 2 + message
+    return 1 + len(remaining.to_bytes(4, "big").lstrip(b"\0")) + remaining  # at most 4
+
+
+LARGE = _with_devices(30_000)  # a schedule listing them all is over 1.5 MiB
+
+
+@pytest.mark.parametrize(
+    ("fleet", "largest"),
+    [
+        (FLEET, model_caps(FLEET.max_params).max_bytes),
+        (replace(FLEET, max_params=10), KERNEL_CAPS.max_bytes),
+        (LARGE, model_caps(FLEET.max_params).max_bytes),
+        (replace(LARGE, max_params=10), schedule_caps(len(LARGE.devices)).max_bytes),
+    ],
+    ids=["a-model", "a-kernel", "a-model-of-a-large-fleet", "a-schedule-of-a-large-fleet"],
+)
+def test_the_broker_carries_the_largest_message_a_receiver_accepts(
+    fleet: Fleet, largest: int
+) -> None:
+    assert largest == largest_message(fleet.max_params, len(fleet.devices))
+    assert _publish_bytes(largest) <= max_packet_bytes(fleet)
+    assert max_packet_bytes(fleet) <= largest + 1024
+
+
+def test_the_packet_size_never_exceeds_what_mqtt_can_carry() -> None:
     assert max_packet_bytes(replace(FLEET, max_params=1 << 28)) == MAX_MQTT_PACKET
 
 
