@@ -1,11 +1,12 @@
 """What bench.fuzz feeds the decoders: valid messages, hostile shapes and the random mutator.
 
 Valid: one fleet (a coordinator, two gateways, three devices; keys derived from their ids),
-a round open on a small model, and of each kind a valid body, its envelope sealed by its
-sender and the same envelope unsigned; valid JSON documents of every kind a component
-reads; a microcontroller model, bare and sealed for a board. Hostile: the CBOR shapes
-issue 9 names, JSON with deep nesting and huge numbers, microcontroller models with one
-header field broken. The random engine's mutator and its pure random bytes are here too.
+a round open on a small model, and of each kind a valid body (a schedule with and without
+a policy), its envelope sealed by its sender and the same envelope unsigned; valid JSON
+documents of every kind a component reads; a microcontroller model, bare and sealed for a
+board. Hostile: the CBOR shapes issue 9 names, JSON with deep nesting and huge numbers,
+microcontroller models with one header field broken. The random engine's mutator and its
+pure random bytes are here too.
 
 The protocol layer is imported inside the functions: an atheris worker instruments it
 before it builds the seeds.
@@ -17,7 +18,7 @@ import hashlib
 import re
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -92,7 +93,9 @@ def valid_world() -> World:
         GlobalModel,
         KernelFile,
         KernelRef,
+        Policy,
         RoundSchedule,
+        StrategySpec,
         TrainConfig,
         Update,
         encode_update,
@@ -130,6 +133,8 @@ def valid_world() -> World:
         kernel=KernelRef(kernel.sha256, 1, 10**9, 1 << 24),
         bounds=Bounds(500.0, 20.0),
     )
+    # a policy of every kind of name: known, unknown, and a parameter fedadam does not have
+    policy = Policy("median", "sum", StrategySpec.of("fedadam", lr=0.05, beta2=0.999, mu=-1.5))
     weights = init_weights(spec, rng)
 
     def update_body(codec: Any, weight: float, **failed: int) -> object:
@@ -141,6 +146,7 @@ def valid_world() -> World:
     bodies = {
         "model": GlobalModel(spec, weights).to_body(),
         "schedule": schedule.to_body(),
+        "schedule-policy": replace(schedule, policy=policy).to_body(),
         "update": update_body(TernaryCodec(), 100.0),
         "update16": update_body(Float16Codec(), 40.0),
         "partial": update_body(Float32Codec(), 200.0, late=1),
@@ -151,6 +157,7 @@ def valid_world() -> World:
         "model": (Kind.MODEL, COORDINATOR, "model", rnd),
         "model-old": (Kind.MODEL, COORDINATOR, "model", rnd - 1),
         "schedule": (Kind.SCHEDULE, COORDINATOR, "schedule", rnd),
+        "schedule-policy": (Kind.SCHEDULE, COORDINATOR, "schedule-policy", rnd),
         "update": (Kind.UPDATE, "dev-1", "update", rnd),
         "update16": (Kind.UPDATE, "dev-2", "update16", rnd),
         "failure": (Kind.FAILURE, "dev-1", "failure", rnd),

@@ -6,7 +6,8 @@ builds every attack class of issue 9 at the size of a valid device update (about
 malformed CBOR of every hostile shape, oversize, bad signatures, a device claiming a
 partial, weights and norms past the bounds, NaN, wrong shapes, stale rounds and runs,
 another device's topic, retained contributions, duplicates, floods past the attempt
-budget, and replayed, old-run and forged models and schedules.
+budget, and replayed, old-run and forged models and schedules (a replayed schedule
+also with a policy this build cannot run).
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ from tern.cbor import head
 from tern.codecs import CodecName, TernaryCodec
 from tern.envelope import Envelope, Kind, canonical, seal
 from tern.fleet import COORDINATOR, Fleet, GatewayEntry
-from tern.messages import GlobalModel, RoundSchedule, TrainConfig, encode_update
+from tern.messages import (
+    GlobalModel,
+    Policy,
+    RoundSchedule,
+    StrategySpec,
+    TrainConfig,
+    encode_update,
+)
 from tern.spec import ModelSpec
 
 __all__ = [
@@ -53,6 +61,7 @@ RUN = 1_764_000_000_000
 WEIGHT = 300.0  # an honest device's samples (the demo's hold 145-708)
 NORM = 4.0  # an honest update's norm per unit weight (the demo's: 2.9-6.6)
 
+DEFAULT_POLICY = Policy()
 Receiver = str  # "update" (a Collector), "model" or "schedule" (a CoordinatorFeed)
 
 
@@ -84,7 +93,12 @@ class Scenario:
     # -- valid messages ---------------------------------------------------------------
 
     def make_schedule(
-        self, rnd: int, deadline: float, participants: Sequence[str] | None = None
+        self,
+        rnd: int,
+        deadline: float,
+        participants: Sequence[str] | None = None,
+        *,
+        policy: Policy = DEFAULT_POLICY,
     ) -> RoundSchedule:
         return RoundSchedule(
             round=rnd,
@@ -95,6 +109,7 @@ class Scenario:
             participants=None if participants is None else tuple(sorted(participants)),
             seed=rnd,
             train=TrainConfig(),
+            policy=policy,
         )  # the demo's default bounds (--max-weight 10000, --max-norm 20)
 
     def model(self, version: int, *, key: SigningKey | None = None, run: int = RUN) -> bytes:
@@ -238,6 +253,8 @@ class Scenario:
             AttackClass("forged model", "model", "bad_signature", lambda i: self.forged_model),
             AttackClass("replayed old schedule", "schedule", "stale",
                         lambda i: self.old_schedule),
+            AttackClass("replayed old schedule naming another policy", "schedule", "stale",
+                        lambda i: self.old_policy_schedule),
         ]  # fmt: skip
 
     @cached_property
@@ -259,6 +276,14 @@ class Scenario:
     @cached_property
     def old_schedule(self) -> bytes:
         old = self.make_schedule(self.round - 1, self.schedule.deadline - 60)
+        return self.schedule_message(old)
+
+    @cached_property
+    def old_policy_schedule(self) -> bytes:
+        """An old round's schedule whose policy this build cannot run: refused as stale
+        before anyone looks at its policy."""
+        policy = Policy(cohort="median", strategy=StrategySpec.of("fedadam", lr=0.05))
+        old = self.make_schedule(self.round - 2, self.schedule.deadline - 120, policy=policy)
         return self.schedule_message(old)
 
 

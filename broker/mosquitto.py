@@ -161,6 +161,11 @@ class MosquittoProcess:
                 f"{exc.args[0]}; mosquitto log:\n{self.log.read_text()}", self.host, self.port
             ) from exc
 
+    def start(self) -> None:
+        """Start again on the same port after `stop()` (a broker that was down)."""
+        if self._process is None:
+            self._spawn()
+
     def restart(self) -> None:
         """Stop and start again on the same port (retained messages are gone unless the
         config keeps them: `persistence true`)."""

@@ -8,9 +8,12 @@ from pathlib import Path
 
 from kernels.wasm import DEFAULT_FUEL, DEFAULT_MEMORY_LIMIT
 from tern.codecs import CodecName
+from tern.errors import TernError
 from tern.fleet import COORDINATOR
 from tern.logins import Login
 from tern.messages import DEFAULT_MAX_NORM, DEFAULT_MAX_WEIGHT, TrainConfig
+from tern.policy import StrategySpec
+from tern.strategies import strategy_from
 
 __all__ = ["ConfigError", "CoordinatorConfig", "CoordinatorError", "RoundTimeout"]
 
@@ -42,7 +45,9 @@ class CoordinatorConfig:
 
     `rounds` is the last round number to run (None: run until stopped); a coordinator
     resumed past it finishes at once. `interval` is the least time between two round
-    openings (0: back to back).
+    openings (0: back to back). `connect_timeout`: seconds to wait for the broker at
+    start (None: wait without end). `keep_models`: model versions its state directory
+    keeps, the newest (coordinator.store).
     """
 
     broker_url: str
@@ -62,10 +67,22 @@ class CoordinatorConfig:
     kernel_fuel: int = DEFAULT_FUEL  # per device per round, named in every schedule
     kernel_memory: int = DEFAULT_MEMORY_LIMIT  # bytes of Wasm linear memory, likewise
     client_id: str = COORDINATOR
-    connect_timeout: float = 10.0
+    connect_timeout: float | None = 10.0
     max_weight: float = DEFAULT_MAX_WEIGHT  # a device's update, unless the fleet file says
     max_norm: float = DEFAULT_MAX_NORM  # of an update's mean delta (sum / weight)
     login: Login | None = None  # its broker login (tern fleet init: coordinator.login)
+    keep_models: int = 5  # coordinator.store.DEFAULT_KEEP_MODELS
+    # The server step (tern.strategies): "fedavg" takes server_lr and server_momentum;
+    # another strategy takes its parameters here (tern.policy.STRATEGY_PARAMS), by name.
+    strategy: str = "fedavg"
+    strategy_params: tuple[tuple[str, float], ...] = ()
+
+    def strategy_spec(self) -> StrategySpec:
+        """The server step as the schedule's policy names it (defaults left out)."""
+        params = dict(self.strategy_params)
+        if self.strategy == "fedavg":
+            params = {"lr": self.server_lr, "momentum": self.server_momentum, **params}
+        return StrategySpec.of(self.strategy, **params)
 
     def __post_init__(self) -> None:
         checks = [
@@ -87,7 +104,19 @@ class CoordinatorConfig:
             ("seed", 0 <= self.seed < 2**32, "must be in [0, 2**32)"),
             ("server_lr", math.isfinite(self.server_lr) and self.server_lr > 0, "must be > 0"),
             ("server_momentum", 0 <= self.server_momentum < 1, "must be in [0, 1)"),
-            ("connect_timeout", self.connect_timeout > 0, "must be > 0"),
+            (
+                "connect_timeout",
+                self.connect_timeout is None
+                or (math.isfinite(self.connect_timeout) and self.connect_timeout >= 0),
+                "must be None or >= 0",
+            ),
+            (
+                "keep_models",
+                isinstance(self.keep_models, int)
+                and not isinstance(self.keep_models, bool)
+                and self.keep_models >= 1,
+                "must be an integer >= 1",
+            ),
             ("kernel_fuel", 0 < self.kernel_fuel < 2**63, "must be in [1, 2**63)"),
             ("kernel_memory", 65536 <= self.kernel_memory < 2**32, "must be in [64 KiB, 4 GiB)"),
             (
@@ -100,3 +129,12 @@ class CoordinatorConfig:
         for name, ok, message in checks:
             if not ok:
                 raise ConfigError(name, f"{message}, got {getattr(self, name)!r}")
+        if self.strategy != "fedavg" and (self.server_lr, self.server_momentum) != (1.0, 0.0):
+            raise ConfigError(
+                "server_lr", f"server_lr and server_momentum are FedAvg's; give {self.strategy}"
+                " its parameters as strategy_params (--strategy-param lr=...)",
+            )  # fmt: skip
+        try:
+            strategy_from(self.strategy_spec())
+        except (TernError, ValueError) as exc:
+            raise ConfigError("strategy", str(exc)) from exc

@@ -1,4 +1,8 @@
-"""`tern device` / `python -m device`: run one device agent until SIGINT or SIGTERM."""
+"""`tern device` / `python -m device`: run one device agent until SIGINT or SIGTERM.
+
+It waits for its gateway's broker (without end unless --connect-timeout); anything that
+keeps it from starting exits 1 with one line on stderr.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from broker.cli import load_member, seconds, start_unless_stopped
 from broker.errors import TransportError
-from broker.lifecycle import configure_logging, load_identity, load_login, stop_on_signals
+from broker.lifecycle import configure_logging, load_login, stop_on_signals
 from broker.marks import add_state_dir_argument, default_state_dir
 from device.agent import DeviceAgent, DeviceError
 from device.kernels import default_cache_dir
@@ -44,7 +49,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"where verified kernels are kept (default {default_cache_dir()})",
     )
     add_state_dir_argument(p)
-    p.add_argument("--connect-timeout", type=float, default=30.0)
+    p.add_argument(
+        "--connect-timeout",
+        type=seconds,
+        default=None,
+        metavar="S",
+        help="give up (exit 1) if the gateway's broker is not reached within S seconds"
+        " (default: wait without end, logging each retry)",
+    )
+    p.add_argument(
+        "--slowdown",
+        type=seconds,
+        default=0.0,
+        metavar="S",
+        help="pause S seconds before each training: a straggler, for drills (default 0)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
     try:
-        fleet, key = load_identity(args.fleet_file, args.key)
+        fleet, key = load_member(args.fleet_file, args.key, args.id)
         with np.load(args.data) as data:
             x, y = np.asarray(data["x"], np.float32), np.asarray(data["y"], np.int64)
         agent = DeviceAgent(
@@ -75,8 +94,11 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
             kernel_cache=args.kernel_cache or default_cache_dir(),
             login=load_login(args.key),
             state_dir=args.state_dir or default_state_dir(fleet.fleet, args.id),
+            slowdown=args.slowdown,
         )
-        agent.start(args.connect_timeout)
+        if not start_unless_stopped(lambda: agent.start(args.connect_timeout), stop):
+            agent.stop()  # stopped while it waited for its gateway's broker
+            return 0
     except (OSError, KeyError, ValueError, TernError, TransportError, DeviceError) as exc:
         print(f"tern device: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,8 @@
-"""`tern gateway` / `python -m gateway`: run one gateway until SIGINT or SIGTERM."""
+"""`tern gateway` / `python -m gateway`: run one gateway until SIGINT or SIGTERM.
+
+It waits for its upstream broker (without end unless --connect-timeout); anything that
+keeps it from starting exits 1 with one line on stderr.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
 
-from broker.lifecycle import configure_logging, load_identity, load_login, stop_on_signals
+from broker.cli import (
+    listen_failure,
+    load_member,
+    quiet_third_party_tracebacks,
+    seconds,
+    start_unless_stopped,
+)
+from broker.lifecycle import configure_logging, load_login, stop_on_signals
 from broker.marks import add_state_dir_argument, default_state_dir
 from gateway.config import DEFAULT_LISTEN_PORT, DEFAULT_MARGIN, GatewayConfig, GatewayError
 from gateway.service import Gateway
@@ -25,9 +36,14 @@ log = logging.getLogger("gateway")
 
 def parse_listen(text: str) -> tuple[str, int]:
     """HOST:PORT (or [v6]:PORT, or :PORT for loopback) -> (host, port)."""
+    shown = repr(text) if len(text) <= 80 else f"{len(text)} characters"
+    if "://" in text:
+        raise argparse.ArgumentTypeError(
+            f"{shown} is a URL; --listen takes the HOST:PORT to serve on, like 0.0.0.0:1884"
+        )
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or "/" in host:
+        raise argparse.ArgumentTypeError(f"{shown} is not HOST:PORT, like 0.0.0.0:1884")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -63,7 +79,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"input exponent of the boards' int8 models: x stands for x/2^N ({DEFAULT_IN_EXP})",
     )
     add_state_dir_argument(p)
-    p.add_argument("--verbose", "-v", action="store_true", help="log amqtt's own messages")
+    p.add_argument(
+        "--connect-timeout",
+        type=seconds,
+        default=None,
+        metavar="S",
+        help="give up (exit 1) if the upstream broker is not reached within S seconds"
+        " (default: wait without end, logging each retry)",
+    )
+    p.add_argument(
+        "--verbose", "-v", action="store_true", help="log amqtt's own messages and tracebacks"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
+    if not args.verbose:
+        quiet_third_party_tracebacks()
     with stop_on_signals(log) as stop, _hangups() as hangup:
         return _serve(args, stop, hangup)
 
@@ -97,10 +125,10 @@ def _hangups() -> Iterator[threading.Event]:
 
 
 def _serve(args: argparse.Namespace, stop: threading.Event, hangup: threading.Event) -> int:
+    host, port = args.listen
     try:
-        fleet, key = load_identity(args.fleet_file, args.key)
+        fleet, key = load_member(args.fleet_file, args.key, args.id)
         state_dir = args.state_dir or default_state_dir(fleet.fleet, args.id)
-        host, port = args.listen
         config = GatewayConfig(
             args.id,
             args.upstream,
@@ -113,9 +141,16 @@ def _serve(args: argparse.Namespace, stop: threading.Event, hangup: threading.Ev
             login=load_login(args.key),
             state_dir=state_dir,
         )
-        gateway = Gateway(config, fleet, key).start()
+        gateway = Gateway(config, fleet, key)
+        if not start_unless_stopped(lambda: gateway.start(args.connect_timeout), stop):
+            gateway.stop()  # stopped while it waited for its upstream broker
+            return 0
     except (OSError, TernError, GatewayError) as exc:
-        print(f"tern gateway: {exc}", file=sys.stderr)
+        failure = listen_failure(exc) if args.downstream is None else None
+        if failure is not None:
+            print(f"tern gateway: cannot listen on {host}:{port}: {failure}", file=sys.stderr)
+        else:
+            print(f"tern gateway: {exc}", file=sys.stderr)
         return 1
     # The line a supervisor or a test reads to find the downstream broker.
     print(f"gateway {args.id} serving on {gateway.downstream_url}", flush=True)

@@ -57,9 +57,19 @@ def model_caps(max_params: int) -> Caps:
     )
 
 
+# A schedule's `policy` at its largest (tern.policy): two aggregator names, a strategy
+# name and 8 parameters, every name 32 characters, every value a double: 488 bytes and
+# 28 items, with their key.
+_POLICY_BYTES = 512
+_POLICY_ITEMS = 28
+
+
 def schedule_caps(devices: int) -> Caps:
     """A round schedule of a fleet of `devices` devices (it may list every one)."""
-    return Caps(_ENVELOPE_BYTES + 1024 + 66 * devices, _ENVELOPE_ITEMS + 64 + devices)
+    return Caps(
+        _ENVELOPE_BYTES + 1024 + _POLICY_BYTES + 66 * devices,
+        _ENVELOPE_ITEMS + 64 + _POLICY_ITEMS + devices,
+    )
 
 
 def _update_caps(spec: ModelSpec, codec: CodecName, tally: bool) -> Caps:

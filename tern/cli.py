@@ -7,10 +7,12 @@ their packages land; each stays a thin wrapper around its package's `main`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from nacl.signing import SigningKey
@@ -18,8 +20,8 @@ from nacl.signing import SigningKey
 from tern import __version__, topics
 from tern.diag import diag
 from tern.envelope import DEFAULT_MAX_BYTES, Kind, loads_bounded, open_envelope
-from tern.errors import TernError
-from tern.fleet import COORDINATOR, DEFAULT_MAX_PARAMS, Fleet
+from tern.errors import TernError, brief
+from tern.fleet import COORDINATOR, DEFAULT_MAX_PARAMS
 from tern.keys import signing_key_to_text, verify_key_from_text, verify_key_to_text
 from tern.logins import OBSERVER
 from tern.members import new_members
@@ -55,13 +57,24 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    try:
+        if args.file == "-":
+            data = sys.stdin.buffer.read(DEFAULT_MAX_BYTES + 1)
+        else:
+            with Path(args.file).open("rb") as fh:
+                data = fh.read(DEFAULT_MAX_BYTES + 1)
+        key_text = args.pubkey
+        if args.pubkey is not None and Path(args.pubkey).is_file():
+            with Path(args.pubkey).open("rb") as fh:
+                key_text = fh.read(4096).decode("utf-8", errors="replace")
+    except OSError as exc:
+        print(f"tern inspect: {exc.filename or args.file}: {exc.strerror}", file=sys.stderr)
+        return 1
     try:
         value = loads_bounded(data, DEFAULT_MAX_BYTES)
         print(diag(value, max_bytes=None if args.full else 16))
-        if args.pubkey is None:
+        if key_text is None:
             return 0
-        key_text = Path(args.pubkey).read_text() if Path(args.pubkey).is_file() else args.pubkey
         sender = value.get("sender") if isinstance(value, dict) else None
         if not isinstance(sender, str):
             raise TernError("no sender field: not an envelope")
@@ -91,39 +104,92 @@ def _write_key(out: Path, cid: str, force: bool) -> SigningKey:
 
 
 def _fleet_init(args: argparse.Namespace) -> int:
-    from broker.lifecycle import write_atomic  # imported here: `tern --help` stays light
-
+    """Check everything (ids, the layout, bounds, the output directory), make the keys in
+    memory, then write every file or none (`_write_all`)."""
     out = Path(args.out)
-    layout: dict[str, tuple[str, list[str]]] = {}
-    for spec in args.gateway:
-        head, _, devices = spec.partition("=")
-        gw, _, parent = head.partition("@")
-        layout[gw] = (parent or COORDINATOR, [d for d in devices.split(",") if d])
+    layout = _layout(args.gateway)
     ids = [COORDINATOR, *layout, *(d for _, ds in layout.values() for d in ds)]
     for cid in ids:
         topics.validate_id(cid, "id")
-    files = [out / f"{cid}{ext}" for cid in ids for ext in (".key", ".login")]
-    existing = [p for p in [*files, out / OBSERVER_FILE] if p.exists()]
+    max_weight = dict(_max_weight(spec) for spec in args.max_weight)
+    secrets = [*(f"{cid}{ext}" for cid in ids for ext in (".key", ".login")), OBSERVER_FILE]
+    names = [*secrets, *(f"{cid}.pub" for cid in ids), "fleet.json"]
+    if out.exists() and not out.is_dir():
+        raise TernError(f"--out {out} is not a directory")
+    existing = [out / n for n in secrets if (out / n).exists()]
     if existing and not args.force:
         raise TernError(f"{existing[0]} exists; pass --force to replace the fleet's secrets")
-    members = new_members(  # checks the whole layout before anything is written
-        args.fleet,
-        layout,
-        max_params=args.max_params,
-        max_weight=dict(_max_weight(spec) for spec in args.max_weight),
+    in_the_way = [out / n for n in names if (out / n).is_dir()]
+    if in_the_way:
+        raise TernError(f"{in_the_way[0]} is a directory, not a file it can replace")
+    members = new_members(  # checks the whole layout: parents, cycles, repeated ids, bounds
+        args.fleet, layout, max_params=args.max_params, max_weight=max_weight
     )
     fleet, keys, logins = members.fleet, members.keys, members.logins
-    out.mkdir(parents=True, exist_ok=True)
-    for cid in ids:  # secrets 0600 (write_atomic), public keys as usual
-        write_atomic(out / f"{cid}.key", (signing_key_to_text(keys[cid]) + "\n").encode())
-        (out / f"{cid}.pub").write_text(verify_key_to_text(keys[cid].verify_key) + "\n")
-        write_atomic(out / f"{cid}.login", (logins[cid].to_json() + "\n").encode())
-    write_atomic(out / OBSERVER_FILE, (logins[OBSERVER].to_json() + "\n").encode())
-    (out / "fleet.json").write_text(fleet.to_json() + "\n")
+    files: dict[str, tuple[bytes, int]] = {}  # name -> (content, mode): secrets 0600
+    for cid in ids:
+        files[f"{cid}.key"] = ((signing_key_to_text(keys[cid]) + "\n").encode(), 0o600)
+        files[f"{cid}.pub"] = ((verify_key_to_text(keys[cid].verify_key) + "\n").encode(), 0o644)
+        files[f"{cid}.login"] = ((logins[cid].to_json() + "\n").encode(), 0o600)
+    files[OBSERVER_FILE] = ((logins[OBSERVER].to_json() + "\n").encode(), 0o600)
+    files["fleet.json"] = ((fleet.to_json() + "\n").encode(), 0o644)
+    try:
+        _write_all(out, files)
+    except OSError as exc:
+        raise TernError(f"cannot write the fleet to {out}: {exc.strerror or exc}") from None
     print(f"wrote {out / 'fleet.json'}, {len(ids)} key pairs and logins, {OBSERVER_FILE} in {out}")
     print("give each machine fleet.json and only its own ID.key and ID.login;")
     print(f"{OBSERVER_FILE} is the read-only login for dashboards")
     return 0
+
+
+def _layout(specs: Sequence[str]) -> dict[str, tuple[str, list[str]]]:
+    """`--gateway ID[@PARENT]=DEV,DEV` values as a layout; a gateway or a device named
+    twice is an error, not a silent merge."""
+    layout: dict[str, tuple[str, list[str]]] = {}
+    for spec in specs:
+        head, _, devices = spec.partition("=")
+        gw, at, parent = head.partition("@")
+        if at and not parent:
+            raise TernError(f"--gateway {brief(spec, 80)}: no parent after '@'")
+        if gw in layout:
+            raise TernError(f"gateway {brief(gw, 64)} is given twice (one --gateway each)")
+        names = [d for d in devices.split(",") if d]
+        twice = sorted({d for d in names if names.count(d) > 1})
+        if twice:
+            raise TernError(f"device {brief(twice[0], 64)} is listed twice")
+        layout[gw] = (parent or COORDINATOR, names)
+    return layout
+
+
+def _write_all(out: Path, files: Mapping[str, tuple[bytes, int]]) -> None:
+    """Write every file or none: each to a temporary name in `out` first (flushed to disk,
+    with its mode), then all renamed in place. A failure on the way removes the temporary
+    files and the directories made for them."""
+    made: list[Path] = []
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for missing in reversed([out, *out.parents]):
+            if not missing.exists():
+                missing.mkdir()
+                made.append(missing)
+        for name, (data, mode) in files.items():
+            fd, temporary = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
+            staged.append((Path(temporary), out / name))
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(temporary, mode)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        for directory in reversed(made):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+    for tmp, final in staged:
+        os.replace(tmp, final)
 
 
 def _max_weight(spec: str) -> tuple[str, float]:
@@ -138,13 +204,14 @@ def _max_weight(spec: str) -> tuple[str, float]:
 
 def _mosquitto_config(args: argparse.Namespace) -> int:
     # imported here: `tern --help` stays light, and tern/ imports no component at the top
+    from broker.cli import read_fleet
     from broker.errors import BrokerError
     from broker.mosquitto_config import write_mosquitto_config
 
     errors: tuple[type[Exception], ...] = (OSError, UnicodeDecodeError, BrokerError)
     boards = None
     try:
-        fleet = Fleet.from_json(Path(args.fleet_file).read_text(encoding="utf-8"))
+        fleet = read_fleet(args.fleet_file)  # bounded, and one line for a binary file
         if args.boards is not None:  # the gateway package only when boards are given
             from gateway.boards import load_boards
             from gateway.config import GatewayError
@@ -282,10 +349,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(module.main(words[1:]))
     args = build_parser().parse_args(words)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, where a closed pipe can still be handled
+        return code
     except TernError as exc:
         print(f"tern: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader left early (`tern inspect msg | head -1`): stop quietly, and point
+        # stdout at /dev/null so the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -32,10 +32,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-import numpy as np
-
 from tern.admit import Contribution, Peer, Terms, admit
-from tern.aggregate import Accumulator, Partial
+from tern.aggregate import Partial
+from tern.aggregators import Aggregator, ExactSum
 from tern.errors import TernError, TopicError
 from tern.messages import CheckedUpdate
 from tern.spec import ModelSpec
@@ -66,9 +65,15 @@ class Collector:
     """Collects the round of `terms` from `peers` (tern.admit.peers_of)."""
 
     def __init__(
-        self, *, terms: Terms, peers: Mapping[str, Peer], max_attempts: int = MAX_ATTEMPTS
+        self,
+        *,
+        terms: Terms,
+        peers: Mapping[str, Peer],
+        max_attempts: int = MAX_ATTEMPTS,
+        aggregator: Aggregator | None = None,
     ) -> None:
         self.terms = terms
+        self.aggregator: Aggregator = aggregator if aggregator is not None else ExactSum()
         self.peers = dict(peers)
         self.max_attempts = max_attempts
         self.accepted: dict[str, CheckedUpdate] = {}
@@ -156,43 +161,22 @@ class Collector:
         return Offer(Outcome.REJECTED, sender, reason, message)
 
     def close(self) -> Partial:
-        """The fold of everything accepted, in ascending sender id; finite by construction.
+        """Fold what was accepted with the round's aggregator (default: the exact sum,
+        in ascending sender id); finite by construction.
 
-        Bounded norms and weights keep every fold finite; should one still overflow, the
-        contributions that make it so are refused (``overflow``) and the fold is done
-        again without them. Idempotent: later calls return the same result.
+        Contributions the aggregator leaves out (an overflowing sum: ``overflow``) are
+        removed from `accepted` and counted in `rejected`. Idempotent: later calls
+        return the same result.
         """
         if self._closed is not None:
             return self._closed
-        result = self._fold(sorted(self.accepted))
-        if not _finite(result):
-            result = Partial.zero(self.terms.spec.size)
-            for sender in sorted(self.accepted):
-                trial = Accumulator(self.terms.spec.size)
-                trial.add(result)
-                with np.errstate(over="ignore", invalid="ignore"):
-                    self.accepted[sender].add_to(trial)
-                if _finite(trial.result()):
-                    result = trial.result()
-                else:
-                    del self.accepted[sender]
-                    self.rejected["overflow"] += 1
-        self._closed = result
-        return result
+        folded = self.aggregator.fold(self.accepted, self.terms.spec.size)
+        for sender, reason in folded.left_out.items():
+            del self.accepted[sender]
+            self.rejected[reason] += 1
+        self._closed = folded.partial
+        return folded.partial
 
     def result(self) -> Partial:
         """`close()`: kept for callers that read the fold once the round is over."""
         return self.close()
-
-    def _fold(self, senders: list[str]) -> Partial:
-        # Decoding straight into one accumulator in sender order gives the same bits as
-        # aggregate.fold_sorted over decoded partials, without a copy per sender.
-        acc = Accumulator(self.terms.spec.size)
-        with np.errstate(over="ignore", invalid="ignore"):
-            for sender in senders:
-                self.accepted[sender].add_to(acc)
-        return acc.result()
-
-
-def _finite(p: Partial) -> bool:
-    return bool(np.isfinite(p.weighted_sum).all()) and np.isfinite(p.total_weight)

@@ -3,6 +3,7 @@ TernError that names the field (never quoting an unbounded value)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -15,6 +16,8 @@ __all__ = [
     "codec_field",
     "digest_field",
     "number_field",
+    "real_field",
+    "slug_field",
     "tally_field",
     "uint64_field",
     "uint_field",
@@ -32,7 +35,11 @@ def body_map(
     return value
 
 
-def number_field(value: object, what: str, *, positive: bool = False) -> float:
+_SLUG = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def real_field(value: object, what: str) -> float:
+    """Any finite number, as a float."""
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise MalformedMessage(f"{what} must be a number")
     try:
@@ -41,9 +48,29 @@ def number_field(value: object, what: str, *, positive: bool = False) -> float:
         raise NonFiniteValue(f"{what} is not finite") from None
     if not np.isfinite(f):
         raise NonFiniteValue(f"{what} is not finite")
+    return f
+
+
+def number_field(value: object, what: str, *, positive: bool = False) -> float:
+    f = real_field(value, what)
     if f < 0 or (positive and f == 0):
         raise MalformedMessage(f"{what} must be {'positive' if positive else 'non-negative'}")
     return f
+
+
+def slug_field(value: object, what: str, max_len: int = 32) -> str:
+    """A name: 1 to `max_len` characters of a-z, 0-9 and _, starting with a letter."""
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= max_len
+        or not value.isascii()
+        or _SLUG.fullmatch(value) is None
+    ):
+        raise MalformedMessage(
+            f"{what} must be a name of at most {max_len} characters of a-z, 0-9 and _, "
+            f"got {brief(value)}"
+        )
+    return value
 
 
 def uint_field(value: object, what: str, minimum: int = 0) -> int:

@@ -89,8 +89,9 @@ class Fleet:
             for dev in entry.devices:
                 validate_id(dev, "device")
             ids = {gw, *entry.devices}
-            if ids & seen:
-                raise MalformedMessage(f"ids repeat in the fleet: {sorted(ids & seen)[:5]}")
+            if ids & seen or gw in entry.devices:
+                again = sorted((ids & seen) | ({gw} & set(entry.devices)))
+                raise MalformedMessage(f"ids repeat in the fleet: {again[:5]}")
             seen |= ids
         if OBSERVER in seen:
             raise MalformedMessage(f"{OBSERVER!r} is reserved for the observer login")
@@ -161,6 +162,16 @@ class Fleet:
             return frozenset({client_id(self.fleet, member)})
         raise TernError(f"{brief(member, 64)} is not a member of fleet {self.fleet!r}")
 
+    def key_of(self, member: str) -> VerifyKey:
+        """`member`'s verify key: the coordinator's, a gateway's or a device's."""
+        if member == COORDINATOR:
+            return self.coordinator_key
+        if member in self.gateways:
+            return self.gateways[member].key
+        if member in self._device_set:
+            return self.gateways[self.gateway_of(member)].devices[member]
+        raise TernError(f"{brief(member, 64)} is not a member of fleet {self.fleet!r}")
+
     def gateway_of(self, device: str) -> str:
         for gw, entry in self.gateways.items():
             if device in entry.devices:
@@ -193,9 +204,10 @@ class Fleet:
         return json.dumps(doc, indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> Fleet:
-        """Parse a fleet file; MalformedMessage says what is wrong, whatever the input."""
-        if not isinstance(text, str) or len(text) > MAX_FLEET_BYTES:
+    def from_json(cls, text: str | bytes) -> Fleet:
+        """Parse a fleet file, as text or as the file's bytes (UTF-8); MalformedMessage
+        says what is wrong, whatever the input."""
+        if not isinstance(text, str | bytes) or len(text) > MAX_FLEET_BYTES:
             raise MalformedMessage(f"a fleet file is JSON text of at most {MAX_FLEET_BYTES} bytes")
         doc = parse_json(text, "fleet file", MAX_FLEET_BYTES)
         try:

@@ -1,6 +1,6 @@
 """Message bodies: the global model, updates and failures, kernels; and how every
-receiver opens the coordinator's messages. The round schedule is in `tern.schedule`
-(re-exported here).
+receiver opens the coordinator's messages. The round schedule is in `tern.schedule`,
+its aggregation policy in `tern.policy` (both re-exported here).
 
 Each has ``to_body()`` (the CBOR value that goes into an Envelope's body) and a
 checking ``from_body()``; field-by-field schemas are in topics.md.
@@ -23,6 +23,7 @@ from tern.envelope import Envelope, Kind, open_envelope, seal
 from tern.errors import DigestMismatch, MalformedMessage, PayloadTooLarge, ShapeMismatch, Unsigned
 from tern.fields import body_map, codec_field, digest_field, number_field, tally_field, uint_field
 from tern.fleet import COORDINATOR, Fleet
+from tern.policy import Policy, StrategySpec
 from tern.schedule import (
     DEFAULT_MAX_NORM,
     DEFAULT_MAX_WEIGHT,
@@ -46,7 +47,9 @@ __all__ = [
     "GlobalModel",
     "KernelFile",
     "KernelRef",
+    "Policy",
     "RoundSchedule",
+    "StrategySpec",
     "TrainConfig",
     "Update",
     "cohort_message",

@@ -20,6 +20,7 @@ from tern.fields import (
     uint64_field,
     uint_field,
 )
+from tern.policy import Policy
 
 __all__ = [
     "DEFAULT_MAX_NORM",
@@ -27,6 +28,7 @@ __all__ = [
     "MIN_WEIGHT",
     "Bounds",
     "KernelRef",
+    "Policy",
     "RoundSchedule",
     "TrainConfig",
 ]
@@ -136,9 +138,13 @@ class RoundSchedule:
     train: TrainConfig = field(default_factory=TrainConfig)
     kernel: KernelRef | None = None  # None: devices train with what they shipped with
     bounds: Bounds = field(default_factory=Bounds)
+    # How the round aggregates (tern.policy). Only a policy other than the default is
+    # on the wire, so a default schedule's bytes, and its signature, are what they were
+    # before policies existed.
+    policy: Policy = field(default_factory=Policy)
 
     def to_body(self) -> dict[str, object]:
-        return {
+        body: dict[str, object] = {
             "bounds": self.bounds.to_cbor(),
             "kernel": None if self.kernel is None else self.kernel.to_cbor(),
             "round": self.round,
@@ -150,6 +156,9 @@ class RoundSchedule:
             "seed": self.seed,
             "train": self.train.to_cbor(),
         }
+        if self.policy != Policy():
+            body["policy"] = self.policy.to_cbor()
+        return body
 
     @classmethod
     def from_body(cls, body: object) -> RoundSchedule:
@@ -167,7 +176,12 @@ class RoundSchedule:
                 "bounds",
             }
         )
-        m = body_map(body, keys, "schedule")
+        m = body_map(body, keys, "schedule", frozenset({"policy"}))
+        policy = Policy()
+        if "policy" in m:
+            policy = Policy.from_cbor(m["policy"])
+            if policy == Policy():  # one encoding per schedule: the default is left out
+                raise MalformedMessage("a schedule names its policy only when not the default")
         participants = m["participants"]
         if participants is not None:
             if not isinstance(participants, list | tuple) or not all(
@@ -188,4 +202,5 @@ class RoundSchedule:
             train=TrainConfig.from_cbor(m["train"]),
             kernel=None if m["kernel"] is None else KernelRef.from_cbor(m["kernel"]),
             bounds=Bounds.from_cbor(m["bounds"]),
+            policy=policy,
         )

@@ -144,7 +144,7 @@ class FleetRig:
         self.gateways[gw] = gateway.start()
         return gateway
 
-    def device(self, dev: str, *, trainer: Any = None) -> DeviceAgent:
+    def device(self, dev: str, *, trainer: Any = None, slowdown: float = 0.0) -> DeviceAgent:
         x, y = device_data(dev)
         agent = DeviceAgent(
             dev,
@@ -158,6 +158,7 @@ class FleetRig:
             backoff_max=0.3,
             rng=np.random.default_rng(2),
             login=self.kit.logins.get(dev),
+            slowdown=slowdown,
         )
         self.stack.callback(agent.stop)
         self.devices[dev] = agent.start()

@@ -34,3 +34,16 @@ def test_compression_benchmark_prints_accuracy_series_as_json(
     assert result["rounds"] == [10]
     assert set(result["accuracy"]) == {"float32", "ternary", "ternary_ef"}
     assert all(len(v) == 1 and 0 <= v[0] <= 100 for v in result["accuracy"].values())
+
+
+def test_soak_benchmark_shows_retention_keeps_the_state_dir_from_growing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bench import soak
+
+    assert soak.main(["--rounds", "12", "--warmup", "4", "--keep-models", "2", "--json"]) == 0
+
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["kept"]["per_round"]["state"] < 2_000  # a round record, no model
+    assert result["everything"]["per_round"]["state"] > 60_000  # a model and its momentum
+    assert set(result["kept"]["per_round"]) == {"objects", "rss", "state"}

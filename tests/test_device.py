@@ -170,17 +170,31 @@ def test_device_ignores_a_forged_schedule_and_sends_a_signed_update(
     assert (env.round, Update.from_body(env.body)) == (1, want)  # the shipped kernel trained
 
 
-def test_device_joining_mid_round_takes_part_from_the_next_schedule(
+def test_device_starting_mid_round_joins_the_open_round(
     agent: DeviceAgent, coordinator: Coordinator, updates: Inbox
 ) -> None:
     coordinator.open_round(schedule(1))  # retained before the device connects
     agent.start()
-    coordinator.open_round(schedule(2))
 
-    assert agent.wait_for_round(2, WAIT).error == ""
-    assert 1 not in agent.outcomes
+    assert agent.wait_for_round(1, WAIT).error == ""
     updates.wait_for(timeout=WAIT)
     assert len(updates.messages) == 1
+
+
+def test_device_told_not_to_join_mid_round_takes_part_from_the_next_schedule(
+    amqtt_broker: AmqttBroker, kit: FleetKit, coordinator: Coordinator, updates: Inbox
+) -> None:
+    x, y = data()
+    late = DeviceAgent("dev-01", kit.fleet, kit.keys["dev-01"], amqtt_broker.url, x, y,
+                       join_current_round=False)  # fmt: skip
+    coordinator.open_round(schedule(1))  # retained before the device connects
+    with late:
+        coordinator.open_round(schedule(2))
+
+        assert late.wait_for_round(2, WAIT).error == ""
+        assert 1 not in late.outcomes
+        updates.wait_for(timeout=WAIT)
+        assert len(updates.messages) == 1
 
 
 def test_device_not_named_by_the_schedule_sends_nothing(

@@ -6,8 +6,6 @@ long it backs off); the real broker and gateway are in the end-to-end test.
 
 from __future__ import annotations
 
-import importlib
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -17,27 +15,29 @@ import numpy as np
 import pytest
 
 from kernels.reference import init_weights, mlp_spec
-from tern import mcu, topics
+from tern import mcu
 from tern.reports import State, Status, Telemetry
+from tests.firmware_fakes import (
+    DEVICE,
+    FLEET,
+    KEY,
+    TOPICS,
+    FakeBroker,
+    FakeClock,
+    FixedSensor,
+    board_config,
+    firmware_modules,
+)
 
-ESP32 = Path(__file__).resolve().parents[1] / "firmware" / "esp32"
-KEY = bytes(range(32))
-FLEET, DEVICE = "demo", "esp-1"
 RUN = 1_767_225_600_000  # a coordinator's run: ms since the epoch, past 2**32
 HI = RUN >> 32
-TOPICS = {
-    "model": topics.mcu_model(FLEET, DEVICE).path,
-    "telemetry": topics.telemetry(FLEET, DEVICE).path,
-    "status": topics.status(FLEET, DEVICE).path,
-}
 
 
 @pytest.fixture(scope="module")
 def fw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, ModuleType]]:
     """(tern_board, tern_sensors) imported from firmware/esp32."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(ESP32))
-        yield importlib.import_module("tern_board"), importlib.import_module("tern_sensors")
+    with firmware_modules() as modules:
+        yield modules
 
 
 # The ordering table: a board that runs (RUN, 7) is offered one model, by (run, version).
@@ -68,123 +68,9 @@ def sealed() -> Callable[..., bytes]:
     return seal_model
 
 
-class FakeBroker:
-    """Retained messages and a log of publishes; `down` makes every call fail."""
-
-    def __init__(self) -> None:
-        self.retained: dict[bytes, bytes] = {}
-        self.published: list[tuple[bytes, bytes, bool]] = []
-        self.clients: list[FakeClient] = []
-        self.down = False
-
-    def factory(self, *args: Any) -> FakeClient:
-        client = FakeClient(self, *args)
-        self.clients.append(client)
-        return client
-
-    def deliver(self, topic: str, payload: bytes) -> None:
-        for c in self.clients:
-            if c.connected and topic.encode() in c.subscribed:
-                c.inbox.append((topic.encode(), payload))
-
-    def last(self, topic: str) -> bytes:
-        return [p for t, p, _ in self.published if t == topic.encode()][-1]
-
-
-class FakeClient:
-    """umqtt.simple.MQTTClient's surface, in memory."""
-
-    def __init__(self, broker: FakeBroker, client_id: str, *args: Any) -> None:
-        self.broker, self.client_id, self.args = broker, client_id, args
-        self.cb: Callable[[bytes, bytes], None] | None = None
-        self.will: tuple[bytes, bytes, bool, int] | None = None
-        self.subscribed: set[bytes] = set()
-        self.inbox: list[tuple[bytes, bytes]] = []
-        self.connected = False
-        self.pings = 0
-
-    def _up(self) -> None:
-        if self.broker.down:
-            raise OSError("connection refused")
-
-    def set_callback(self, cb: Callable[[bytes, bytes], None]) -> None:
-        self.cb = cb
-
-    def set_last_will(self, topic: bytes, msg: bytes, retain: bool, qos: int) -> None:
-        self.will = (topic, msg, retain, qos)
-
-    def connect(self) -> int:
-        self._up()
-        self.connected = True
-        return 0
-
-    def publish(self, topic: bytes, msg: bytes, retain: bool = False, qos: int = 0) -> None:
-        self._up()
-        self.broker.published.append((topic, msg, retain))
-        if retain:
-            self.broker.retained[topic] = msg
-
-    def subscribe(self, topic: bytes, qos: int = 0) -> None:
-        self._up()
-        self.subscribed.add(topic)
-        if topic in self.broker.retained:
-            assert self.cb is not None
-            self.cb(topic, self.broker.retained[topic])
-
-    def check_msg(self) -> None:
-        self._up()
-        if self.inbox:
-            assert self.cb is not None
-            self.cb(*self.inbox.pop(0))
-
-    def ping(self) -> None:
-        self._up()
-        self.pings += 1
-
-    def disconnect(self) -> None:
-        self.connected = False
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.ms = 0
-
-    def ticks_ms(self) -> int:
-        return self.ms
-
-    def ticks_us(self) -> int:
-        return self.ms * 1000
-
-    def ticks_diff(self, a: int, b: int) -> int:
-        return a - b
-
-    def sleep_ms(self, ms: int) -> None:
-        self.ms += ms
-
-
-class FixedSensor:
-    def read(self) -> list[int]:
-        return [(i * 7) % 255 - 127 for i in range(40)]
-
-
-def _config(**extra: Any) -> dict[str, Any]:
-    return {
-        "fleet": FLEET,
-        "device": DEVICE,
-        "key": KEY.hex(),
-        "broker": {"host": "gw", "port": 1883, "user": DEVICE, "password": "pw", "keepalive": 60},
-        "topics": TOPICS,
-        "rate_hz": 10,
-        "sensor": {"kind": "replay", "path": "windows.txt"},
-        "version": "0.1.0",
-        "max_model_bytes": 65536,
-        **extra,
-    }
-
-
 def _board(fw: tuple[ModuleType, ModuleType], broker: FakeBroker, store: Path, **kw: Any) -> Any:
     return fw[0].Board(
-        _config(),
+        board_config(),
         FixedSensor(),
         mqtt_factory=broker.factory,
         clock=FakeClock(),
@@ -370,47 +256,3 @@ def test_board_reconnects_after_losing_its_broker_and_stops_cleanly(
     assert board.model.model_version == 7
     assert _status(broker) == Status(DEVICE, "board", State.OFFLINE, "0.1.0", "shutdown")
     assert board.client is None
-
-
-def test_payload_helpers_match_tern_reports_byte_for_byte(
-    fw: tuple[ModuleType, ModuleType],
-) -> None:
-    tern_board = fw[0]
-
-    status = tern_board.status_json(DEVICE, "online", "0.1.0", 'model refused: "x"')
-    telemetry = tern_board.telemetry_json(DEVICE, 12, 881, 3, 0.9312345678901234, 5120)
-
-    assert status == Status(DEVICE, "board", State.ONLINE, "0.1.0", 'model refused: "x"').to_json()
-    assert telemetry == Telemetry(DEVICE, 12, 881, 3, 0.9312345678901234, 5120).to_json()
-
-
-def test_replay_sensor_cycles_through_its_windows_and_clamps(
-    fw: tuple[ModuleType, ModuleType], tmp_path: Path
-) -> None:
-    path = tmp_path / "windows.txt"
-    path.write_text("# two windows\n1,2,3\n\n-200,0,200\n")
-    sensor = fw[1].make_sensor({"kind": "replay", "path": str(path)})
-
-    seen = [list(sensor.read()) for _ in range(3)]
-    sensor.close()
-
-    assert seen == [[1, 2, 3], [-127, 0, 127], [1, 2, 3]]
-    with pytest.raises(ValueError, match="unknown sensor kind"):
-        fw[1].make_sensor({"kind": "i2c"})
-
-
-def test_board_config_with_a_short_key_is_refused(fw: tuple[ModuleType, ModuleType]) -> None:
-    with pytest.raises(ValueError, match="64 hex"):
-        fw[0].Board({**_config(), "key": "00" * 16}, FixedSensor(), clock=FakeClock())
-
-
-def test_status_json_round_trips(fw: tuple[ModuleType, ModuleType]) -> None:
-    raw = fw[0].status_json(DEVICE, "offline", "0.1.0", "connection lost")
-
-    assert json.loads(raw) == {
-        "detail": "connection lost",
-        "id": DEVICE,
-        "role": "board",
-        "state": "offline",
-        "version": "0.1.0",
-    }

@@ -6,10 +6,8 @@ gateway's own broker.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -22,14 +20,7 @@ import pytest
 from broker.errors import ConnectRefused
 from broker.transport import Message
 from gateway import Gateway, GatewayConfig, GatewayError
-from gateway.boards import (
-    BoardEntry,
-    Boards,
-    BoardsError,
-    load_boards,
-    new_board_entry,
-    save_boards,
-)
+from gateway.boards import BoardEntry, Boards, BoardsError, load_boards, save_boards
 from kernels.reference import init_weights, mlp_spec
 from tern import topics
 from tern.envelope import Envelope, Kind, seal
@@ -39,7 +30,8 @@ from tern.mcu import McuModel, open_mcu, quantize
 from tern.messages import GlobalModel
 from tern.reports import State, Status, Telemetry
 from tern.spec import ModelSpec
-from tests.fleet_fixtures import build_fleet, write_fleet
+from tests.boards_helpers import FLEET, KIT, entry, start_gateway
+from tests.fleet_fixtures import write_fleet
 from tests.helpers import first_line, wait_until
 from tests.mqtt_fixtures import AmqttBroker, Inbox, MakeTransport, MosquittoBroker, listen
 
@@ -47,14 +39,8 @@ SPEC = mlp_spec([8, 6, 3])
 WAIT = 10.0
 QUIET = 0.5  # how long "nothing arrives" is watched for
 REPO = Path(__file__).resolve().parents[1]
-KIT = build_fleet({"gw-1": (COORDINATOR, ["dev-01"])})
-FLEET = KIT.fleet.fleet
 OBSERVER_LOGIN = KIT.login(OBSERVER)  # what a dashboard on a gateway's broker logs in with
 RUN = 0  # the run this test's stand-in coordinator seals its models with
-
-
-def entry(seed: int) -> BoardEntry:
-    return BoardEntry(bytes([seed]) * 32, f"user-{seed}", f"password-{seed}")
 
 
 def weights(version: int) -> np.ndarray:
@@ -87,98 +73,11 @@ def board_model(inbox: Inbox, board: BoardEntry, device: str, version: int) -> M
     return open_mcu(inbox.wait_for(is_version, WAIT).payload, board.key, FLEET, device)
 
 
-def start_gateway(
-    stack: ExitStack, upstream_url: str, boards_file: Path, downstream_url: str | None = None
-) -> Gateway:
-    config = GatewayConfig(
-        "gw-1",
-        upstream_url,
-        downstream_url=downstream_url,
-        listen_port=0,
-        backoff_min=0.05,
-        backoff_max=0.3,
-        boards_file=str(boards_file),
-        login=KIT.logins["gw-1"],
-    )
-    gateway = Gateway(config, KIT.fleet, KIT.keys["gw-1"], rng=np.random.default_rng(1))
-    stack.callback(gateway.stop)
-    return gateway.start()
-
-
 @pytest.fixture
 def boards_file(tmp_path: Path) -> Path:
     path = tmp_path / "boards.json"
     save_boards(path, Boards(FLEET, "gw-1", {"esp-1": entry(1)}))
     return path
-
-
-# -- the boards file -------------------------------------------------------------------
-
-
-def test_boards_file_round_trips_and_is_private(tmp_path: Path) -> None:
-    boards = Boards(FLEET, "gw-1").with_board("esp-1", new_board_entry("esp-1"))
-    boards = boards.with_board("esp-2", entry(2))
-    path = tmp_path / "boards.json"
-
-    save_boards(path, boards)
-
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    back = load_boards(path)
-    assert back == boards and dict(back.boards) == dict(boards.boards)
-    doc = json.loads(path.read_text())
-    assert set(doc) == {"fleet", "gateway", "boards"}
-    assert doc["boards"]["esp-2"] == {
-        "key": (bytes([2]) * 32).hex(),
-        "mqtt_user": "user-2",
-        "mqtt_password": "password-2",
-    }
-
-
-def test_new_board_entries_are_fresh() -> None:
-    a, b = new_board_entry("esp-1"), new_board_entry("esp-1")
-
-    assert len(a.key) == 32 and a.mqtt_user == "esp-1"
-    assert a.key != b.key and a.mqtt_password != b.mqtt_password
-    assert a.key.hex() not in repr(a) and a.mqtt_password not in repr(a)
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "not json",
-        "[]",
-        '{"fleet": "f", "gateway": "gw-1"}',
-        '{"fleet": "f", "gateway": "gw-1", "boards": {"esp-1": {"key": "00"}}}',
-        '{"fleet": "f", "gateway": "gw-1", "boards": {"esp-1": '
-        '{"key": "zz", "mqtt_user": "u", "mqtt_password": "p"}}}',
-        '{"fleet": "f", "gateway": "gw-1", "boards": {"esp/1": '
-        '{"key": "' + "00" * 32 + '", "mqtt_user": "u", "mqtt_password": "p"}}}',
-        '{"fleet": "f", "gateway": "gw-1", "boards": {"esp-1": '
-        '{"key": "' + "00" * 32 + '", "mqtt_user": "", "mqtt_password": "p"}}}',
-    ],
-    ids=["json", "array", "missing", "fields", "key", "id", "user"],
-)
-def test_a_bad_boards_file_is_a_clear_gateway_error(tmp_path: Path, text: str) -> None:
-    path = tmp_path / "boards.json"
-    path.write_text(text)
-
-    with pytest.raises(BoardsError, match=r"boards file .*boards\.json"):
-        load_boards(path)
-
-
-def test_a_missing_boards_file_is_a_gateway_error(tmp_path: Path) -> None:
-    with pytest.raises(GatewayError, match="cannot be read"):
-        load_boards(tmp_path / "absent.json")
-
-
-def test_gateway_refuses_boards_of_another_gateway(
-    amqtt_broker: AmqttBroker, tmp_path: Path, stack: ExitStack
-) -> None:
-    path = tmp_path / "boards.json"
-    save_boards(path, Boards(FLEET, "gw-9", {"esp-1": entry(1)}))
-
-    with pytest.raises(BoardsError, match="gw-9"):
-        start_gateway(stack, amqtt_broker.url, path)
 
 
 # -- models down -----------------------------------------------------------------------

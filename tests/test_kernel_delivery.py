@@ -257,12 +257,12 @@ def test_device_survives_trap_fuel_memory_and_abi_failures_round_after_round(
     assert agent.wait_for_round(len(rounds) + 1, WAIT).error == ""
 
 
-def test_a_kernel_that_does_not_arrive_before_the_deadline_fails_the_round(
+def test_a_kernel_that_does_not_arrive_fails_the_round_in_time_to_tell_the_gateway(
     agent: DeviceAgent, coordinator: StandIn, updates: Inbox, kit: FleetKit
 ) -> None:
     coordinator.open_round(1, ref(VARIANT), seconds=1.5)  # never published
 
-    outcome = agent.wait_for_round(1, WAIT)
+    outcome = _failed(agent, updates, kit, 1)  # the failure is sent before the deadline
 
     assert outcome.reason == "kernel_unavailable"
 

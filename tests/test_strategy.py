@@ -1,4 +1,4 @@
-"""The coordinator's strategy: FedAvg with server lr and momentum, and seeded sampling."""
+"""The coordinator's strategy module: seeded sampling, and tern's strategies re-exported."""
 
 from __future__ import annotations
 
@@ -7,64 +7,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.strategy import FedAvg, sample_participants
-from tern.aggregate import Partial, mean
+import coordinator.strategy
+import tern.strategies
+from coordinator.strategy import sample_participants
 
 DEVICES = [f"dev-{i:02d}" for i in range(10)]
 
 
-def _partial(values: list[float], weight: float, count: int = 2) -> Partial:
-    return Partial(np.asarray(values, dtype=np.float32), weight, count)
-
-
-def test_fedavg_with_lr_one_and_no_momentum_is_weights_plus_mean_bit_for_bit() -> None:
-    rng = np.random.default_rng(3)
-    w = rng.standard_normal(50, dtype=np.float32)
-    p = Partial(rng.standard_normal(50, dtype=np.float32), 7.0, 3)
-
-    new, m = FedAvg().apply(w, np.zeros(50, dtype=np.float32), p)
-
-    assert new.dtype == np.float32
-    assert new.tobytes() == (w + mean(p)).tobytes()
-    assert m.tobytes() == mean(p).tobytes()
-
-
-def test_fedavg_scales_the_mean_by_the_server_learning_rate() -> None:
-    w = np.zeros(3, dtype=np.float32)
-    p = _partial([2.0, -4.0, 6.0], 2.0)
-
-    new, _ = FedAvg(server_lr=0.5).apply(w, np.zeros(3, dtype=np.float32), p)
-
-    np.testing.assert_array_equal(new, np.asarray([0.5, -1.0, 1.5], dtype=np.float32))
-
-
-def test_fedavg_momentum_accumulates_over_rounds() -> None:
-    strategy = FedAvg(server_lr=1.0, momentum=0.5)
-    w, m = np.zeros(2, dtype=np.float32), np.zeros(2, dtype=np.float32)
-    p = _partial([1.0, -2.0], 1.0)
-
-    w1, m1 = strategy.apply(w, m, p)
-    w2, m2 = strategy.apply(w1, m1, p)
-
-    np.testing.assert_array_equal(m1, [1.0, -2.0])
-    np.testing.assert_array_equal(m2, [1.5, -3.0])  # 0.5 * m1 + mean
-    np.testing.assert_array_equal(w2, [2.5, -5.0])
-
-
-def test_fedavg_does_not_modify_its_inputs() -> None:
-    w, m = np.ones(2, dtype=np.float32), np.ones(2, dtype=np.float32)
-    p = _partial([1.0, 1.0], 1.0)
-
-    FedAvg(server_lr=2.0, momentum=0.9).apply(w, m, p)
-
-    np.testing.assert_array_equal(w, [1.0, 1.0])
-    np.testing.assert_array_equal(m, [1.0, 1.0])
-
-
-@pytest.mark.parametrize(("lr", "momentum"), [(0.0, 0.0), (-1.0, 0.0), (1.0, 1.0), (1.0, -0.1)])
-def test_fedavg_refuses_bad_hyperparameters(lr: float, momentum: float) -> None:
-    with pytest.raises(ValueError):
-        FedAvg(server_lr=lr, momentum=momentum)
+def test_the_coordinator_uses_the_protocol_layers_strategies() -> None:
+    # FedAvg's arithmetic and FedAdam are tested in tests/test_strategies.py
+    assert coordinator.strategy.FedAvg is tern.strategies.FedAvg
+    assert coordinator.strategy.strategy_from is tern.strategies.strategy_from
 
 
 def test_sampling_with_a_seed_is_deterministic() -> None:

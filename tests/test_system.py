@@ -117,8 +117,9 @@ def tree_partial(fleet: Fleet, gateway: str, leaves: dict[str, Partial]) -> Part
 
 def server_step(weights: np.ndarray, top: dict[str, Partial]) -> np.ndarray:
     """The coordinator's fold of its gateways' partials and plain FedAvg (lr 1, no momentum)."""
-    zeros = np.zeros(SPEC.size, dtype=np.float32)
-    new, _ = FedAvg(1.0, 0.0).apply(weights, zeros, fold_sorted(top.items(), SPEC.size))
+    fedavg = FedAvg(1.0, 0.0)
+    state = fedavg.init_state(SPEC.size)
+    new, _ = fedavg.apply(weights, state, fold_sorted(top.items(), SPEC.size))
     return new
 
 

@@ -1,0 +1,84 @@
+"""The publish/subscribe interface every component talks through, and the values it carries.
+
+Components depend on `Transport` (a Protocol) and receive `Message` values; neither knows
+paho. `broker.transport` re-exports all of these next to its paho client, `MqttTransport`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from tern.topics import Topic
+
+__all__ = ["Counters", "Handler", "Message", "Transport", "TransportStats"]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One delivered message; `retain` is set when it is a broker's retained copy."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+Handler = Callable[[Message], None]
+
+
+class Transport(Protocol):
+    """What components need from MQTT. Implemented by MqttTransport; tests may fake it."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def connect(self, timeout: float | None = 10.0) -> object: ...
+
+    def publish(
+        self,
+        topic: Topic,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        wait: bool = False,
+        timeout: float = 10.0,
+    ) -> None: ...
+
+    def subscribe(
+        self, filter: Topic, handler: Handler, *, qos: int = 1, timeout: float = 10.0
+    ) -> None: ...
+
+    def close(self, timeout: float = 5.0) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TransportStats:
+    """Counters since the transport was made (payload bytes, not MQTT framing)."""
+
+    messages_in: int = 0
+    bytes_in: int = 0
+    messages_out: int = 0
+    bytes_out: int = 0
+    dropped_out: int = 0  # QoS 0 messages published while disconnected
+    handler_errors: int = 0
+    reconnects: int = 0
+
+
+class Counters:
+    """The running counts behind `TransportStats`, under the owner's lock."""
+
+    def __init__(self, lock: threading.RLock) -> None:
+        self._lock = lock
+        self._counts = dict.fromkeys(TransportStats.__dataclass_fields__, 0)
+
+    def add(self, **increments: int) -> None:
+        with self._lock:
+            for name, value in increments.items():
+                self._counts[name] += value
+
+    def snapshot(self) -> TransportStats:
+        with self._lock:
+            return TransportStats(**self._counts)

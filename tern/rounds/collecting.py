@@ -1,0 +1,88 @@
+"""One round being collected at a receiver (a gateway or the coordinator), in stages.
+
+Wraps a `tern.collect.Collector` (the trust boundary's bookkeeping) with the round's
+stages (`tern.rounds.stages`): the open stage closes when every expected sender has
+settled or at its time, and the round fails at a stage left with too few survivors.
+Plain rounds have one stage, ``collect``. Pure: times come from the machine.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+from tern.admit import Peer, Terms
+from tern.aggregate import Partial
+from tern.aggregators import Aggregator
+from tern.collect import Collector, Offer
+from tern.messages import RoundSchedule
+from tern.rounds.stages import Stage, Stages
+
+__all__ = ["CollectingRound"]
+
+
+class CollectingRound:
+    """Round `schedule.round` of run `run`, opened at `opened_at`, from `peers`."""
+
+    def __init__(
+        self,
+        *,
+        run: int,
+        schedule: RoundSchedule,
+        terms: Terms,
+        peers: Mapping[str, Peer],
+        stages: Sequence[Stage],
+        opened_at: float,
+        aggregator: Aggregator | None = None,
+    ) -> None:
+        self.run = run
+        self.schedule = schedule
+        self.collector = Collector(terms=terms, peers=peers, aggregator=aggregator)
+        self.stages = Stages(stages)
+        self.opened_at = opened_at
+        self.stands_for = {p.id: p.devices for p in peers.values()}
+        self.extra_rejected: Counter[str] = Counter()  # refused outside the collector
+        self.result: Partial | None = None
+
+    @property
+    def stamp(self) -> tuple[int, int, float]:
+        s = self.schedule
+        return (self.run, s.round, s.deadline)
+
+    @property
+    def round(self) -> int:
+        return self.schedule.round
+
+    @property
+    def close_at(self) -> float | None:
+        """When the open stage closes at the latest; None once the round is over."""
+        stage = self.stages.current
+        return None if stage is None else stage.close_at
+
+    def offer(self, data: bytes, topic: str, *, retained: bool) -> Offer:
+        return self.collector.offer(data, topic, retained=retained)
+
+    @property
+    def complete(self) -> bool:
+        """Every expected sender has settled: the open stage need not wait longer."""
+        return self.collector.complete
+
+    def close(self) -> Partial:
+        """Close the open stage (one-stage rounds: the round) and fold what survived."""
+        result = self.collector.close()
+        self.stages.close(result.count)
+        self.result = result
+        return result
+
+    @property
+    def rejected(self) -> Counter[str]:
+        return self.collector.rejected + self.extra_rejected
+
+    @property
+    def dropped(self) -> int:
+        """Participants below this receiver whose contribution never arrived."""
+        accepted = self.collector.accepted
+        return sum(
+            max(n - (accepted[c].count if c in accepted else 0), 0)
+            for c, n in self.stands_for.items()
+        )

@@ -1,0 +1,290 @@
+"""A Pi-class device's round logic as a pure state machine.
+
+Events: the coordinator's model and schedule relayed by its gateway (`Received` on the
+`down` link, its only link), the link coming up (`Linked`), and a training job done
+(`Trained`). Actions: `Publish` (its update or failure, its status), `Train` (a job for
+the process's worker: heavy, so never run inside the machine), `SaveMarks` (its
+freshness high-water marks), `RoundDone` (what it did in a round) and `Note` (a log
+line). The process (device.agent) carries them out.
+
+Nothing is lost to a restart of its gateway or its gateway's broker: the device keeps
+the sealed contribution of the round in progress, and sends the same bytes again each
+time the round's schedule reaches it again before the deadline. A gateway republishes
+its schedule after every reconnect to its broker, once it has subscribed again, so the
+copy arrives when the gateway listens; a gateway takes identical bytes once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from nacl.signing import SigningKey
+
+from tern import __version__, topics
+from tern.envelope import Envelope, Kind, seal
+from tern.errors import TernError
+from tern.feed import CoordinatorFeed
+from tern.fleet import Fleet
+from tern.freshness import Order, Stamp, Watermarks, model_stamp
+from tern.messages import Failure, GlobalModel, RoundSchedule, Update
+from tern.reports import State, Status
+from tern.rounds.events import Link, Linked, Note, Publish, Received
+
+__all__ = [
+    "DeviceMachine",
+    "KernelRefused",
+    "RoundDone",
+    "RoundOutcome",
+    "SaveMarks",
+    "Train",
+    "Trained",
+]
+
+F32Array = npt.NDArray[np.float32]
+
+_STATUS_EVERY = 60.0  # seconds between two status details about the same refusal
+
+
+@dataclass(frozen=True, slots=True)
+class RoundOutcome:
+    """What this device did in one round: sent an update, or why not (`error`)."""
+
+    round: int
+    model_version: int
+    samples: int
+    update_bytes: int = 0
+    train_seconds: float = 0.0
+    error: str = ""
+    reason: str = ""  # the slug reported upstream in a failure message, when it failed
+    kernel: str = ""  # SHA-256 of the Wasm kernel that trained, if one did
+
+
+@dataclass(frozen=True, slots=True)
+class Train:
+    """Action: train `model` for `schedule`, starting from the error-feedback `residual`."""
+
+    run: int
+    schedule: RoundSchedule
+    model: GlobalModel
+    residual: F32Array | None
+
+
+@dataclass(frozen=True, slots=True)
+class Trained:
+    """Event: the job for (run, schedule) finished with an update, or failed (`reason`)."""
+
+    run: int
+    schedule: RoundSchedule
+    update: Update | None = None
+    residual: F32Array | None = None
+    seconds: float = 0.0
+    kernel: str = ""
+    reason: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class KernelRefused:
+    """Event: a kernel from the gateway's broker was refused (counted, and reported)."""
+
+    error: TernError
+
+
+@dataclass(frozen=True, slots=True)
+class SaveMarks:
+    marks: Watermarks
+
+
+@dataclass(frozen=True, slots=True)
+class RoundDone:
+    outcome: RoundOutcome
+
+
+class DeviceMachine:
+    """One device of `fleet` with `samples` local examples, signing with `key`.
+
+    `join_current_round`: take part in a round already open when the device (re)starts,
+    if its deadline is still ahead (default); False waits for the next schedule.
+    """
+
+    def __init__(
+        self,
+        device_id: str,
+        fleet: Fleet,
+        key: SigningKey,
+        samples: int,
+        *,
+        marks: Watermarks | None = None,
+        join_current_round: bool = True,
+    ) -> None:
+        self.id = device_id
+        self.fleet = fleet
+        self.gateway = fleet.gateway_of(device_id)
+        self.key = key
+        self.samples = samples
+        self.join_current_round = join_current_round
+        self.feed = CoordinatorFeed(fleet, marks)
+        self.rejected: dict[str, int] = {}
+        self.model: GlobalModel | None = None
+        self.model_stamp: Stamp | None = None
+        self._schedule: tuple[int, RoundSchedule] | None = None
+        # (run, round, deadline) of the last schedule handled: a restarted coordinator
+        # re-issues an open round under the same number with a later deadline, and that is new.
+        self._last_round: tuple[int, int, float] = (-1, -1, 0.0)
+        self._training = False
+        self._residual: F32Array | None = None
+        # The residual before the last round run, for running that round again.
+        self._residual_before: tuple[int, F32Array | None] = (-1, None)
+        self._sent: tuple[tuple[int, int, float], bytes] | None = None  # the open round's
+        self._detail = ""
+        self._detail_at: dict[tuple[str, str], float] = {}
+
+    # -- events -----------------------------------------------------------------------
+
+    def handle(self, event: object, now: float) -> list[object]:
+        if isinstance(event, Received):
+            kind = _kind(event.topic, self.fleet.fleet)
+            if kind is topics.TopicKind.GLOBAL_MODEL:
+                return self._on_model(event.payload, now)
+            if kind is topics.TopicKind.ROUND_SCHEDULE:
+                return self._on_schedule(event.payload, event.retained, now)
+            return []
+        if isinstance(event, Trained):
+            return self._on_trained(event, now)
+        if isinstance(event, KernelRefused):
+            return self._refused("kernel", event.error, now)
+        if isinstance(event, Linked):
+            return [self._status("")]
+        return []
+
+    def _refused(self, what: str, exc: TernError, now: float) -> list[object]:
+        key = f"{what}_{exc.reason}"
+        self.rejected[key] = self.rejected.get(key, 0) + 1
+        note = Note(logging.WARNING, what, exc.reason, "%s: refused a %s (%s): %s",
+                    (self.id, what, exc.reason, str(exc)))  # fmt: skip
+        last = self._detail_at.get((what, exc.reason))
+        if last is not None and now - last < _STATUS_EVERY:
+            return [note]
+        self._detail_at[(what, exc.reason)] = now  # what a dashboard sees, now and then
+        return [note, self._status(f"refused a {what}: {exc.reason}")]
+
+    def _on_model(self, data: bytes, now: float) -> list[object]:
+        try:
+            taken = self.feed.take_model(data)
+        except TernError as exc:
+            return self._refused("model", exc, now)
+        stamp = model_stamp(taken.envelope)
+        if taken.order is Order.SAME and stamp == self.model_stamp:
+            return []  # the model held: a retained copy after a reconnect
+        self.model_stamp, self.model = stamp, taken.value
+        return [SaveMarks(self.feed.marks), *self._maybe_train(now)]
+
+    def _on_schedule(self, data: bytes, retained: bool, now: float) -> list[object]:
+        try:
+            taken = self.feed.take_schedule(data)
+        except TernError as exc:
+            return self._refused("schedule", exc, now)
+        out: list[object] = []
+        if taken.order is Order.NEWER:
+            out.append(SaveMarks(self.feed.marks))
+        run, schedule = taken.envelope.run, taken.value
+        stamp = (run, schedule.round, schedule.deadline)
+        if stamp <= self._last_round:
+            # The schedule again: its gateway (re)subscribed. Resend what this device
+            # sent for the round, in case it was lost with a broker or the gateway.
+            if self._sent is not None and self._sent[0] == stamp and now < schedule.deadline:
+                out.append(self._publish(self._sent[1]))
+            return out
+        if retained and not self.join_current_round:
+            self._last_round = stamp  # joined mid-round: take part from the next schedule
+            return out
+        self._schedule = (run, schedule)
+        return out + self._maybe_train(now)
+
+    def _maybe_train(self, now: float) -> list[object]:
+        if self._schedule is None or self._training:
+            return []
+        run, s = self._schedule
+        stamp = (run, s.round, s.deadline)
+        if stamp <= self._last_round:
+            return []
+        if s.participants is not None and self.id not in s.participants:
+            self._last_round = stamp
+            return []
+        if self.model is None or self.model_stamp != Stamp(run, s.model_version):
+            return []  # wait for the model the schedule names
+        self._last_round = stamp
+        if now >= s.deadline:
+            done = Trained(run, s, reason="late", error=f"round {s.round} is past its deadline")
+            return self._on_failure(done, now)
+        # A round run again (its first attempt was lost with a coordinator) starts from
+        # the residual before that attempt: its contribution was never counted.
+        rerun, before = self._residual_before
+        carried = before if rerun == s.round else self._residual
+        self._residual_before = (s.round, carried)
+        self._training = True
+        return [Train(run, s, self.model, carried)]
+
+    def _on_trained(self, done: Trained, now: float) -> list[object]:
+        self._training = False
+        out = self._on_failure(done, now) if done.update is None else self._on_update(done)
+        return out + self._maybe_train(now)  # a newer schedule may have come meanwhile
+
+    def _on_update(self, done: Trained) -> list[object]:
+        assert done.update is not None
+        s = done.schedule
+        data = self._seal(Kind.UPDATE, done.run, s, done.update.to_body())
+        self._sent = ((done.run, s.round, s.deadline), data)
+        self._residual = done.residual
+        outcome = RoundOutcome(
+            s.round, s.model_version, self.samples, len(data), done.seconds, kernel=done.kernel
+        )
+        out: list[object] = [self._publish(data), RoundDone(outcome)]
+        if self._detail:
+            out.append(self._status(""))  # the last failure is over
+        return out
+
+    def _on_failure(self, done: Trained, now: float) -> list[object]:
+        s = done.schedule
+        out: list[object] = [
+            Note(logging.WARNING, "", done.reason, "%s: round %d failed (%s): %s",
+                 (self.id, s.round, done.reason, done.error)),
+        ]  # fmt: skip
+        if now < s.deadline:
+            data = self._seal(Kind.FAILURE, done.run, s, Failure({done.reason: 1}).to_body())
+            self._sent = ((done.run, s.round, s.deadline), data)
+            out.append(self._publish(data))
+        out.append(self._status(f"round {s.round}: {done.reason}: {done.error}"[:500]))
+        outcome = RoundOutcome(
+            s.round, s.model_version, self.samples, error=done.error, reason=done.reason
+        )
+        out.append(RoundDone(outcome))
+        return out
+
+    # -- messages ---------------------------------------------------------------------
+
+    def _seal(self, kind: Kind, run: int, s: RoundSchedule, body: object) -> bytes:
+        env = Envelope(kind, self.fleet.fleet, s.round, s.model_version, self.id, body, run=run)
+        return seal(env, self.key)
+
+    def _publish(self, data: bytes) -> Publish:
+        return Publish(Link.DOWN, topics.update(self.fleet.fleet, self.gateway, self.id), data)
+
+    def _status(self, detail: str) -> Publish:
+        """Online, with what went wrong last ("" once a round succeeds again)."""
+        self._detail = detail
+        status = Status(self.id, "device", State.ONLINE, __version__, detail)
+        return Publish(
+            Link.DOWN, topics.status(self.fleet.fleet, self.id), status.to_json(), retain=True
+        )
+
+
+def _kind(topic: str, fleet: str) -> topics.TopicKind | None:
+    try:
+        parsed = topics.parse(topic)
+    except TernError:
+        return None
+    return parsed.kind if parsed.fleet == fleet else None

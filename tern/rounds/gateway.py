@@ -1,0 +1,333 @@
+"""A gateway's round logic as a pure state machine.
+
+Links: `up` (its parent's broker: the coordinator's model, schedule and kernels come in,
+its partials, status and metrics go out) and `down` (its own broker: its devices and
+child gateways). Events: `Received`, `Timer("stage")`, `Linked`. Actions: `Publish`,
+`SetTimer`/`CancelTimer`, `SaveMarks`, `ModelTaken` (for its boards), `CohortClosed`
+and `Note`. The process (gateway.service) carries them out on one loop.
+
+Nothing is lost to a broker restart: after every reconnect the machine restores what
+it keeps retained on that broker (downstream: model, schedule, kernels; upstream: its
+status and last metrics). A device answers the schedule's new copy by sending its
+contribution again; likewise, when the coordinator's schedule reaches the gateway again
+before the deadline, it sends its partial for that round again. Identical bytes are
+taken once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nacl.signing import SigningKey
+
+from tern import __version__, topics
+from tern.admit import Terms, peers_of
+from tern.aggregators import aggregator_for
+from tern.envelope import Envelope, Kind, seal
+from tern.errors import TernError
+from tern.feed import CoordinatorFeed
+from tern.fleet import Fleet
+from tern.freshness import Order, Stamp, Watermarks, model_stamp
+from tern.messages import Failure, GlobalModel, RoundSchedule, cohort_message, open_kernel
+from tern.reports import RoundMetrics, State, Status
+from tern.rounds.collecting import CollectingRound
+from tern.rounds.device import SaveMarks
+from tern.rounds.events import CancelTimer, Link, Linked, Note, Publish, Received, SetTimer, Timer
+from tern.rounds.stages import Stage
+
+__all__ = ["CohortClosed", "GatewayMachine", "ModelTaken"]
+
+STAGE_TIMER = "stage"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelTaken:
+    """Action: a new global model was accepted (the gateway's boards derive theirs)."""
+
+    run: int
+    version: int
+    model: GlobalModel
+
+
+@dataclass(frozen=True, slots=True)
+class CohortClosed:
+    """Action: a round closed here; `partial` is what went upstream (b"" for nothing)."""
+
+    metrics: RoundMetrics
+    partial: bytes
+
+
+class GatewayMachine:
+    """Gateway `gateway_id` of `fleet` at `depth` (1 below the coordinator), signing with
+    `key`; its rounds close `margin * depth` seconds before the coordinator's deadline.
+    `refusals()` returns what its broker refused so far (counted in its metrics)."""
+
+    def __init__(
+        self,
+        gateway_id: str,
+        fleet: Fleet,
+        key: SigningKey,
+        *,
+        depth: int,
+        margin: float,
+        marks: Watermarks | None = None,
+        refusals: Callable[[], Counter[str]] = Counter,
+    ) -> None:
+        self.id = gateway_id
+        self.fleet = fleet
+        self.key = key
+        self.parent = fleet.gateways[gateway_id].parent
+        self.depth = depth
+        self.margin = margin
+        self.feed = CoordinatorFeed(fleet, marks)
+        self._refusals = refusals
+        self._models: dict[Stamp, GlobalModel] = {}  # the current model and the previous
+        self._retained: dict[topics.Topic, bytes] = {}  # relayed down, restored on reconnect
+        self._schedule_stamp: Stamp | None = None
+        self._pending: tuple[int, RoundSchedule] | None = None
+        self._last_opened: tuple[int, int, float] = (-1, -1, 0.0)
+        self.round: CollectingRound | None = None
+        self._outside: Counter[str] = Counter()  # rejected while no round was open
+        self._counted: Counter[str] = Counter()  # intake and broker refusals reported
+        self._bytes_down = 0
+        self._sent_up: tuple[tuple[int, int, float], topics.Topic, bytes] | None = None
+        self._metrics: bytes | None = None  # the last metrics, retained upstream
+
+    # -- events -------------------------------------------------------------------------
+
+    def handle(self, event: object, now: float) -> list[object]:
+        if isinstance(event, Received):
+            return self._on_message(event, now)
+        if isinstance(event, Timer) and event.key == STAGE_TIMER:
+            return self._close(now) if self.round is not None else []
+        if isinstance(event, Linked):
+            return self._restore(event.link, event.again)
+        return []
+
+    def _on_message(self, event: Received, now: float) -> list[object]:
+        try:
+            parsed = topics.parse(event.topic)
+        except TernError:
+            parsed = None
+        kind = parsed.kind if parsed is not None and parsed.fleet == self.fleet.fleet else None
+        K = topics.TopicKind
+        if event.link is Link.UP:
+            if kind is K.GLOBAL_MODEL:
+                return self._on_model(event.payload, now)
+            if kind is K.ROUND_SCHEDULE:
+                return self._on_schedule(event.payload, now)
+            if kind is K.KERNEL and parsed is not None and parsed.digest is not None:
+                return self._on_kernel(parsed.digest, event.payload)
+            return []
+        return self._on_contribution(event, now)
+
+    def _restore(self, link: Link, again: bool) -> list[object]:
+        """A (re)connected link: put back what this gateway keeps retained on it."""
+        if link is Link.DOWN:
+            if not again:
+                return []
+            return [Publish(Link.DOWN, t, data, retain=True) for t, data in self._retained.items()]
+        out: list[object] = [self._status()]
+        if self._metrics is not None:
+            out.append(Publish(Link.UP, topics.metrics(self.fleet.fleet, self.id),
+                               self._metrics, retain=True))  # fmt: skip
+        return out
+
+    def _status(self) -> Publish:
+        status = Status(self.id, "gateway", State.ONLINE, __version__).to_json()
+        return Publish(Link.UP, topics.status(self.fleet.fleet, self.id), status, retain=True)
+
+    def _refused(self, what: str, exc: TernError) -> list[object]:
+        return [Note(logging.WARNING, what, exc.reason, "gateway %s: refused a %s (%s): %s",
+                     (self.id, what, exc.reason, str(exc)))]  # fmt: skip
+
+    def _relay(self, topic: topics.Topic, data: bytes) -> Publish:
+        self._retained[topic] = data
+        self._bytes_down += len(data)
+        return Publish(Link.DOWN, topic, data, retain=True)
+
+    # -- upstream: model, schedule, kernels -----------------------------------------------
+
+    def _on_model(self, data: bytes, now: float) -> list[object]:
+        try:
+            taken = self.feed.take_model(data)
+        except TernError as exc:
+            return self._refused("model", exc)
+        stamp = model_stamp(taken.envelope)
+        if taken.order is Order.SAME and stamp in self._models:
+            return []  # the model held: a retained copy after a reconnect
+        self._models[stamp] = taken.value
+        for old in sorted(self._models)[:-2]:
+            del self._models[old]
+        out: list[object] = [SaveMarks(self.feed.marks)]
+        out.append(self._relay(topics.global_model(self.fleet.fleet), data))
+        out += self._maybe_open(now)
+        out.append(ModelTaken(stamp.run, stamp.version, taken.value))
+        return out
+
+    def _on_kernel(self, digest: str, data: bytes) -> list[object]:
+        topic = topics.kernel(self.fleet.fleet, digest)
+        if self._retained.get(topic) == data:
+            return []  # relayed already (a retained copy after a reconnect)
+        try:
+            open_kernel(data, self.fleet, digest)
+        except TernError as exc:
+            self.feed.rejected[f"kernel_{exc.reason}"] += 1
+            return self._refused("kernel", exc)
+        kernels = [t for t in self._retained if t.kind is topics.TopicKind.KERNEL]
+        for old in kernels[:-3]:  # the kernels in use lately are enough to restore
+            del self._retained[old]
+        return [self._relay(topic, data)]
+
+    def _on_schedule(self, data: bytes, now: float) -> list[object]:
+        try:
+            taken = self.feed.take_schedule(data)
+        except TernError as exc:
+            return self._refused("schedule", exc)
+        stamp = self.feed.marks.schedule
+        s = taken.value
+        if taken.order is Order.SAME and stamp == self._schedule_stamp:
+            # The coordinator published it again (it reconnected): resend this round's
+            # partial, in case the broker lost it.
+            sent = self._sent_up
+            key = (taken.envelope.run, s.round, s.deadline)
+            if sent is not None and sent[0] == key and now < s.deadline:
+                return [Publish(Link.UP, sent[1], sent[2])]
+            return []
+        self._schedule_stamp = stamp
+        out: list[object] = [SaveMarks(self.feed.marks)]
+        out.append(self._relay(topics.round_schedule(self.fleet.fleet), data))
+        self._pending = (taken.envelope.run, s)
+        return out + self._maybe_open(now)
+
+    def _maybe_open(self, now: float) -> list[object]:
+        """Open the pending schedule's round once its model is here."""
+        if self._pending is None:
+            return []
+        run, s = self._pending
+        if (run, s.round, s.deadline) <= self._last_opened:
+            return []
+        model = self._models.get(Stamp(run, s.model_version))
+        if model is None:
+            return []  # the schedule overtook its model: open when the model arrives
+        self._pending = None
+        self._last_opened = (run, s.round, s.deadline)
+        out: list[object] = []
+        if self.round is not None:
+            out += self._close(now)  # superseded by a newer round
+        peers = peers_of(self.fleet, self.id, s)
+        close_at = s.deadline - self.margin * self.depth
+        if not peers:
+            return [*out, Note(logging.INFO, "", "no_participant",
+                               "gateway %s: no participant below for round %d",
+                               (self.id, s.round))]  # fmt: skip
+        if now >= close_at:
+            return [*out, Note(logging.WARNING, "", "late",
+                               "gateway %s: round %d closed before it reached us",
+                               (self.id, s.round))]  # fmt: skip
+        try:
+            aggregator = aggregator_for(s.policy.cohort)
+        except TernError as exc:
+            return out + self._refuse_policy(run, s, sum(p.devices for p in peers.values()), exc)
+        self.round = CollectingRound(
+            run=run,
+            schedule=s,
+            terms=Terms.of(self.fleet.fleet, run, s, model.spec),
+            peers=peers,
+            stages=[Stage("collect", close_at, 1)],
+            opened_at=now,
+            aggregator=aggregator,
+        )
+        self.round.extra_rejected, self._outside = self._outside, Counter()
+        out.append(SetTimer(STAGE_TIMER, close_at))
+        out.append(Note(logging.INFO, "", "open", "gateway %s: round %d open, expecting %s",
+                        (self.id, s.round, sorted(self.round.stands_for))))  # fmt: skip
+        return out
+
+    def _refuse_policy(
+        self, run: int, s: RoundSchedule, devices: int, exc: TernError
+    ) -> list[object]:
+        """A policy this gateway cannot run: the parent learns why, for every device below."""
+        self.feed.rejected[f"schedule_{exc.reason}"] += 1
+        self._sent_up = _failure_up(self, run, s, {exc.reason: devices})
+        return [*self._refused("schedule", exc), Publish(Link.UP, *self._sent_up[1:])]
+
+    # -- downstream: contributions --------------------------------------------------------
+
+    def _on_contribution(self, event: Received, now: float) -> list[object]:
+        rnd = self.round
+        if rnd is None:
+            self._outside["no_open_round"] += 1
+            return [Note(logging.INFO, event.topic[:128], "no_open_round",
+                         "gateway %s: refused a message on %s: no round is open",
+                         (self.id, event.topic[:128]))]  # fmt: skip
+        offer = rnd.offer(event.payload, event.topic, retained=event.retained)
+        out: list[object] = []
+        if offer.reason:
+            out.append(Note(logging.WARNING, str(offer.sender), offer.reason,
+                            "gateway %s: refused a message from %s (%s): %s",
+                            (self.id, offer.sender, offer.reason, offer.message)))  # fmt: skip
+        if rnd.complete:
+            out += self._close(now)
+        return out
+
+    def _close(self, now: float) -> list[object]:
+        """Fold, send the partial and the metrics."""
+        rnd, self.round = self.round, None
+        if rnd is None:
+            return []
+        f, s = self.fleet.fleet, rnd.schedule
+        result = rnd.close()
+        collector = rnd.collector
+        failed = dict(sorted(collector.failed.items()))
+        out: list[object] = [CancelTimer(STAGE_TIMER)]
+        message = cohort_message(collector.spec, result, failed)
+        data = b""
+        if message is not None:
+            kind, body = message
+            env = Envelope(kind, f, s.round, s.model_version, self.id, body, run=rnd.run)
+            data = seal(env, self.key)
+            topic = topics.partial(f, self.parent, self.id)
+            self._sent_up = (rnd.stamp, topic, data)
+            out.append(Publish(Link.UP, topic, data))
+        metrics = RoundMetrics(
+            component=self.id,
+            round=s.round,
+            model_version=s.model_version,
+            contributors=result.count,
+            dropped=rnd.dropped,
+            rejected=dict(rnd.rejected + self._new_refusals()),
+            failed=failed,
+            bytes_up=collector.bytes_in,  # received from below (topics.md "Metrics")
+            bytes_down=self._bytes_down,
+            round_seconds=max(now - rnd.opened_at, 0.0),
+        )
+        self._bytes_down = 0
+        self._metrics = metrics.to_json()
+        out.append(Publish(Link.UP, topics.metrics(f, self.id), self._metrics, retain=True))
+        out.append(CohortClosed(metrics, data))
+        out.append(Note(logging.INFO, "", "closed", "gateway %s: round %d closed: %s",
+                        (self.id, s.round, metrics)))  # fmt: skip
+        return out
+
+    def _new_refusals(self) -> Counter[str]:
+        """Refusals since the last metrics: the coordinator's messages refused
+        (``model_<reason>``, ...) and what its broker refused, as ``access_<reason>``."""
+        broker = Counter({f"access_{why}": n for why, n in self._refusals().items()})
+        refused = self.feed.rejected + broker
+        new = refused - self._counted
+        self._counted = refused
+        return new
+
+
+def _failure_up(
+    g: GatewayMachine, run: int, s: RoundSchedule, failed: dict[str, int]
+) -> tuple[tuple[int, int, float], topics.Topic, bytes]:
+    """(round stamp, topic, sealed failure) for the gateway's parent."""
+    body = Failure(failed).to_body()
+    env = Envelope(Kind.FAILURE, g.fleet.fleet, s.round, s.model_version, g.id, body, run=run)
+    topic = topics.partial(g.fleet.fleet, g.parent, g.id)
+    return ((run, s.round, s.deadline), topic, seal(env, g.key))

@@ -1,0 +1,105 @@
+"""What the coordinator needs to open a round: its settings, the server's model, the
+participants' sample and the schedule. Pure values and functions (no clock: the time
+comes in as `now`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from tern.aggregate import Partial
+from tern.codecs import CodecName
+from tern.fleet import Fleet
+from tern.messages import Bounds, KernelFile, KernelRef, RoundSchedule, TrainConfig
+from tern.policy import Policy
+from tern.strategies import ServerState, Strategy
+
+__all__ = ["RoundSettings", "ServerModel", "sample_participants", "schedule_for"]
+
+F32Array = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class RoundSettings:
+    """How the coordinator runs its rounds (coordinator.config.CoordinatorConfig has the
+    checks and the documentation of each)."""
+
+    codec: CodecName
+    round_timeout: float
+    min_contributors: int
+    fraction: float = 1.0
+    seed: int = 0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kernel_fuel: int = 0
+    kernel_memory: int = 0
+    bounds: Bounds = field(default_factory=Bounds)
+    policy: Policy = field(default_factory=Policy)
+    rounds: int | None = None
+    interval: float = 0.0
+
+    def kernel_ref(self, kernel: KernelFile) -> KernelRef:
+        return KernelRef(kernel.sha256, kernel.abi, self.kernel_fuel, self.kernel_memory)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerModel:
+    """The global model at `version` and the server strategy's state that came with it."""
+
+    version: int
+    weights: F32Array
+    state: ServerState
+
+    def step(self, strategy: Strategy, partial: Partial) -> ServerModel | None:
+        """The next version after a round that folded `partial`; None when it would not
+        be finite (such a model is never saved or published)."""
+        weights, state = strategy.apply(self.weights, self.state, partial)
+        finite = bool(np.isfinite(weights).all()) and all(
+            bool(np.isfinite(b).all()) for b in state.buffers.values()
+        )
+        return ServerModel(self.version + 1, weights, state) if finite else None
+
+
+def sample_participants(
+    devices: Sequence[str], fraction: float, rng: np.random.Generator
+) -> tuple[str, ...] | None:
+    """A sorted sample of ceil(fraction * n) devices (at least one); None means all.
+
+    The draw is over the sorted ids, so the order `devices` come in does not matter.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    ids = sorted(set(devices))
+    if fraction >= 1 or not ids:
+        return None
+    k = max(1, math.ceil(fraction * len(ids)))
+    if k >= len(ids):
+        return None
+    picked = rng.choice(len(ids), size=k, replace=False)
+    return tuple(sorted(ids[int(i)] for i in picked))
+
+
+def schedule_for(
+    settings: RoundSettings, fleet: Fleet, r: int, version: int, now: float, kernel: KernelFile
+) -> RoundSchedule:
+    """Round `r`'s schedule on model `version`, opened at `now`; its sample is drawn from
+    ``default_rng([seed, r])``, so a round run again asks the same devices."""
+    participants = sample_participants(
+        fleet.devices, settings.fraction, np.random.default_rng([settings.seed, r])
+    )
+    return RoundSchedule(
+        round=r,
+        model_version=version,
+        codec=settings.codec,
+        deadline=now + settings.round_timeout,
+        min_contributors=settings.min_contributors,
+        participants=participants,
+        seed=settings.seed,
+        train=settings.train,
+        kernel=settings.kernel_ref(kernel),
+        bounds=settings.bounds,
+        policy=settings.policy,
+    )
