@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 F32Array = npt.NDArray[np.float32]
 
+_FINISHED = object()  # in the callbacks' queue: every round's callback has run
 _KEEP_RECORDS = 1024  # closed rounds whose record wait_for_round returns from memory
 
 
@@ -122,7 +123,7 @@ class Coordinator:
         self._finished = threading.Event()
         self._stopping = False
         self._records: dict[int, RoundRecord] = {}
-        self._callbacks: queue.SimpleQueue[RoundRecord | None] = queue.SimpleQueue()
+        self._callbacks: queue.SimpleQueue[RoundRecord | object | None] = queue.SimpleQueue()
         self._caller: threading.Thread | None = None
         self.run = self.store.run(clock)
         model, next_round = self._resume(config, strategy)
@@ -156,7 +157,7 @@ class Coordinator:
                 SaveModel: self._save_model,
                 SaveRound: lambda a: self.store.save_round(a.record),
                 RoundClosed: self._closed,
-                Finished: lambda _: self._finished.set(),
+                Finished: self._finish,
             },
             logger=log,
         )
@@ -312,9 +313,19 @@ class Coordinator:
         if self._on_round is not None:
             self._callbacks.put(record)  # on a thread of their own: never the loop's
 
+    def _finish(self, _: Finished) -> None:
+        """The last round closed: finished once its callback has run, too."""
+        if self._caller is None:
+            self._finished.set()
+        else:
+            self._callbacks.put(_FINISHED)
+
     def _call_back(self) -> None:
         while (record := self._callbacks.get()) is not None:
-            assert self._on_round is not None
+            if record is _FINISHED:
+                self._finished.set()
+                continue
+            assert self._on_round is not None and isinstance(record, RoundRecord)
             try:
                 self._on_round(record)
             except Exception:
