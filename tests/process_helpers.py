@@ -15,6 +15,7 @@ import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -110,3 +111,19 @@ def component_args(component: str, kit_dir: Path, url: str, tmp_path: Path) -> l
 def error_lines(stderr: str) -> list[str]:
     """The non-empty lines of a process's stderr."""
     return [line for line in stderr.splitlines() if line.strip()]
+
+
+def run(args: list[str], timeout: float = 30.0, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """`python ARGS` in the repository, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        **kwargs,
+    )  # fmt: skip
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The one line a refused command printed; fails on a traceback or more lines."""
+    lines = error_lines(result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1, result.stderr
+    return lines[0]

@@ -15,7 +15,6 @@ import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import pytest
 from nacl.signing import SigningKey
@@ -27,7 +26,7 @@ from tern.envelope import Envelope, Kind, seal
 from tern.reports import State, Status
 from tests.fleet_fixtures import build_fleet, write_fleet
 from tests.mqtt_fixtures import AmqttBroker, Inbox
-from tests.process_helpers import REPO, Spawned, component_args, error_lines
+from tests.process_helpers import REPO, Spawned, component_args, error_lines, one_line, run
 
 WAIT = 30.0
 COMPONENTS = ["coordinator", "gateway", "device"]
@@ -43,19 +42,6 @@ def kit_dir(tmp_path: Path) -> Path:
 def stack() -> Iterator[ExitStack]:
     with ExitStack() as s:
         yield s
-
-
-def run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=WAIT, **kwargs
-    )
-
-
-def one_line(result: subprocess.CompletedProcess[str]) -> str:
-    lines = error_lines(result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def with_flag(args: list[str], flag: str, value: str) -> list[str]:

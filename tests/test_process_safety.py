@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import resource
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,7 +23,7 @@ from broker.transport import format_url
 from tern.errors import TernError
 from tern.fleet import Fleet
 from tests.fleet_fixtures import build_fleet, write_fleet
-from tests.process_helpers import REPO, Spawned, component_args, error_lines
+from tests.process_helpers import Spawned, component_args, one_line, run
 
 HOST = "127.0.0.1"
 WAIT = 30.0
@@ -40,19 +39,6 @@ def kit_dir(tmp_path: Path) -> Path:
 def stack() -> Iterator[ExitStack]:
     with ExitStack() as s:
         yield s
-
-
-def run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=WAIT, **kwargs
-    )
-
-
-def one_line(result: subprocess.CompletedProcess[str]) -> str:
-    lines = error_lines(result.stderr)
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    return lines[0]
 
 
 # -- one coordinator per state directory ---------------------------------------------------

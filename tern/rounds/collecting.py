@@ -8,6 +8,7 @@ Plain rounds have one stage, ``collect``. Pure: times come from the machine.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
@@ -16,9 +17,10 @@ from tern.aggregate import Partial
 from tern.aggregators import Aggregator
 from tern.collect import Collector, Offer
 from tern.messages import RoundSchedule
+from tern.rounds.events import Note, Received
 from tern.rounds.stages import Stage, Stages
 
-__all__ = ["CollectingRound"]
+__all__ = ["CollectingRound", "offer_to"]
 
 
 class CollectingRound:
@@ -86,3 +88,21 @@ class CollectingRound:
             max(n - (accepted[c].count if c in accepted else 0), 0)
             for c, n in self.stands_for.items()
         )
+
+
+def offer_to(
+    rnd: CollectingRound | None, outside: Counter[str], event: Received, who: str
+) -> list[object]:
+    """Offer a contribution that arrived at `who` to its open round; a log line for what
+    is refused (``no_open_round`` when none is open, counted in `outside`)."""
+    topic = event.topic[:128]
+    if rnd is None:
+        outside["no_open_round"] += 1
+        return [Note(logging.INFO, topic, "no_open_round",
+                     "%s: refused a message on %s: no round is open", (who, topic))]  # fmt: skip
+    offer = rnd.offer(event.payload, event.topic, retained=event.retained)
+    if not offer.reason:
+        return []
+    return [Note(logging.WARNING, str(offer.sender), offer.reason,
+                 "%s: round %d: refused a message from %s (%s): %s",
+                 (who, rnd.round, offer.sender, offer.reason, offer.message))]  # fmt: skip

@@ -31,7 +31,7 @@ from tern.envelope import Envelope, Kind, seal
 from tern.fleet import COORDINATOR, Fleet
 from tern.messages import GlobalModel, KernelFile, seal_kernel
 from tern.reports import State, Status
-from tern.rounds.collecting import CollectingRound
+from tern.rounds.collecting import CollectingRound, offer_to
 from tern.rounds.events import CancelTimer, Link, Linked, Note, Publish, Received, SetTimer, Timer
 from tern.rounds.opening import RoundSettings, ServerModel, schedule_for
 from tern.rounds.record import RoundRecord
@@ -222,19 +222,8 @@ class CoordinatorMachine:
         return [*out, SetTimer(STAGE_TIMER, schedule.deadline)]
 
     def _on_partial(self, event: Received, now: float) -> list[object]:
-        rnd = self.round
-        if rnd is None:
-            self._outside["no_open_round"] += 1
-            topic = event.topic[:128]
-            return [Note(logging.INFO, topic, "no_open_round",
-                         "partial on %s with no round open: refused", (topic,))]  # fmt: skip
-        offer = rnd.offer(event.payload, event.topic, retained=event.retained)
-        out: list[object] = []
-        if offer.reason:
-            out.append(Note(logging.WARNING, str(offer.sender), offer.reason,
-                            "round %d: rejected %s from %s: %s",
-                            (rnd.round, offer.reason, offer.sender, offer.message)))  # fmt: skip
-        if rnd.complete:
+        out = offer_to(self.round, self._outside, event, self.client_id)
+        if self.round is not None and self.round.complete:
             out += self._close(now)
         return out
 

@@ -33,7 +33,7 @@ from tern.fleet import Fleet
 from tern.freshness import Order, Stamp, Watermarks, model_stamp
 from tern.messages import Failure, GlobalModel, RoundSchedule, cohort_message, open_kernel
 from tern.reports import RoundMetrics, State, Status
-from tern.rounds.collecting import CollectingRound
+from tern.rounds.collecting import CollectingRound, offer_to
 from tern.rounds.device import SaveMarks
 from tern.rounds.events import CancelTimer, Link, Linked, Note, Publish, Received, SetTimer, Timer
 from tern.rounds.stages import Stage
@@ -258,19 +258,8 @@ class GatewayMachine:
     # -- downstream: contributions --------------------------------------------------------
 
     def _on_contribution(self, event: Received, now: float) -> list[object]:
-        rnd = self.round
-        if rnd is None:
-            self._outside["no_open_round"] += 1
-            return [Note(logging.INFO, event.topic[:128], "no_open_round",
-                         "gateway %s: refused a message on %s: no round is open",
-                         (self.id, event.topic[:128]))]  # fmt: skip
-        offer = rnd.offer(event.payload, event.topic, retained=event.retained)
-        out: list[object] = []
-        if offer.reason:
-            out.append(Note(logging.WARNING, str(offer.sender), offer.reason,
-                            "gateway %s: refused a message from %s (%s): %s",
-                            (self.id, offer.sender, offer.reason, offer.message)))  # fmt: skip
-        if rnd.complete:
+        out = offer_to(self.round, self._outside, event, f"gateway {self.id}")
+        if self.round is not None and self.round.complete:
             out += self._close(now)
         return out
 
