@@ -24,7 +24,17 @@ from typing import Any
 from broker.errors import BrokerError
 from broker.ratelog import LogLimiter
 from broker.transport import Message, Transport
-from tern.rounds.events import CancelTimer, Link, Linked, Note, Publish, Received, SetTimer, Timer
+from tern.rounds.events import (
+    CancelTimer,
+    Link,
+    Linked,
+    Note,
+    Publish,
+    Received,
+    SetTimer,
+    Timer,
+    Unlinked,
+)
 
 __all__ = ["Loop", "Machine"]
 
@@ -61,6 +71,7 @@ class Loop:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._reconnects: dict[Link, int] = {}
+        self._down: set[Link] = set()  # links known to be down
         self.failures = 0  # actions that raised (logged)
 
     # -- feeding ------------------------------------------------------------------------
@@ -157,14 +168,20 @@ class Loop:
         return Timer(key)
 
     def _watch_links(self) -> None:
-        """A link that reconnected since last time: tell the machine (it restores what it
-        keeps retained there, and its peers resend what the broker may have lost)."""
+        """A link that went down, or came back since last time: tell the machine (once
+        back, it restores what it keeps retained there, and its peers resend what the
+        broker may have lost)."""
         for link, seen in list(self._reconnects.items()):
             transport = self.links[link]
             stats = getattr(transport, "stats", None)
             count = getattr(stats, "reconnects", 0)
-            if count != seen and transport.connected:
+            if not transport.connected:
+                if link not in self._down:
+                    self._down.add(link)
+                    self.post(Unlinked(link))
+            elif count != seen:
                 self._reconnects[link] = count
+                self._down.discard(link)
                 self.post(Linked(link, again=True))
 
     def start(self) -> Loop:

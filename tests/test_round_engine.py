@@ -17,7 +17,17 @@ from tern.collect import Collector
 from tern.fleet import COORDINATOR
 from tern.members import new_members
 from tern.policy import KNOWN_AGGREGATORS
-from tern.rounds.events import CancelTimer, Link, Note, Publish, Received, SetTimer, Timer
+from tern.rounds.events import (
+    CancelTimer,
+    Link,
+    Linked,
+    Note,
+    Publish,
+    Received,
+    SetTimer,
+    Timer,
+    Unlinked,
+)
 from tern.rounds.gateway import GatewayMachine
 from tern.rounds.stages import Stage, StageError, Stages
 from tests.test_collect import PEERS, SPEC, TERMS, _update, topic
@@ -166,6 +176,23 @@ def test_notes_are_rate_limited_per_key_and_reason(caplog: pytest.LogCaptureFixt
 
     assert [r.getMessage() for r in caplog.records].count("refused dev-1") == 1
     assert [r.getMessage() for r in caplog.records].count("round 1 closed") == 5
+
+
+def test_the_loop_tells_its_machine_when_a_link_goes_down_and_comes_back() -> None:
+    bus = MemoryBus()
+    link = bus.transport("gw-1-up").connect()
+    seen: list[object] = []
+    loop = Loop("t", lambda event, at: seen.append(event) or [], links={Link.UP: link})
+    loop.linked(Link.UP)
+    loop.run_pending()
+
+    bus.restart()
+    loop.run_pending()
+    loop.run_pending()  # down once is told once
+    bus.up()
+    loop.run_pending()
+
+    assert seen == [Linked(Link.UP), Unlinked(Link.UP), Linked(Link.UP, again=True)]
 
 
 # -- replays ---------------------------------------------------------------------------------
