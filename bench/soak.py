@@ -72,8 +72,7 @@ def soak(rounds: int, warmup: int, devices: int, keep_models: int) -> dict[str, 
         store = StateStore(Path(tmp), keep_models=keep_models)
 
         def save_model(m: ServerModel) -> None:
-            momentum = m.state.buffers.get("momentum", np.zeros_like(m.weights))
-            store.save_model(m.version, m.weights, np.asarray(momentum))
+            store.save_state(m.version, m.weights, m.state.buffers)
 
         def save_round(record: RoundRecord) -> None:
             store.save_round(record)

@@ -90,9 +90,7 @@ class Loop:
 
     def linked(self, link: Link) -> None:
         """Tell the machine `link` is up (call once, after its first connect)."""
-        transport = self.links[link]
-        stats = getattr(transport, "stats", None)
-        self._reconnects[link] = getattr(stats, "reconnects", 0)
+        self._reconnects[link] = self.links[link].stats.reconnects
         self.post(Linked(link))
 
     # -- running ------------------------------------------------------------------------
@@ -173,8 +171,7 @@ class Loop:
         broker may have lost)."""
         for link, seen in list(self._reconnects.items()):
             transport = self.links[link]
-            stats = getattr(transport, "stats", None)
-            count = getattr(stats, "reconnects", 0)
+            count = transport.stats.reconnects
             if not transport.connected:
                 if link not in self._down:
                     self._down.add(link)

@@ -34,6 +34,11 @@ class Transport(Protocol):
     @property
     def connected(self) -> bool: ...
 
+    @property
+    def stats(self) -> TransportStats:
+        """Counters since it was made; `reconnects` tells a loop its link came back."""
+        ...
+
     def connect(self, timeout: float | None = 10.0) -> object: ...
 
     def publish(

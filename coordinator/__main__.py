@@ -25,7 +25,7 @@ from broker.errors import BrokerError
 from broker.lifecycle import configure_logging, load_login, stop_on_signals
 from broker.urls import parse_url
 from coordinator.config import ConfigError, CoordinatorConfig, CoordinatorError
-from coordinator.service import Coordinator, TestSet
+from coordinator.service import Coordinator, TestSet, check_test_set
 from kernels.wasm import DEFAULT_FUEL, DEFAULT_MEMORY_LIMIT
 from tern.codecs import CodecName
 from tern.errors import TernError
@@ -195,32 +195,14 @@ def load_test_set(path: Path, layers: Sequence[int] | None = None) -> TestSet:
             x, y = (np.asarray(data[n]) for n in names)
     except (OSError, ValueError, KeyError, EOFError) as exc:
         raise CoordinatorError(f"cannot read the test set {path}: {exc!r}"[:300]) from exc
-    if x.ndim != 2 or y.shape != (x.shape[0],):
-        raise CoordinatorError(f"test set {path}: x must be (n, features) and y (n,)")
     if layers is not None:
-        _check_test_set(path, x, y, layers)
+        try:
+            check_test_set(x, y, layers)
+        except CoordinatorError as exc:
+            raise CoordinatorError(f"test set {path}: {exc}") from None
+    elif x.ndim != 2 or y.shape != (x.shape[0],):
+        raise CoordinatorError(f"test set {path}: x must be (n, features) and y (n,)")
     return TestSet(x.astype(np.float32), y.astype(np.int64))
-
-
-def _check_test_set(path: Path, x: np.ndarray, y: np.ndarray, layers: Sequence[int]) -> None:
-    inputs, classes = layers[0], layers[-1]
-    if x.shape[0] == 0:
-        raise CoordinatorError(f"test set {path} holds no samples")
-    if x.shape[1] != inputs:
-        raise CoordinatorError(
-            f"test set {path} has {x.shape[1]} features, but the model's input layer takes"
-            f" {inputs} (--layers {','.join(map(str, layers))})"
-        )
-    if not (np.issubdtype(x.dtype, np.number) and np.isfinite(x).all()):
-        raise CoordinatorError(f"test set {path}: x must hold finite numbers")
-    integral = np.issubdtype(y.dtype, np.integer) or (
-        np.issubdtype(y.dtype, np.floating) and bool(np.all(np.mod(y, 1) == 0))
-    )
-    if not integral or y.min() < 0 or y.max() >= classes:
-        raise CoordinatorError(
-            f"test set {path}: labels must be integers in 0..{classes - 1}, one per class of"
-            f" the model's output layer (--layers {','.join(map(str, layers))})"
-        )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,8 +13,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -45,7 +46,7 @@ from tern.rounds.events import Link
 from tern.rounds.opening import RoundSettings, ServerModel
 from tern.strategies import ServerState, Strategy, strategy_from
 
-__all__ = ["Coordinator", "TestSet"]
+__all__ = ["Coordinator", "TestSet", "check_test_set"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,31 @@ class TestSet:
 
     x: F32Array
     y: npt.NDArray[np.integer]
+
+
+def check_test_set(x: npt.NDArray[Any], y: npt.NDArray[Any], layers: Sequence[int]) -> None:
+    """CoordinatorError unless (x, y) fits the model of `layers`: as many features as its
+    input layer, finite, labels that are classes of its output layer."""
+    inputs, classes = layers[0], layers[-1]
+    shape = f"(layers {','.join(map(str, layers))})"
+    if x.ndim != 2 or y.shape != (x.shape[0],):
+        raise CoordinatorError("x must be (n, features) and y (n,)")
+    if x.shape[0] == 0:
+        raise CoordinatorError("it holds no samples")
+    if x.shape[1] != inputs:
+        raise CoordinatorError(
+            f"it has {x.shape[1]} features, but the model's input layer takes {inputs} {shape}"
+        )
+    if not (np.issubdtype(x.dtype, np.number) and np.isfinite(x).all()):
+        raise CoordinatorError("x must hold finite numbers")
+    integral = np.issubdtype(y.dtype, np.integer) or (
+        np.issubdtype(y.dtype, np.floating) and bool(np.all(np.mod(y, 1) == 0))
+    )
+    if not integral or y.min() < 0 or y.max() >= classes:
+        raise CoordinatorError(
+            f"labels must be integers in 0..{classes - 1}, one per class of the model's"
+            f" output layer {shape}"
+        )
 
 
 def settings_of(config: CoordinatorConfig) -> RoundSettings:
@@ -106,13 +132,8 @@ class Coordinator:
         self.config = config
         self.fleet = fleet
         self.spec = mlp_spec(config.layers)
-        if test_set is not None and (
-            test_set.x.ndim != 2 or test_set.x.shape[1] != config.layers[0]
-        ):
-            raise CoordinatorError(
-                f"the test set has {test_set.x.shape[1:]} features per example; "
-                f"the model takes {config.layers[0]}"
-            )
+        if test_set is not None:
+            check_test_set(test_set.x, test_set.y, config.layers)
         self.settings = settings_of(config)
         strategy = strategy_from(self.settings.policy.strategy)
         self.store = StateStore(config.state_dir, keep_models=config.keep_models)

@@ -71,8 +71,13 @@ class Snapshot:
     last_round: int
     model_version: int
     weights: F32Array
-    momentum: F32Array  # the "momentum" buffer, or zeros when the strategy has none
     buffers: Mapping[str, F32Array] = field(default_factory=dict)  # the server state
+
+    @property
+    def momentum(self) -> F32Array:
+        """FedAvg's momentum buffer; zeros when the strategy has none."""
+        found = self.buffers.get("momentum")
+        return np.zeros_like(self.weights) if found is None else found
 
 
 def _buffer_file(version: int, name: str) -> str:
@@ -293,5 +298,4 @@ class StateStore:
         elif not (self.models / "v0.npy").exists():
             return None
         weights, buffers = self.load_state(version, size, names)
-        momentum = buffers.get("momentum", np.zeros(size, dtype=np.float32))
-        return Snapshot(last, version, weights, momentum, buffers)
+        return Snapshot(last, version, weights, buffers)

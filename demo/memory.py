@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from nacl.signing import SigningKey
 
 from broker.loop import Loop
 from broker.memory import MemoryBus
@@ -108,16 +109,10 @@ class MemoryFleet:
             shared = WasmTrainer(wasm, **budget)  # one compiled kernel for every device
             trainer = lambda: shared  # noqa: E731
         make_trainer = trainer
-        strategy = strategy_from(settings.policy.strategy)
-        weights = init_weights(self.spec, np.random.default_rng(init_seed))
-        self._initial = weights
-        model = ServerModel(0, weights, strategy.init_state(self.spec.size))
+        self._initial = init_weights(self.spec, np.random.default_rng(init_seed))
         spec = self.spec
-        self.coordinator = CoordinatorMachine(
-            self.fleet, members.keys[COORDINATOR], run=run, spec=spec, settings=settings,
-            strategy=strategy, model=model, next_round=1, kernel=self.kernel,
-            evaluate=None if test_set is None else (lambda w: evaluate(spec, w, *test_set)),
-        )  # fmt: skip
+        self._evaluate = None if test_set is None else (lambda w: evaluate(spec, w, *test_set))
+        self.coordinator = self._coordinator(members.keys[COORDINATOR], run, settings)
         self.loops: dict[str, Loop] = {}
         self.loops[COORDINATOR] = self._loop(COORDINATOR, self.coordinator.handle,
                                              self._coordinator_executors())  # fmt: skip
@@ -135,6 +130,17 @@ class MemoryFleet:
     def _loop(self, name: str, machine: Callable[[object, float], list[object]],
               executors: dict[type, Callable[[Any], None]]) -> Loop:  # fmt: skip
         return Loop(name, machine, clock=lambda: self.now, executors=executors)
+
+    def _coordinator(
+        self, key: SigningKey, run: int, settings: RoundSettings
+    ) -> CoordinatorMachine:
+        """A coordinator of run `run` from the initial model (a fresh state directory)."""
+        strategy = strategy_from(settings.policy.strategy)
+        model = ServerModel(0, self._initial, strategy.init_state(self.spec.size))
+        return CoordinatorMachine(
+            self.fleet, key, run=run, spec=self.spec, settings=settings, strategy=strategy,
+            model=model, next_round=1, kernel=self.kernel, evaluate=self._evaluate,
+        )  # fmt: skip
 
     def _coordinator_executors(self) -> dict[type, Callable[[Any], None]]:
         def saved(action: SaveModel) -> None:
@@ -167,13 +173,13 @@ class MemoryFleet:
 
     def _add_device(self, d: str, x: F32Array, y: npt.NDArray[np.int64], trainer: Trainer) -> None:
         machine = DeviceMachine(d, self.fleet, self.members.keys[d], int(x.shape[0]))
-        dev = _Device(machine, Loop(d, machine.handle), x, y, trainer)
-        dev.loop = self._loop(d, machine.handle, {
+        outcomes: dict[int, RoundOutcome] = {}
+        loop = self._loop(d, machine.handle, {
             SaveMarks: _ignore,
-            Train: lambda job: dev.loop.post(self._train(dev, job)),
-            RoundDone: lambda a: dev.outcomes.__setitem__(a.outcome.round, a.outcome),
+            Train: lambda job: loop.post(self._train(self.devices[d], job)),
+            RoundDone: lambda a: outcomes.__setitem__(a.outcome.round, a.outcome),
         })  # fmt: skip
-        self.devices[d] = dev
+        self.devices[d] = _Device(machine, loop, x, y, trainer, outcomes)
 
     def _train(self, dev: _Device, job: Train) -> Trained:
         s = job.schedule
@@ -249,13 +255,7 @@ class MemoryFleet:
         old = self.coordinator
         for transport in self.loops[COORDINATOR].links.values():
             transport.close()
-        strategy = strategy_from((settings or old.settings).policy.strategy)
-        model = ServerModel(0, self._initial, strategy.init_state(self.spec.size))
-        self.coordinator = CoordinatorMachine(
-            self.fleet, old.key, run=run, spec=self.spec, settings=settings or old.settings,
-            strategy=strategy, model=model, next_round=1, kernel=self.kernel,
-            evaluate=old.evaluate,
-        )  # fmt: skip
+        self.coordinator = self._coordinator(old.key, run, settings or old.settings)
         self.records.clear()
         self.finished = False
         self.loops[COORDINATOR] = self._loop(COORDINATOR, self.coordinator.handle,

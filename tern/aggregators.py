@@ -11,7 +11,6 @@ round instead of folding it some other way.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -37,10 +36,6 @@ class Folded:
 
     partial: Partial
     left_out: Mapping[str, str] = field(default_factory=dict)  # sender -> reason
-
-    @property
-    def refused(self) -> Counter[str]:
-        return Counter(self.left_out.values())
 
 
 class Aggregator(Protocol):

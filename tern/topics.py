@@ -26,6 +26,7 @@ __all__ = [
     "mcu_models",
     "metrics",
     "parse",
+    "parse_in",
     "partial",
     "partials_to",
     "round_schedule",
@@ -145,6 +146,16 @@ class Topic:
 
     def __str__(self) -> str:
         return self.path
+
+
+def parse_in(topic: str, fleet: str) -> Topic | None:
+    """`topic` parsed, when it is a tern topic of `fleet`; None for anything else (a
+    receiver ignores what it did not subscribe to, whatever the broker delivers)."""
+    try:
+        parsed = parse(topic)
+    except TopicError:
+        return None
+    return parsed if parsed.fleet == fleet else None
 
 
 def parse(topic: str) -> Topic:

@@ -19,6 +19,7 @@ from tern.collect import Collector, Offer
 from tern.messages import RoundSchedule
 from tern.rounds.events import Note, Received
 from tern.rounds.stages import Stage, Stages
+from tern.topics import Topic
 
 __all__ = ["CollectingRound", "offer_to"]
 
@@ -44,7 +45,6 @@ class CollectingRound:
         self.opened_at = opened_at
         self.stands_for = {p.id: p.devices for p in peers.values()}
         self.extra_rejected: Counter[str] = Counter()  # refused outside the collector
-        self.result: Partial | None = None
 
     @property
     def stamp(self) -> tuple[int, int, float]:
@@ -61,7 +61,7 @@ class CollectingRound:
         stage = self.stages.current
         return None if stage is None else stage.close_at
 
-    def offer(self, data: bytes, topic: str, *, retained: bool) -> Offer:
+    def offer(self, data: bytes, topic: Topic | str, *, retained: bool) -> Offer:
         return self.collector.offer(data, topic, retained=retained)
 
     @property
@@ -73,7 +73,6 @@ class CollectingRound:
         """Close the open stage (one-stage rounds: the round) and fold what survived."""
         result = self.collector.close()
         self.stages.close(result.count)
-        self.result = result
         return result
 
     @property
@@ -91,16 +90,21 @@ class CollectingRound:
 
 
 def offer_to(
-    rnd: CollectingRound | None, outside: Counter[str], event: Received, who: str
+    rnd: CollectingRound | None,
+    outside: Counter[str],
+    event: Received,
+    who: str,
+    parsed: Topic | None = None,
 ) -> list[object]:
-    """Offer a contribution that arrived at `who` to its open round; a log line for what
-    is refused (``no_open_round`` when none is open, counted in `outside`)."""
+    """Offer a contribution that arrived at `who` to its open round (`parsed`: its topic,
+    when the caller has parsed it already); a log line for what is refused
+    (``no_open_round`` when none is open, counted in `outside`)."""
     topic = event.topic[:128]
     if rnd is None:
         outside["no_open_round"] += 1
         return [Note(logging.INFO, topic, "no_open_round",
                      "%s: refused a message on %s: no round is open", (who, topic))]  # fmt: skip
-    offer = rnd.offer(event.payload, event.topic, retained=event.retained)
+    offer = rnd.offer(event.payload, parsed or event.topic, retained=event.retained)
     if not offer.reason:
         return []
     return [Note(logging.WARNING, str(offer.sender), offer.reason,

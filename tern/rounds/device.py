@@ -146,7 +146,8 @@ class DeviceMachine:
 
     def handle(self, event: object, now: float) -> list[object]:
         if isinstance(event, Received):
-            kind = _kind(event.topic, self.fleet.fleet)
+            parsed = topics.parse_in(event.topic, self.fleet.fleet)
+            kind = None if parsed is None else parsed.kind
             if kind is topics.TopicKind.GLOBAL_MODEL:
                 return self._on_model(event.payload, now)
             if kind is topics.TopicKind.ROUND_SCHEDULE:
@@ -280,11 +281,3 @@ class DeviceMachine:
         return Publish(
             Link.DOWN, topics.status(self.fleet.fleet, self.id), status.to_json(), retain=True
         )
-
-
-def _kind(topic: str, fleet: str) -> topics.TopicKind | None:
-    try:
-        parsed = topics.parse(topic)
-    except TernError:
-        return None
-    return parsed.kind if parsed.fleet == fleet else None

@@ -108,11 +108,8 @@ class GatewayMachine:
         return []
 
     def _on_message(self, event: Received, now: float) -> list[object]:
-        try:
-            parsed = topics.parse(event.topic)
-        except TernError:
-            parsed = None
-        kind = parsed.kind if parsed is not None and parsed.fleet == self.fleet.fleet else None
+        parsed = topics.parse_in(event.topic, self.fleet.fleet)
+        kind = None if parsed is None else parsed.kind
         K = topics.TopicKind
         if event.link is Link.UP:
             if kind is K.GLOBAL_MODEL:
@@ -122,7 +119,7 @@ class GatewayMachine:
             if kind is K.KERNEL and parsed is not None and parsed.digest is not None:
                 return self._on_kernel(parsed.digest, event.payload)
             return []
-        return self._on_contribution(event, now)
+        return self._on_contribution(event, parsed, now)
 
     def _restore(self, link: Link, again: bool) -> list[object]:
         """A (re)connected link: put back what this gateway keeps retained on it."""
@@ -257,8 +254,10 @@ class GatewayMachine:
 
     # -- downstream: contributions --------------------------------------------------------
 
-    def _on_contribution(self, event: Received, now: float) -> list[object]:
-        out = offer_to(self.round, self._outside, event, f"gateway {self.id}")
+    def _on_contribution(
+        self, event: Received, parsed: topics.Topic | None, now: float
+    ) -> list[object]:
+        out = offer_to(self.round, self._outside, event, f"gateway {self.id}", parsed)
         if self.round is not None and self.round.complete:
             out += self._close(now)
         return out
