@@ -91,9 +91,10 @@ def failure_reason(exc: Exception) -> str:
     return "train_error"
 
 
-def training_rng(seed: int, device: str) -> np.random.Generator:
-    """The generator a device trains with in a round (docs/rounds.md, Determinism)."""
-    return np.random.default_rng([seed, zlib.crc32(device.encode())])
+def training_rng(seed: int, round: int, device: str) -> np.random.Generator:
+    """The generator a device trains with in round `round` of a run seeded `seed`
+    (docs/rounds.md, Determinism): a new data order every round, the same on a rerun."""
+    return np.random.default_rng([seed, round, zlib.crc32(device.encode())])
 
 
 def local_update(
@@ -106,7 +107,7 @@ def local_update(
     residual: F32Array | None,
 ) -> tuple[Update, F32Array]:
     """Train on (x, y) and encode the weighted delta; returns (update, next residual)."""
-    rng = training_rng(schedule.seed, device)
+    rng = training_rng(schedule.seed, schedule.round, device)
     new = trainer.train(model.spec, model.weights, x, y, schedule.train, rng)
     w = np.float32(x.shape[0])
     delta = (new - model.weights).astype(np.float32)

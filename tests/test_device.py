@@ -78,7 +78,7 @@ def test_local_update_weights_the_delta_by_samples_and_keeps_the_residual() -> N
     m, s = model(), schedule(1)
     update, residual = local_update(NumpyTrainer(), m, x, y, s, "dev-01", None)
 
-    rng = np.random.default_rng([11, zlib.crc32(b"dev-01")])
+    rng = np.random.default_rng([11, 1, zlib.crc32(b"dev-01")])  # run seed, round, device
     delta = train_local(SPEC, m.weights, x, y, TRAIN, rng) - m.weights
     partial = Partial((delta * np.float32(24)).astype(np.float32), 24.0, 1)
     want, want_residual = encode_update(codec_for(CodecName.TERNARY), SPEC, partial, None)
@@ -87,6 +87,17 @@ def test_local_update_weights_the_delta_by_samples_and_keeps_the_residual() -> N
 
     again, _ = local_update(NumpyTrainer(), m, x, y, s, "dev-01", residual)
     assert again != update  # error feedback changes what is sent next
+
+
+def test_a_device_shuffles_its_data_differently_every_round_and_alike_on_a_rerun() -> None:
+    x, y = data()
+    m = model()
+    first, _ = local_update(NumpyTrainer(), m, x, y, schedule(1), "dev-01", None)
+    second, _ = local_update(NumpyTrainer(), m, x, y, schedule(2), "dev-01", None)
+    rerun, _ = local_update(NumpyTrainer(), m, x, y, schedule(1), "dev-01", None)
+
+    assert first != second  # the same model and data, another round: another order
+    assert rerun == first
 
 
 def test_device_refuses_data_without_matching_labels() -> None:
