@@ -100,7 +100,18 @@ def valid_world() -> World:
         Update,
         encode_update,
     )
-    from tern.reports import RoundMetrics, State, Status, Telemetry
+    from tern.reports import (
+        Activity,
+        FleetView,
+        MemberView,
+        Reading,
+        Role,
+        RoundMetrics,
+        State,
+        Status,
+        Telemetry,
+        ViewState,
+    )
 
     fleet_id, run, rnd, deadline = "fuzz", 1_764_000_000_000, 3, 1.8e9
     keys = _keys()
@@ -173,12 +184,20 @@ def valid_world() -> World:
     board_key, board = bytes(range(32)), ("fuzz", "esp-1")
     mcu_body = mcu.quantize(spec, weights, rnd, run=run).to_bytes()
     entry = BoardEntry(board_key, "esp-1", "pw-esp-1")
+    view_members = {
+        "dev-3": MemberView(Role.DEVICE, ViewState.ONLINE, Activity.TRAINING, rnd, "x"),
+        "esp-7": MemberView(Role.BOARD, telemetry=Reading(3, 0.75, 850, rnd, 12)),
+    }
     json_docs = {
         "status": Status("gw-1", "gateway", State.ONLINE, "0.1.0", "ok").to_json(),
         "metrics": RoundMetrics(
             "gw-1", rnd, rnd, 2, 1, {"bad_signature": 3}, 10, 20, 0.5, 0.7, 1.5, {"late": 1}
         ).to_json(),
         "telemetry": Telemetry("esp-1", rnd, 12, 3, 0.75, 850).to_json(),
+        "device-status": Status(
+            "dev-1", "device", State.ONLINE, "0.1.0", "", Activity.IDLE, rnd, "late: past"
+        ).to_json(),
+        "view": FleetView("gw-1a", "gw-1", 1.5e9, rnd, view_members).to_json(),
         "fleet": fleet.to_json().encode(),
         "login": Login("dev-1", "pw-dev-1").to_json().encode(),
         "marks": Watermarks(Stamp(run, rnd), Stamp(run, rnd, deadline)).to_json().encode(),

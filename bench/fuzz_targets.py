@@ -99,6 +99,7 @@ def build_targets() -> dict[str, Target]:
     from tern.errors import TernError
     from tern.feed import CoordinatorFeed
     from tern.fleet import COORDINATOR, Fleet
+    from tern.fleetview import ViewMachine
     from tern.freshness import Stamp, Watermarks
     from tern.logins import Login
     from tern.messages import (
@@ -111,7 +112,8 @@ def build_targets() -> dict[str, Target]:
         open_model,
         open_schedule,
     )
-    from tern.reports import RoundMetrics, Status, Telemetry
+    from tern.reports import FleetView, RoundMetrics, Status, Telemetry
+    from tern.rounds.events import Link, Received
     from tern.spec import ModelSpec
     from tern.topics import parse
     from tern.topics import partial as partial_topic
@@ -171,6 +173,16 @@ def build_targets() -> dict[str, Target]:
                          retained=selector >= 0x80)  # fmt: skip
 
         return prepare
+
+    view_topics = [  # the first byte of a view input picks its topic
+        "status/dev-1", "status/gw-1a", "status/esp-1", "status/dev-3",
+        "telemetry/esp-1", "telemetry/dev-1", "view/gw-1a", "view/gw-2",
+    ]  # fmt: skip
+
+    def view_call(data: bytes) -> Call:
+        topic = f"tern/{fleet_id}/{view_topics[(data[0] if data else 0) & 7]}"
+        machine = ViewMachine(fleet, "gw-1", ["esp-1"])
+        return _bind(_view_checked, machine, Received(Link.DOWN, topic, data[1:]))
 
     def feed_call(take: str, signed: bool) -> Prepare:
         def prepare(data: bytes) -> Call:
@@ -252,7 +264,12 @@ def build_targets() -> dict[str, Target]:
         ("body.Failure", [*body_seeds, *cbor_bad], body(Failure.from_body), ()),
         ("body.KernelFile", [*body_seeds, *cbor_bad], body(KernelFile.from_body), ()),
         ("body.ModelSpec", [canonical(spec.to_cbor()), *cbor_bad], body(ModelSpec.from_cbor), ()),
-        ("reports.Status", json_seeds("status"), raw(Status.from_json), ()),
+        ("reports.Status", [*json_seeds("status"), *json_seeds("device-status")],
+         raw(Status.from_json), ()),
+        ("reports.FleetView", json_seeds("view"), raw(FleetView.from_json), ()),
+        ("fleetview.ViewMachine", [bytes([i]) + s for i in range(8) for s in
+                                   (w.json_docs["device-status"], w.json_docs["view"])],
+         view_call, ()),
         ("reports.RoundMetrics", json_seeds("metrics"), raw(RoundMetrics.from_json), ()),
         ("reports.Telemetry", json_seeds("telemetry"), raw(Telemetry.from_json), ()),
         ("mcu.open_mcu", [mcu_sealed, *mcu_bad], raw(mcu.open_mcu, board_key, *board), ()),
@@ -285,6 +302,15 @@ def _offer_checked(collector: Any, data: bytes, topic: str, *, retained: bool) -
     if offer.outcome == "rejected" and not offer.reason:
         raise AssertionError("a refused offer has no reason")
     return offer
+
+
+def _view_checked(machine: Any, event: object) -> object:
+    """A gateway's view never raises on what arrives, and counts every refusal it logs."""
+    actions = machine.handle(event, 0.0)
+    notes = [a for a in actions if type(a).__name__ == "Note"]
+    if len(notes) != sum(machine.rejected.values()):
+        raise AssertionError("a refused status, telemetry or view was not counted")
+    return actions
 
 
 def _take_checked(feed: Any, take: str, data: bytes) -> object:

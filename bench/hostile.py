@@ -9,8 +9,11 @@ receiver is the one a gateway runs: a `tern.collect.Collector` for contributions
 one per message, with the history the class needs: an update already accepted, the attempt
 budget spent) and a `tern.feed.CoordinatorFeed` for models and schedules. A contribution's
 baseline is a device's valid update accepted; a model's or a schedule's is a newer valid
-one of the same size accepted. Accepting an update means admitting it (`offer`) and
-folding it (what `close()` does with it); the time of `offer` alone is shown too.
+one of the same size accepted. A gateway's view of its members (`tern.fleetview`) takes
+statuses from its devices and views from its child gateways: their baselines are the
+largest valid status and the largest valid view (256 members) taken. Accepting an update
+means admitting it (`offer`) and folding it (what `close()` does with it); the time of
+`offer` alone is shown too.
 Target: ratio <= 1 for every class.
 
 Part b, a real gateway (`python -m gateway`, its fleet made by `tern fleet init`, its own
@@ -66,7 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"accept a valid device update ({costs['update_bytes']:,} B): {costs['accept_us']:.1f} µs "
         f"(offer {costs['accept_offer_us']:.1f} µs, fold the rest); "
         f"a newer model ({costs['model_bytes']:,} B): {costs['accept_model_us']:.1f} µs; "
-        f"a newer schedule: {costs['accept_schedule_us']:.1f} µs"
+        f"a newer schedule: {costs['accept_schedule_us']:.1f} µs; "
+        f"a device's status: {costs['accept_status_us']:.1f} µs; "
+        f"a child gateway's view: {costs['accept_view_us']:.1f} µs"
     )
     head_ = f"{'attack class':<40} {'bytes':>7} {'refuse µs':>10} {'ratio':>6} {'vs':>8}  reason"
     print(head_)

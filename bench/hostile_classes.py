@@ -7,11 +7,13 @@ malformed CBOR of every hostile shape, oversize, bad signatures, a device claimi
 partial, weights and norms past the bounds, NaN, wrong shapes, stale rounds and runs,
 another device's topic, retained contributions, duplicates, floods past the attempt
 budget, and replayed, old-run and forged models and schedules (a replayed schedule
-also with a policy this build cannot run).
+also with a policy this build cannot run); and for the gateway's view of its members
+(tern.fleetview), hostile statuses from a device and hostile views from a child gateway.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -37,10 +39,22 @@ from tern.messages import (
     TrainConfig,
     encode_update,
 )
+from tern.reports import (
+    MAX_STATUS_BYTES,
+    MAX_VIEW_MEMBERS,
+    Activity,
+    FleetView,
+    MemberView,
+    State,
+    Status,
+    ViewState,
+)
+from tern.reports import Role as MemberRole
 from tern.spec import ModelSpec
 
 __all__ = [
     "ATTACKER",
+    "CHILD",
     "DEVICES",
     "FLEET",
     "GATEWAY",
@@ -56,13 +70,16 @@ FLEET = "hostile"
 GATEWAY = "gw-1"
 DEVICES = ("dev-01", "dev-02", "dev-03", "dev-04")
 ATTACKER = "dev-01"
+CHILD = "gw-1a"  # a child gateway of GATEWAY with no devices: it sends views
 LAYERS = (40, 100, 100, 10)
 RUN = 1_764_000_000_000
 WEIGHT = 300.0  # an honest device's samples (the demo's hold 145-708)
 NORM = 4.0  # an honest update's norm per unit weight (the demo's: 2.9-6.6)
 
 DEFAULT_POLICY = Policy()
-Receiver = str  # "update" (a Collector), "model" or "schedule" (a CoordinatorFeed)
+# "update" (a Collector), "model" or "schedule" (a CoordinatorFeed), "status" (from a
+# device) or "view" (from a child gateway) (a tern.fleetview.ViewMachine)
+Receiver = str
 
 
 @dataclass(frozen=True)
@@ -73,7 +90,7 @@ class AttackClass:
     receiver: Receiver
     reason: str  # the refusal reason expected
     make: Callable[[int], bytes]
-    topic: str = ATTACKER  # the update topic's sender (a device id)
+    topic: str = ATTACKER  # the topic's sender (a device id, CHILD for a view)
     retained: bool = False
     history: str = ""  # "accepted": an update of the sender is in; "spent": its budget is
 
@@ -255,6 +272,49 @@ class Scenario:
                         lambda i: self.old_schedule),
             AttackClass("replayed old schedule naming another policy", "schedule", "stale",
                         lambda i: self.old_policy_schedule),
+            *self.view_classes(),
+        ]  # fmt: skip
+
+    def status(self, i: int, member: str = ATTACKER, role: str = "device", **extra: Any) -> bytes:
+        """A device's status, `i` in its version (each different)."""
+        status = Status(member, role, State.ONLINE, f"0.1.{i}", "", Activity.IDLE, self.round)
+        doc = {**json.loads(status.to_json()), **extra}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    def view(self, i: int, members: int = 0, role: MemberRole = MemberRole.BOARD) -> bytes:
+        """CHILD's view, `i` in its time, listing `members` boards (or other roles)."""
+        listed = {f"esp-{k:03d}": MemberView(role, ViewState.ONLINE) for k in range(members)}
+        return FleetView(CHILD, GATEWAY, 1.7e9 + i, self.round, listed).to_json()
+
+    def too_many(self, i: int) -> bytes:
+        """CHILD's view listing one board more than a view may (to_json would cut it)."""
+        doc = json.loads(self.view(i))
+        doc["members"] = {f"esp-{k:03d}": {"role": "board", "state": "online"}
+                          for k in range(MAX_VIEW_MEMBERS + 1)}  # fmt: skip
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    def view_classes(self) -> list[AttackClass]:
+        """Hostile statuses (a device, on its own status topic) and views (CHILD)."""
+        big = MAX_STATUS_BYTES
+        return [
+            AttackClass("status: random bytes", "status", "malformed",
+                        lambda i: np.random.default_rng([77, i]).bytes(300)),
+            AttackClass("status: past its cap", "status", "oversize",
+                        lambda i: self.status(i, detail="x" * big)),
+            AttackClass("status: deep nesting", "status", "malformed",
+                        lambda i: b"[" * 2000 + str(i).encode()),
+            AttackClass("status: another device's id", "status", "wrong_id",
+                        lambda i: self.status(i, DEVICES[1])),
+            AttackClass("status: a device says it is a gateway", "status", "wrong_role",
+                        lambda i: self.status(i, role="gateway")),
+            AttackClass("status: last_error past 200 characters", "status", "malformed",
+                        lambda i: self.status(i, last_error="e" * 300)),
+            AttackClass("view: lists another gateway's device", "view", "wrong_member",
+                        lambda i: self.view(i, 1, MemberRole.DEVICE).replace(b"esp-0", b"dev-0")),
+            AttackClass("view: too many members", "view", "malformed",
+                        lambda i: self.too_many(i)),
+            AttackClass("view: of another gateway", "view", "wrong_id",
+                        lambda i: self.view(i).replace(CHILD.encode(), GATEWAY.encode(), 1)),
         ]  # fmt: skip
 
     @cached_property
@@ -300,4 +360,6 @@ def demo_fleet(seed: int = 0) -> tuple[Fleet, dict[str, SigningKey]]:
     entry = GatewayEntry(
         keys[GATEWAY].verify_key, COORDINATOR, {d: keys[d].verify_key for d in DEVICES}
     )
-    return Fleet(FLEET, keys[COORDINATOR].verify_key, {GATEWAY: entry}), keys
+    keys[CHILD] = SigningKey(rng.bytes(32))  # after the others: their keys stay as they were
+    child = GatewayEntry(keys[CHILD].verify_key, GATEWAY, {})
+    return Fleet(FLEET, keys[COORDINATOR].verify_key, {GATEWAY: entry, CHILD: child}), keys

@@ -18,6 +18,7 @@ from typing import Any
 
 from bench.hostile_classes import (
     ATTACKER,
+    CHILD,
     FLEET,
     GATEWAY,
     RUN,
@@ -32,7 +33,10 @@ from tern.aggregate import Accumulator
 from tern.collect import MAX_ATTEMPTS, Collector
 from tern.errors import TernError
 from tern.feed import CoordinatorFeed
+from tern.fleetview import ViewMachine
 from tern.freshness import Stamp, Watermarks
+from tern.reports import MAX_VIEW_MEMBERS
+from tern.rounds.events import Link, Received
 
 __all__ = ["measure_costs"]
 
@@ -58,6 +62,12 @@ def _take(feed: CoordinatorFeed, kind: Receiver, data: bytes) -> str:
     return ""
 
 
+def _viewed(machine: ViewMachine, event: Received) -> str:
+    """What the gateway's view does with `event`: "" when taken, else the reason."""
+    machine.handle(event, 0.0)
+    return "".join(machine.rejected).removeprefix("view_")
+
+
 def measure_costs(scenario: Scenario, repeat: int, samples: int) -> dict[str, Any]:
     """Part a: µs per message for accepting each receiver's valid message and refusing each
     attack class, and the ratio; medians of `samples`, then of `repeat` repeats."""
@@ -71,6 +81,8 @@ def measure_costs(scenario: Scenario, repeat: int, samples: int) -> dict[str, An
         "update": s.update(0),
         "model": s.model(s.round + 1),
         "schedule": s.schedule_message(newer_schedule),
+        "status": s.status(0, detail="d" * 500, last_error="e" * 200),  # the largest valid
+        "view": s.view(0, MAX_VIEW_MEMBERS),  # the largest valid view
     }
     classes = s.classes()
     spent = [flip_signature(s.update(1000 + k)) for k in range(MAX_ATTEMPTS)]
@@ -105,6 +117,12 @@ def measure_costs(scenario: Scenario, repeat: int, samples: int) -> dict[str, An
             offer = offer_once(c, data, topic, case is not None and case.retained)
             folds = case is None and receiver == "update"
             return _timed(fold_too(c, offer) if folds else offer)
+        if receiver in ("status", "view"):
+            sender = CHILD if receiver == "view" else ATTACKER if case is None else case.topic
+            where = (topics.view if receiver == "view" else topics.status)(FLEET, sender)
+            machine = ViewMachine(s.fleet, GATEWAY)
+            event = Received(Link.DOWN, where.path, data)
+            return _timed(lambda: _viewed(machine, event))
         feed = CoordinatorFeed(s.fleet, marks)
         return _timed(lambda: _take(feed, receiver, data))
 
@@ -134,6 +152,8 @@ def measure_costs(scenario: Scenario, repeat: int, samples: int) -> dict[str, An
         "accept_offer_us": round(base["offer"], 2),
         "accept_model_us": round(base["model"], 2),
         "accept_schedule_us": round(base["schedule"], 2),
+        "accept_status_us": round(base["status"], 2),
+        "accept_view_us": round(base["view"], 2),
         "update_bytes": len(valid["update"]),
         "model_bytes": len(valid["model"]),
         "classes": {},

@@ -26,7 +26,7 @@ import numpy as np
 import psutil
 from nacl.signing import SigningKey
 
-from bench.hostile_classes import ATTACKER, DEVICES, FLEET, GATEWAY, RUN, Scenario
+from bench.hostile_classes import ATTACKER, DEVICES, FLEET, GATEWAY, RUN, AttackClass, Scenario
 from broker.embedded import EmbeddedBroker
 from broker.limits import BrokerLimits
 from broker.transport import Message, MqttTransport
@@ -247,8 +247,8 @@ def flood_gateway(messages: int, strangers: int, seed: int = 0) -> dict[str, Any
             case = classes[i % len(classes)]
             data = case.make(i)
             last = i == messages - 1 or i % 100 == 99
-            if case.receiver == "update":
-                topic = topics.update(f, GATEWAY, case.topic)
+            if case.receiver in ("update", "status", "view"):
+                topic = _attack_topic(case)
                 attacker.publish(topic, data, retain=case.retained, wait=last)
             else:
                 kind = (
@@ -308,7 +308,7 @@ def flood_gateway(messages: int, strangers: int, seed: int = 0) -> dict[str, Any
             "delta_mb": round(after - before, 2),
             "delta_after_round_mb": round(after_round - before, 2),
             "sent": {
-                "device": sent.get("update", 0),
+                "device": sum(sent.get(k, 0) for k in ("update", "status", "view")),
                 "upstream": sent.get("model", 0) + sent.get("schedule", 0),
                 "stranger_connects": strangers,
             },
@@ -319,6 +319,16 @@ def flood_gateway(messages: int, strangers: int, seed: int = 0) -> dict[str, Any
             "next_round_completed": completed,
             "next_round_contributors": contributors,
         }
+
+
+def _attack_topic(case: AttackClass) -> topics.Topic:
+    """Where the attacker sends `case` (a device may not publish views: its broker refuses
+    them, and counts them)."""
+    if case.receiver == "status":
+        return topics.status(FLEET, case.topic)
+    if case.receiver == "view":
+        return topics.view(FLEET, case.topic)
+    return topics.update(FLEET, GATEWAY, case.topic)
 
 
 def _round_of(message: Message) -> int:

@@ -19,6 +19,7 @@ import functools
 import importlib
 import inspect
 import logging
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +28,7 @@ from broker.amqtt_handler import Connection, amqtt_handler_class
 from broker.errors import BrokerError
 from broker.framing import PacketReader
 from broker.limits import BrokerLimits, TokenBuckets
+from broker.listeners import listeners_class
 from broker.refusals import Reason, Refusals
 
 __all__ = ["AMQTT_INTERNALS", "TAKEOVER_TIMEOUT", "amqtt_broker_class", "check_amqtt_internals"]
@@ -40,8 +42,17 @@ log = logging.getLogger("broker.embedded")
 # to start instead (check_amqtt_internals).
 AMQTT_INTERNALS: Mapping[str, Mapping[str, tuple[str, ...]]] = {
     "amqtt.broker.Broker": {
-        # overridden
+        # overridden (broker.listeners)
+        "_create_server_instance": (
+            "listener_name",
+            "listener_type",
+            "address",
+            "port",
+            "ssl_context",
+        ),
         "stream_connected": ("reader", "writer", "listener_name"),
+        "ws_connected": ("websocket", "listener_name"),
+        # overridden (here)
         "_client_connected": ("listener_name", "reader", "writer"),
         "_handle_message_delivery": ("client_session", "handler", "wait_deliver"),
         "_topic_filtering": ("session", "topic", "action"),
@@ -96,7 +107,6 @@ def _retained_size(topic: str, data: bytes | bytearray) -> int:
 def amqtt_broker_class() -> type[Any]:
     """amqtt's Broker with tern's fixes (imported on first use, so that a process that
     runs no broker never loads amqtt)."""
-    from amqtt.adapters import StreamWriterAdapter
     from amqtt.broker import Broker, RetainedApplicationMessage
     from amqtt.contexts import Action
     from amqtt.errors import AMQTTError, MQTTError, NoDataError
@@ -115,8 +125,9 @@ def amqtt_broker_class() -> type[Any]:
         except (OSError, TimeoutError):
             connection.transport.abort()
 
-    class _Broker(Broker):  # type: ignore[misc]  # amqtt ships untyped
-        """amqtt's broker: authenticated sessions, matching retained messages, limits."""
+    class _Broker(listeners_class(), Broker):  # type: ignore[misc]  # amqtt ships untyped
+        """amqtt's broker: authenticated sessions, matching retained messages, limits
+        (on every listener: broker.listeners)."""
 
         def __init__(
             self,
@@ -125,47 +136,18 @@ def amqtt_broker_class() -> type[Any]:
             limits: BrokerLimits,
             refusals: Refusals,
             access: AccessControl | None,
+            tls_contexts: Mapping[str, ssl.SSLContext] | None = None,
         ) -> None:
             super().__init__(config)
             self.limits, self.refusals, self.access = limits, refusals, access
+            # the TLS of each listener that has one (amqtt's `ssl: true` ones are added)
+            self.tls_contexts = dict(tls_contexts or {})
             self.buckets = TokenBuckets(limits.publish_rate, limits.publish_burst)
             self.retained_bytes = 0
-            # every TCP client: counted against max_connections, and each one's
+            # every client: counted against max_connections, and each one's
             # transport cut by EmbeddedBroker._shutdown when amqtt cannot close it
             self.clients: set[asyncio.WriteTransport] = set()
             self.connections: dict[PacketReader, Connection] = {}
-
-        async def stream_connected(
-            self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
-        ) -> None:
-            # Replaces amqtt's: past max_connections a new connection is closed at once
-            # (amqtt's own listener limit queued it, holding its socket), and a client's
-            # bytes reach amqtt only through a PacketReader (broker.framing).
-            transport = writer.transport
-            peer = writer.get_extra_info("peername")
-            connection = Connection(transport, str(peer[0]) if peer else "-")
-            if len(self.clients) >= self.limits.max_connections:
-                self.refusals.add(Reason.TOO_MANY_CONNECTIONS, connection.name)
-                transport.abort()
-                return
-
-            def refuse(reason: Reason) -> None:
-                self.refusals.add(reason, connection.name, "disconnected")
-                transport.abort()
-
-            def drop(reason: Reason) -> None:
-                self.refusals.add(reason, connection.name, "a message dropped")
-
-            packets = PacketReader(reader, self.limits.max_packet_bytes, refuse, drop)
-            self.clients.add(transport)
-            self.connections[packets] = connection
-            try:
-                await self._client_connected(listener_name, packets, StreamWriterAdapter(writer))
-            finally:
-                self.clients.discard(transport)
-                del self.connections[packets]
-                if not transport.is_closing():
-                    transport.close()
 
         async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:
             # Replaces amqtt's _client_connected, _initialize_client_session and
@@ -192,10 +174,13 @@ def amqtt_broker_class() -> type[Any]:
             """The CONNECT read within connect_timeout and authenticated, and its session
             chosen: (handler, session); None when refused (answered and closed)."""
             connection = self.connections[reader]
+            loop = asyncio.get_running_loop()
             try:
+                # connect_timeout from the moment it connected (a TLS handshake included)
+                left = connection.opened + self.limits.connect_timeout - loop.time()
                 handler, session = await asyncio.wait_for(
                     _Handler.init_from_connect(reader, writer, self.plugins_manager),
-                    self.limits.connect_timeout,
+                    max(0.0, left),
                 )
             except TimeoutError:
                 if not reader.closed:

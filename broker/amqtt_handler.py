@@ -24,12 +24,14 @@ __all__ = ["Connection", "amqtt_handler_class"]
 
 @dataclass(slots=True)
 class Connection:
-    """One TCP client as refusals name it: its address until its CONNECT is accepted,
-    then its client id; and its transport, to cut it."""
+    """One client connection as refusals name it: its address until its CONNECT is
+    accepted, then its client id; its transport, to cut it; and when it was opened (the
+    broker loop's clock), from which it has connect_timeout to send its CONNECT."""
 
     transport: asyncio.WriteTransport
     peer: str
     client_id: str | None = None
+    opened: float = 0.0
 
     @property
     def name(self) -> str:

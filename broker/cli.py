@@ -3,7 +3,8 @@
 Without `--fleet-file` it is an open broker (anonymous, every topic) with the default
 limits; with it, the coordinator's broker of that fleet: members log in with their
 logins, strangers are refused, everyone has the rights of topics.md, and the largest
-packet follows the fleet's largest model.
+packet follows the fleet's largest model. `--tls` serves TLS with the fleet's
+``coordinator.server.crt``; `--ws-port` adds MQTT over WebSockets (broker.tls).
 
 Also what the component commands (coordinator, gateway, device) share to fail in one
 line: reading the fleet file and a member's key, saying why a listener did not start,
@@ -25,11 +26,12 @@ from pathlib import Path
 from nacl.signing import SigningKey
 
 from broker.access import AccessControl
-from broker.embedded import EmbeddedBroker
 from broker.errors import BrokerError, BrokerStartError, BrokerStopError
 from broker.fleet_access import broker_policy
-from broker.lifecycle import configure_logging, load_login, login_path, stop_on_signals
+from broker.lifecycle import load_login, login_path, stop_on_signals
 from broker.limits import BrokerLimits, fleet_limits
+from broker.logs import add_log_arguments, setup_logging
+from broker.tls import add_server_arguments, server_tls_from_args
 from tern.errors import MalformedMessage, TernError, brief
 from tern.fleet import COORDINATOR, MAX_FLEET_BYTES, Fleet
 from tern.keys import signing_key_from_text
@@ -95,7 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="USER",
         help="a login exempt from the publish rate (repeatable)",
     )
+    add_server_arguments(parser, COORDINATOR, "TLS and WebSockets listeners")
     parser.add_argument("--verbose", "-v", action="store_true", help="log amqtt's own messages")
+    add_log_arguments(parser)
 
 
 def limits_from_args(args: argparse.Namespace, fleet: Fleet | None = None) -> BrokerLimits:
@@ -115,7 +119,10 @@ def limits_from_args(args: argparse.Namespace, fleet: Fleet | None = None) -> Br
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM, then shut down cleanly (exit status 0)."""
-    configure_logging(args.verbose)
+    # imported here: devices import this module's helpers and must not need amqtt
+    from broker.embedded import EmbeddedBroker
+
+    setup_logging("broker", args.quiet, args.log_json, verbose=args.verbose)
     if not args.verbose:
         quiet_third_party_tracebacks()
     with stop_on_signals(log) as stop:
@@ -123,8 +130,15 @@ def run(args: argparse.Namespace) -> int:
             fleet = _read_fleet(args.fleet_file)
             access = None if fleet is None else AccessControl(broker_policy(fleet, COORDINATOR))
             limits = limits_from_args(args, fleet)
+            tls = server_tls_from_args(args, COORDINATOR, args.fleet_file)
             embedded = EmbeddedBroker(
-                args.host, args.port, config=args.config, access=access, limits=limits
+                args.host,
+                args.port,
+                config=args.config,
+                access=access,
+                limits=limits,
+                tls=tls,
+                ws_port=args.ws_port,
             ).start()
         except (BrokerError, TernError, OSError) as exc:
             failure = listen_failure(exc)
@@ -133,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
             else:
                 log.error("%s", exc)
             return 1
+        if args.ws_port is not None:
+            log.info("WebSockets (browsers) on %s", embedded.ws_url)
         # Wake up now and then to notice a broker thread that died on its own.
         while not stop.wait(0.5):
             if not embedded.running:

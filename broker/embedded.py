@@ -38,7 +38,8 @@ from broker.errors import BrokerConfigError, BrokerError, BrokerStartError, Brok
 from broker.lifecycle import quiet_third_party_logs
 from broker.limits import BrokerLimits
 from broker.refusals import Refusals
-from broker.transport import format_url
+from broker.tls import TlsServer, server_context
+from broker.urls import format_url, format_ws_url
 
 if TYPE_CHECKING:
     from amqtt.broker import Broker
@@ -47,6 +48,7 @@ __all__ = [
     "AMQTT_INTERNALS",
     "DEFAULT_CONFIG",
     "EmbeddedBroker",
+    "TlsServer",
     "check_amqtt_internals",
     "load_config",
     "merge_config",
@@ -56,6 +58,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ANONYMOUS = "amqtt.plugins.authentication.AnonymousAuthPlugin"
+WS_LISTENER = "ws"  # the WebSockets listener's name (ws_port)
 ACCESS_PLUGIN = "broker.plugins.AccessPlugin"  # named, not imported: that would load amqtt
 
 # amqtt's own defaults add the $SYS plugin and two loggers that write one line per
@@ -109,12 +112,16 @@ class EmbeddedBroker:
     """An amqtt broker on `host`:`port` (port 0: a free port, read back from `.port`).
 
     `config` (a path to a YAML/JSON file, or a mapping) is merged over DEFAULT_CONFIG;
-    the default listener's address always comes from `host` and `port`; listeners are
-    TCP (TLS with amqtt's ``ssl`` options), the only kind `limits` guards. `access`
-    enforces an access policy (broker.access; anonymous and open without it); `limits`
-    bounds what any client may send or hold (`broker.limits.BrokerLimits`, its defaults
-    without it), and `refused` counts every refusal. One instance runs once: to restart
-    on the same port, make a new one with ``port=old.port``.
+    the default listener's address always comes from `host` and `port`. `tls` makes
+    it (and the WebSockets one) speak TLS (`broker.tls.TlsServer`: TLS 1.2+, client
+    certificates required with `require_client_cert`), and `url` an ``mqtts://`` one.
+    `ws_port` adds MQTT over WebSockets for browsers on `host`:`ws_port` (0: a free one),
+    path /mqtt (`ws_url`). Listeners are TCP or WebSockets; every one is guarded by
+    `limits` and `access` alike (broker.listeners). `access` enforces an access policy
+    (broker.access; anonymous and open without it); `limits` bounds what any client may
+    send or hold (`broker.limits.BrokerLimits`, its defaults without it), and `refused`
+    counts every refusal. One instance runs once: to restart on the same port, make a
+    new one with ``port=old.port``.
     """
 
     def __init__(
@@ -125,13 +132,21 @@ class EmbeddedBroker:
         config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
         access: AccessControl | None = None,
         limits: BrokerLimits | None = None,
+        tls: TlsServer | None = None,
+        ws_port: int | None = None,
     ) -> None:
-        if not 0 <= port <= 65535:
-            raise BrokerConfigError(f"port {port} is not in 0..65535")
+        for number in (port, ws_port):
+            if number is not None and not 0 <= number <= 65535:
+                raise BrokerConfigError(f"port {number} is not in 0..65535")
         override = load_config(config) if isinstance(config, str | os.PathLike) else config or {}
-        bind = {"listeners": {"default": {"bind": f"{_bind_host(host)}:{port}"}}}
-        self.config = merge_config(merge_config(DEFAULT_CONFIG, override), bind)
+        bind: dict[str, Any] = {"default": {"bind": f"{_bind_host(host)}:{port}"}}
+        if ws_port is not None:
+            bind[WS_LISTENER] = {"type": "ws", "bind": f"{_bind_host(host)}:{ws_port}"}
+        self.config = merge_config(merge_config(DEFAULT_CONFIG, override), {"listeners": bind})
         _check_listeners(self.config)
+        self.tls = tls
+        context = None if tls is None else server_context(tls)  # BrokerConfigError now
+        self._tls_contexts = {} if context is None else dict.fromkeys(bind, context)
         if access is not None:  # added after the merge, which copies: the broker shares it
             self.config["plugins"][ACCESS_PLUGIN] = {"control": access}
         self.access = access
@@ -140,6 +155,7 @@ class EmbeddedBroker:
         self.host = host
         self._requested_port = port
         self._port: int | None = None
+        self._ws_port: int | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_requested: asyncio.Event | None = None
@@ -158,8 +174,21 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        """What clients connect to: ``mqtt://host:port`` (loopback for a wildcard host)."""
-        return format_url(self.host, self.port)
+        """What clients connect to: ``mqtt://host:port`` (loopback for a wildcard host),
+        ``mqtts://`` over TLS."""
+        return format_url(self.host, self.port, self._secure("default"))
+
+    @property
+    def ws_url(self) -> str:
+        """What browsers connect to: ``ws://host:port/mqtt``, ``wss://`` over TLS
+        (BrokerError without a WebSockets listener)."""
+        if self._ws_port is None:
+            raise BrokerError("no WebSockets listener (ws_port), or not started yet")
+        return format_ws_url(self.host, self._ws_port, self._secure(WS_LISTENER))
+
+    def _secure(self, listener: str) -> bool:
+        settings = self.config["listeners"].get(listener, {})
+        return listener in self._tls_contexts or bool(settings.get("ssl", False))
 
     @property
     def running(self) -> bool:
@@ -254,12 +283,18 @@ class EmbeddedBroker:
         try:
             broker_class = amqtt_broker_class()
             broker = broker_class(
-                self.config, limits=self.limits, refusals=self._refusals, access=self.access
+                self.config,
+                limits=self.limits,
+                refusals=self._refusals,
+                access=self.access,
+                tls_contexts=self._tls_contexts,
             )
             await broker.start()
             self._amqtt = broker
             listening = True
-            self._port = _bound_port(broker)
+            self._port = _bound_port(broker, "default")
+            if WS_LISTENER in self.config["listeners"]:
+                self._ws_port = _bound_port(broker, WS_LISTENER)
         except Exception as exc:
             self._start_error = exc
             self._started.set()
@@ -316,8 +351,9 @@ def _bind_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def _listeners(broker: Broker) -> dict[str, asyncio.Server]:
-    """amqtt's TCP listening servers, by listener name.
+def _listeners(broker: Broker) -> dict[str, Any]:
+    """amqtt's listening servers (asyncio's for TCP, websockets' for WebSockets: both have
+    `close()` and `sockets`), by listener name.
 
     amqtt has no public accessor for them, so this is the one place we read its
     internals (`Broker._servers`); the port-0 and shutdown tests fail loudly if an amqtt
@@ -327,14 +363,14 @@ def _listeners(broker: Broker) -> dict[str, asyncio.Server]:
         servers = {name: server.instance for name, server in broker._servers.items()}
     except (AttributeError, TypeError) as exc:
         raise BrokerError("cannot read amqtt's listeners (internals changed?)") from exc
-    return {name: s for name, s in servers.items() if isinstance(s, asyncio.Server)}
+    return {name: s for name, s in servers.items() if hasattr(s, "sockets")}
 
 
-def _bound_port(broker: Broker) -> int:
-    """The default listener's real port."""
-    listener = _listeners(broker).get("default")
+def _bound_port(broker: Broker, name: str) -> int:
+    """The real port of listener `name`."""
+    listener = _listeners(broker).get(name)
     if listener is None:
-        raise BrokerError("amqtt has no default TCP listener (internals changed?)")
+        raise BrokerError(f"amqtt has no listener {name!r} (internals changed?)")
     ports = {sock.getsockname()[1] for sock in listener.sockets}
     if len(ports) != 1:
         # asyncio binds one socket per address a host name resolves to, and port 0
@@ -344,15 +380,16 @@ def _bound_port(broker: Broker) -> int:
 
 
 def _check_listeners(config: Mapping[str, Any]) -> None:
-    """Only TCP listeners: `stream_connected` (broker.amqtt_broker) is where every limit
-    starts (amqtt's websocket and external listeners would bypass them)."""
+    """Only TCP and WebSockets listeners: `stream_connected` and `ws_connected`
+    (broker.listeners) are where every limit starts; amqtt's external listeners would
+    bypass them."""
     listeners = config.get("listeners")
     if not isinstance(listeners, Mapping):
         raise BrokerConfigError("listeners must be a mapping of listener names")
     for name, listener in listeners.items():
         kind = listener.get("type", "tcp") if isinstance(listener, Mapping) else None
-        if kind != "tcp":
+        if kind not in ("tcp", "ws"):
             raise BrokerConfigError(
-                f"listener {name!s:.40}: only tcp listeners are supported (TLS: ssl: true);"
+                f"listener {name!s:.40}: only tcp and ws listeners are supported;"
                 " the broker's limits do not guard the others"
             )

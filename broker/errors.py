@@ -51,12 +51,15 @@ class TransportError(BrokerError):
 
 
 class ConnectTimeout(TransportError):
-    """No CONNACK (or no SUBACK for a remembered subscription) before the deadline."""
+    """No CONNACK (or no SUBACK for a remembered subscription) before the deadline;
+    `reason`: why the last attempt failed, when known (a TLS failure, a refused socket)."""
 
-    def __init__(self, url: str, timeout: float) -> None:
-        super().__init__(f"no connection to {url} within {timeout:g} s")
+    def __init__(self, url: str, timeout: float, reason: str | None = None) -> None:
+        why = f" ({reason})" if reason else ""
+        super().__init__(f"no connection to {url} within {timeout:g} s{why}")
         self.url = url
         self.timeout = timeout
+        self.reason = reason
 
 
 class ConnectRefused(TransportError):

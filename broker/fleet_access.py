@@ -9,8 +9,9 @@ builders below hold the rights table of topics.md ("Who may do what on each brok
 the coordinator publishes the model, schedule and kernels and hears partials; a gateway
 relays them down on its own broker and hears its devices, child gateways and boards; a
 device publishes only its own update and status, a board only its own telemetry and
-status; a gateway on its parent's broker publishes its partial and metrics and relays
-status and telemetry, never under another member's id.
+status; a gateway on its parent's broker publishes its partial, metrics and view (and
+relays its descendants' views), and relays status and telemetry, never under another
+member's id.
 
 Every member's client ids (`Fleet.client_ids`) and every board id are reserved on every
 broker: nobody else may connect with them.
@@ -71,13 +72,13 @@ def broker_policy(fleet: Fleet, broker: str, boards: Boards | None = None) -> Ac
     if broker == COORDINATOR:
         rights[COORDINATOR] = _coordinator(f)
         for gw in fleet.children(COORDINATOR):
-            rights[gw] = _child_gateway(f, COORDINATOR, gw, voiced)
+            rights[gw] = _child_gateway(fleet, COORDINATOR, gw, voiced)
     else:
         rights[broker] = _own_gateway(f, broker)
         for device in fleet.gateways[broker].devices:
             rights[device] = _device(f, broker, device)
         for child in fleet.children(broker):
-            rights[child] = _child_gateway(f, broker, child, voiced)
+            rights[child] = _child_gateway(fleet, broker, child, voiced)
     missing = sorted(user for user in rights if user not in fleet.logins)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -114,15 +115,20 @@ def _downlink(f: str) -> tuple[str, ...]:
     return topics.global_model(f).path, topics.round_schedule(f).path, topics.kernels(f).path
 
 
-def _child_gateway(f: str, parent: str, gateway: str, voiced: list[tuple[str, str]]) -> Rights:
-    """A gateway on its parent's broker: its partial and metrics, and the status and
-    telemetry it relays for its boards, never under another member's id."""
+def _child_gateway(
+    fleet: Fleet, parent: str, gateway: str, voiced: list[tuple[str, str]]
+) -> Rights:
+    """A gateway on its parent's broker: its partial and metrics, the status and
+    telemetry it relays for its boards, never under another member's id, and its own
+    view and those of the gateways below it (relayed)."""
+    f = fleet.fleet
     relayed = (topics.status_all(f).path, topics.telemetry_all(f).path)
     deny = tuple(path for path, member in voiced if member != gateway)
     metrics = topics.metrics(f, gateway).path
+    views = tuple(topics.view(f, g).path for g in _subtree(fleet, gateway))
     return Rights(
-        publish=(topics.partial(f, parent, gateway).path, metrics, *relayed),
-        retain=(metrics, topics.status_all(f).path),
+        publish=(topics.partial(f, parent, gateway).path, metrics, *relayed, *views),
+        retain=(metrics, topics.status_all(f).path, *views),
         subscribe=_downlink(f),
         deny=deny,
     )
@@ -135,8 +141,17 @@ def _own_gateway(f: str, gateway: str) -> Rights:
         topics.partials_to(f, gateway).path,
         topics.telemetry_all(f).path,
         topics.status_all(f).path,
+        topics.view_all(f).path,
     )
     return Rights(publish=sent, retain=sent, subscribe=heard)
+
+
+def _subtree(fleet: Fleet, gateway: str) -> list[str]:
+    """`gateway` and every gateway below it."""
+    out = [gateway]
+    for child in fleet.children(gateway):
+        out += _subtree(fleet, child)
+    return out
 
 
 def _device(f: str, gateway: str, device: str) -> Rights:

@@ -34,9 +34,9 @@ _FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
 def quiet_third_party_logs(level: int = logging.WARNING) -> None:
-    """amqtt logs every connection and `transitions` every state change at INFO; above
-    that they drown our own lines."""
-    for name in ("amqtt", "transitions"):
+    """amqtt logs every connection, `transitions` every state change and websockets
+    every listener at INFO; above that they drown our own lines."""
+    for name in ("amqtt", "transitions", "websockets"):
         logging.getLogger(name).setLevel(level)
 
 

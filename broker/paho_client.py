@@ -6,7 +6,9 @@ Its log lines go to the transport's logger ("broker.transport").
 from __future__ import annotations
 
 import logging
+import re
 import socket
+import ssl
 import threading
 from typing import Any
 
@@ -16,16 +18,27 @@ from paho.mqtt.enums import CallbackAPIVersion
 from broker.errors import PublishError
 from tern.topics import Topic
 
-__all__ = ["new_client", "no_delay", "require_concrete", "stop_loop"]
+__all__ = [
+    "SocketErrors",
+    "capture_errors",
+    "new_client",
+    "no_delay",
+    "require_concrete",
+    "stop_loop",
+]
 
 # The transport's logger, not this module's: these lines belong to the client.
 log = logging.getLogger("broker.transport")
 
 
 def new_client(
-    client_id: str, will: tuple[Topic, bytes] | None, login: tuple[str, str] | None
+    client_id: str,
+    will: tuple[Topic, bytes] | None,
+    login: tuple[str, str] | None,
+    tls: ssl.SSLContext | None = None,
 ) -> mqtt.Client:
-    """An MQTT 3.1.1 clean-session client with no callbacks but `on_socket_open`."""
+    """An MQTT 3.1.1 clean-session client with no callbacks but `on_socket_open`; over TLS
+    with `tls` (`broker.tls.client_context`: it checks the broker's host name)."""
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -41,8 +54,31 @@ def new_client(
         client.will_set(topic.path, payload, qos=1, retain=True)
     if login is not None:
         client.username_pw_set(*login)
+    if tls is not None:
+        client.tls_set_context(tls)
     client.on_socket_open = no_delay
     return client
+
+
+class SocketErrors(logging.Handler):
+    """The last of paho's error lines of one client, in a few words: why the broker ended
+    a connection before its CONNACK (a TLS alert: no client certificate, an unknown CA)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.last: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = re.sub(r" \(_ssl\.c:\d+\)", "", record.getMessage())
+        ssl_error = re.search(r"\[SSL(?:: \w+)?\] (.*)", text)
+        self.last = (f"TLS: {ssl_error.group(1)}" if ssl_error else text)[:200]
+
+
+def capture_errors(client: mqtt.Client, client_id: str, errors: SocketErrors) -> None:
+    """Keep `client`'s error lines in `errors` (paho formats nothing below ERROR for it)."""
+    logger = logging.Logger(f"paho.{client_id}", logging.ERROR)  # this client's alone
+    logger.addHandler(errors)
+    client.enable_logger(logger)
 
 
 def stop_loop(client: mqtt.Client, client_id: str, timeout: float) -> None:

@@ -15,8 +15,10 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from broker.errors import ConnectTimeout, TransportError
+from broker.paho_client import SocketErrors
+from broker.transport_types import TlsClient
 
-__all__ = ["Backoff", "await_connack", "backoff_delay"]
+__all__ = ["Backoff", "await_connack", "backoff_delay", "hung_up"]
 
 # The transport's logger, not this module's: a "waiting for" line belongs to the client.
 log = logging.getLogger("broker.transport")
@@ -51,10 +53,23 @@ class Backoff:
         self._rng = rng
         self._attempt = 0
         self._waiting_logged = -math.inf  # when the last "waiting for" line was
+        self.last_failure: str | None = None  # why the last attempt failed, in a few words
+        self.socket_errors = SocketErrors()  # paho's error lines (broker.paho_client)
 
     def reset(self) -> None:
         """The broker answered: the next wait starts from the shortest delay."""
         self._attempt = 0
+        self.last_failure = None
+        self.socket_errors.last = None
+
+    def failed(self, reason: str) -> None:
+        """An attempt failed for `reason` (a TLS failure, a refused socket...): logged once
+        per reason until the broker answers, and kept for ConnectTimeout to quote. A TLS
+        failure (a wrong CA, host name or clock) does not pass by itself: the operator
+        must see it, not a silent retry."""
+        if reason != self.last_failure:
+            log.warning("%s: cannot connect to %s: %s", self.client_id, self.url, reason)
+        self.last_failure = reason
 
     def sleep(self, closing: threading.Event) -> None:
         """Sleep before the next attempt, or until `closing` is set."""
@@ -86,20 +101,31 @@ class Backoff:
             client.loop_stop()
 
 
+def hung_up(tls: TlsClient | None) -> str:
+    """Why a broker may have closed a connection before its CONNACK, with a hint."""
+    if tls is None:
+        hint = " (a TLS listener? its URL is mqtts://)"
+    elif tls.cert_file is None:  # a TLS 1.3 broker refuses it after the handshake
+        hint = " (does it require a client certificate? --cert-file)"
+    else:
+        hint = ""
+    return f"the broker closed the connection before answering CONNECT{hint}"
+
+
 def await_connack(
     connack: threading.Event,
     closing: threading.Event,
     started: float,
     timeout: float | None,
-    client_id: str,
-    url: str,
+    backoff: Backoff,
 ) -> None:
-    """Wait for the CONNACK in short slices, so that close() ends the wait."""
+    """Wait for the CONNACK in short slices, so that close() ends the wait; a
+    ConnectTimeout quotes why the last attempt failed (`backoff.last_failure`)."""
     while True:
         left = math.inf if timeout is None else started + timeout - time.monotonic()
         if connack.wait(max(0.0, min(_SLICE, left))):
             return
         if closing.is_set():
-            raise TransportError(f"{client_id}: closed while waiting for {url}")
+            raise TransportError(f"{backoff.client_id}: closed while waiting for {backoff.url}")
         if timeout is not None and left <= 0:
-            raise ConnectTimeout(url, timeout)
+            raise ConnectTimeout(backoff.url, timeout, backoff.last_failure)

@@ -33,6 +33,7 @@ class Reason(StrEnum):
     RETAINED_FULL = "retained_full"
     INFLIGHT_FULL = "inflight_full"  # a client's unacknowledged deliveries, or QoS 2 receipts
     RATE_LIMITED = "rate_limited"
+    TLS_FAILED = "tls_failed"  # a TLS handshake that failed (no TLS, no client certificate...)
 
 
 _SHOWN_CHARS = 128

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 import time
 from functools import partial
@@ -31,18 +32,28 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from broker.acks import Acks
 from broker.errors import ConnectRefused, PublishError, PublishTimeout, TransportError
-from broker.paho_client import new_client, require_concrete, stop_loop
-from broker.reconnect import Backoff, await_connack, backoff_delay
+from broker.paho_client import capture_errors, new_client, require_concrete, stop_loop
+from broker.reconnect import Backoff, await_connack, backoff_delay, hung_up
 from broker.subscriptions import Subscription, Subscriptions
-from broker.transport_types import Counters, Handler, Message, Transport, TransportStats
-from broker.urls import DEFAULT_PORT, format_url, parse_url
+from broker.tls import connect_failure, context_for
+from broker.transport_types import (
+    Counters,
+    Handler,
+    Message,
+    TlsClient,
+    Transport,
+    TransportStats,
+)
+from broker.urls import DEFAULT_PORT, BrokerUrl, format_url, parse_url
 from tern.topics import Topic
 
 __all__ = [
     "DEFAULT_PORT",
+    "BrokerUrl",
     "Handler",
     "Message",
     "MqttTransport",
+    "TlsClient",
     "Transport",
     "TransportStats",
     "backoff_delay",
@@ -62,7 +73,7 @@ class MqttTransport:
     client vanishes without a clean close(): the offline `tern.reports.Status`.
     `login` is (user, password), for a broker that wants them (see broker.access).
     `rng` draws the reconnect jitter; the default is freshly seeded so that devices
-    do not share a sequence.
+    do not share a sequence. `tls`: the CA (and client certificate) mqtts:// needs.
     """
 
     def __init__(
@@ -76,13 +87,14 @@ class MqttTransport:
         backoff_min: float = 0.5,
         backoff_max: float = 30.0,
         rng: np.random.Generator | None = None,
+        tls: TlsClient | None = None,
     ) -> None:
         if not 0 < backoff_min <= backoff_max:
             raise TransportError("backoff needs 0 < backoff_min <= backoff_max")
         self.url = url
-        self.host, self.port = parse_url(url)
-        self.client_id = client_id
-        self.keepalive = keepalive
+        self.host, self.port, secure = parse_url(url)
+        self.tls, context = tls, context_for(url, secure, tls)  # TransportError: disagree
+        self.client_id, self.keepalive = client_id, keepalive
         self.backoff_min, self.backoff_max = backoff_min, backoff_max
         rng = rng if rng is not None else np.random.default_rng()
         self._backoff = Backoff(client_id, url, backoff_min, backoff_max, rng)
@@ -96,9 +108,10 @@ class MqttTransport:
         self._refusal: str | None = None
         self._started = False
 
-        client = new_client(client_id, will, login)
+        client = new_client(client_id, will, login, context)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
+        capture_errors(client, client_id, self._backoff.socket_errors)
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
@@ -143,7 +156,7 @@ class MqttTransport:
             raise TransportError(f"cannot connect to {self.url}: {exc}") from exc
         self._client.loop_start()
         try:
-            await_connack(self._connack, self._closing, started, timeout, self.client_id, self.url)
+            await_connack(self._connack, self._closing, started, timeout, self._backoff)
             if self._refusal is not None:
                 raise ConnectRefused(self.url, self._refusal)
             # Once connected the broker is up: its SUBACKs get a deadline either way.
@@ -266,6 +279,9 @@ class MqttTransport:
             client.disconnect()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        failure = sys.exc_info()[1]  # paho calls this in its `except OSError:` block
+        if failure is not None and not self._closing.is_set():
+            self._backoff.failed(connect_failure(failure))
         self._backoff.before_retry(self._client, self._closing)
 
     def _on_disconnect(
@@ -281,6 +297,8 @@ class MqttTransport:
         self._disconnected.set()
         if was_connected and not self._closing.is_set():
             log.warning("%s lost %s (%s); reconnecting", self.client_id, self.url, reason)
+        elif not self._closing.is_set():  # ended before its CONNACK: TLS refused, or no TLS
+            self._backoff.failed(self._backoff.socket_errors.last or hung_up(self.tls))
         self._backoff.before_retry(self._client, self._closing)
 
     def _on_publish(

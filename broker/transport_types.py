@@ -11,9 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from broker.errors import TransportError
 from tern.topics import Topic
 
-__all__ = ["Counters", "Handler", "Message", "Transport", "TransportStats"]
+__all__ = ["Counters", "Handler", "Message", "TlsClient", "Transport", "TransportStats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,24 @@ class Message:
 
 
 Handler = Callable[[Message], None]
+
+
+@dataclass(frozen=True, slots=True)
+class TlsClient:
+    """How a client speaks TLS to an ``mqtts://`` broker: the CA that signed the broker's
+    certificate (the fleet CA, ``ca.crt``), and its own certificate and key for brokers
+    that ask for one (mTLS), both or neither. The broker's host name is always checked
+    against its certificate. `broker.tls.client_context` makes the ssl context."""
+
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise TransportError(
+                "a client certificate needs its key file, and a key its certificate"
+            )
 
 
 class Transport(Protocol):

@@ -22,7 +22,9 @@ import numpy as np
 
 from broker.cli import load_member, seconds, start_unless_stopped
 from broker.errors import BrokerError
-from broker.lifecycle import configure_logging, load_login, stop_on_signals
+from broker.lifecycle import load_login, stop_on_signals
+from broker.logs import add_log_arguments, setup_logging
+from broker.tls import add_client_arguments, client_tls_from_args
 from broker.urls import parse_url
 from coordinator.config import ConfigError, CoordinatorConfig, CoordinatorError
 from coordinator.service import Coordinator, TestSet, check_test_set
@@ -62,7 +64,9 @@ _DEFAULTS = CoordinatorConfig(broker_url="mqtt://localhost", state_dir=Path())
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The coordinator's flags, shared by `python -m coordinator` and `tern coordinator`."""
-    p.add_argument("--broker", required=True, help="broker URL, mqtt://host:port")
+    p.add_argument(
+        "--broker", required=True, help="broker URL, mqtt://host:port or mqtts://host:port (TLS)"
+    )
     p.add_argument("--fleet-file", required=True, type=Path, help="the fleet's JSON file")
     p.add_argument("--key", required=True, type=Path, help="the coordinator's secret key file")
     p.add_argument("--state-dir", required=True, type=Path, help="models and round records")
@@ -168,6 +172,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help=".npz with x_test, y_test (or x, y) to evaluate every model on",
     )
+    add_client_arguments(p)
+    add_log_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
             login=load_login(args.key),
             connect_timeout=args.connect_timeout,
             keep_models=args.keep_models,
+            tls=client_tls_from_args(args, args.broker, COORDINATOR),
         )
         fleet, key = load_member(args.fleet_file, args.key, COORDINATOR)
         test_set = None if args.test_set is None else load_test_set(args.test_set, args.layers)
@@ -292,7 +299,7 @@ def _reload_kernel(coordinator: Coordinator, path: Path) -> None:
 def command(args: argparse.Namespace) -> int:
     """`run` with logging set up and errors reported in one line: exit code 2 for a flag
     value the configuration refuses, 1 for anything else that keeps it from starting."""
-    configure_logging()
+    setup_logging("coordinator", args.quiet, args.log_json)
     try:
         return run(args)
     except ConfigError as exc:

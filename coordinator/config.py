@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from broker.errors import TransportError
+from broker.transport import TlsClient, parse_url
 from kernels.wasm import DEFAULT_FUEL, DEFAULT_MEMORY_LIMIT
 from tern.codecs import CodecName
 from tern.errors import TernError
@@ -47,7 +49,8 @@ class CoordinatorConfig:
     resumed past it finishes at once. `interval` is the least time between two round
     openings (0: back to back). `connect_timeout`: seconds to wait for the broker at
     start (None: wait without end). `keep_models`: model versions its state directory
-    keeps, the newest (coordinator.store).
+    keeps, the newest (coordinator.store). `tls`: the fleet CA (and its client
+    certificate) for an ``mqtts://`` broker URL, which needs it (broker.tls.client_tls).
     """
 
     broker_url: str
@@ -76,6 +79,7 @@ class CoordinatorConfig:
     # another strategy takes its parameters here (tern.policy.STRATEGY_PARAMS), by name.
     strategy: str = "fedavg"
     strategy_params: tuple[tuple[str, float], ...] = ()
+    tls: TlsClient | None = None
 
     def strategy_spec(self) -> StrategySpec:
         """The server step as the schedule's policy names it (defaults left out)."""
@@ -129,6 +133,13 @@ class CoordinatorConfig:
         for name, ok, message in checks:
             if not ok:
                 raise ConfigError(name, f"{message}, got {getattr(self, name)!r}")
+        try:
+            secure = parse_url(self.broker_url).tls
+        except TransportError as exc:
+            raise ConfigError("broker_url", str(exc)) from exc
+        if secure != (self.tls is not None):
+            needs = "it needs the fleet CA (--ca-file)" if secure else "TLS settings given"
+            raise ConfigError("tls", f"{self.broker_url} is {'' if secure else 'not '}TLS: {needs}")
         if self.strategy != "fedavg" and (self.server_lr, self.server_momentum) != (1.0, 0.0):
             raise ConfigError(
                 "server_lr", f"server_lr and server_momentum are FedAvg's; give {self.strategy}"

@@ -22,6 +22,7 @@ import numpy.typing as npt
 from nacl.signing import SigningKey
 
 from broker.errors import BrokerError
+from broker.logs import RunTally, log_round
 from broker.loop import Loop
 from broker.transport import MqttTransport
 from coordinator.config import CoordinatorConfig, CoordinatorError, RoundTimeout
@@ -144,6 +145,7 @@ class Coordinator:
         self._finished = threading.Event()
         self._stopping = False
         self._records: dict[int, RoundRecord] = {}
+        self._tally, self._started = RunTally(), time.monotonic()  # for the closing summary
         self._callbacks: queue.SimpleQueue[RoundRecord | object | None] = queue.SimpleQueue()
         self._caller: threading.Thread | None = None
         self.run = self.store.run(clock)
@@ -168,6 +170,7 @@ class Coordinator:
             config.client_id,
             will=(topics.status(fleet.fleet, config.client_id), self._status(State.OFFLINE)),
             login=None if login is None else (login.username, login.password),
+            tls=config.tls,
         )
         self.loop = Loop(
             "coordinator",
@@ -242,6 +245,7 @@ class Coordinator:
         except BrokerError as exc:
             raise CoordinatorError(f"cannot reach {self.config.broker_url}: {exc}") from exc
         self.loop.linked(Link.UP)
+        self._started = time.monotonic()
         self.loop.post(Begin())
         self.loop.start()
         if self._on_round is not None:
@@ -293,6 +297,8 @@ class Coordinator:
             return
         self._stopping = True
         self.loop.stop(timeout)
+        if self._tally.rounds:
+            self._tally.log(log, time.monotonic() - self._started)
         if self.machine.round is not None:
             log.info("stopping with round %d open; it re-runs on restart", self.machine.round.round)
         try:
@@ -326,6 +332,9 @@ class Coordinator:
 
     def _closed(self, closed: RoundClosed) -> None:
         record = closed.record
+        metrics = record.metrics(self.config.client_id)
+        log_round(log, metrics, record.ok)
+        self._tally.add(metrics, record.ok)
         with self._cond:
             self._records[record.round] = record
             for old in sorted(self._records)[:-_KEEP_RECORDS]:

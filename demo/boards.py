@@ -3,12 +3,16 @@
 Each board is registered in its gateway's boards file, so the gateway derives and seals
 its int8 model from every new global model; the board replays MNIST-1D test windows
 and publishes a prediction per window. The demo listens to the telemetry the gateways
-relay to the top broker and scores it against the windows' true labels.
+relay to the top broker and scores it against the windows' true labels. With the fleet
+CA (`start(..., ca_file=...)`), a board whose gateway's broker is ``mqtts://`` connects
+with TLS on that CA, after setting its clock (from the host's: the demo reaches no NTP
+server), and the listener on an ``mqtts://`` top broker does too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ssl
 import statistics
 import threading
 from dataclasses import dataclass, field
@@ -19,10 +23,11 @@ import numpy as np
 import numpy.typing as npt
 
 from broker.transport import Message, MqttTransport
+from broker.transport_types import TlsClient
 from broker.urls import parse_url
 from firmware.config import board_config, replay_sensor
 from firmware.errors import FirmwareError
-from firmware.sim import SimulatedBoard
+from firmware.sim import HOST_CLOCK, SimulatedBoard
 from gateway.boards import BoardEntry, Boards, new_board_entry, save_boards
 from tern import topics
 from tern.errors import TernError
@@ -109,11 +114,19 @@ class DemoBoards:
         x_test: npt.NDArray[np.float32],
         y_test: npt.NDArray[np.integer],
         login: tuple[str, str] | None = None,
+        ca_file: str | Path | None = None,
     ) -> None:
         """Listen for relayed telemetry on `top_url` (with `login`, the fleet's observer),
         then start every board on its gateway's broker; without the firmware's
-        dependencies, record why and run none."""
-        listener = MqttTransport(top_url, f"tern-{self.fleet}-demo-boards", login=login)
+        dependencies, record why and run none. `ca_file`: the fleet CA (PEM, ``ca.crt``),
+        required when `top_url` or a gateway's URL is ``mqtts://``."""
+        urls = {gw: parse_url(url) for gw, url in downstream.items()}
+        needs_ca = parse_url(top_url).tls or any(u.tls for u in urls.values())
+        if needs_ca and ca_file is None:
+            raise ValueError("a broker of the demo speaks TLS: the boards need the fleet CA")
+        der = None if ca_file is None else ssl.PEM_cert_to_DER_cert(Path(ca_file).read_text())
+        tls = TlsClient(str(ca_file)) if parse_url(top_url).tls and ca_file is not None else None
+        listener = MqttTransport(top_url, f"tern-{self.fleet}-demo-boards", login=login, tls=tls)
         listener.subscribe(topics.telemetry_all(self.fleet), self._on_telemetry)
         listener.connect(10.0)
         self._listener = listener
@@ -128,7 +141,7 @@ class DemoBoards:
             )
             with self._lock:
                 self.tallies[board] = BoardTally(board, gw, [int(y_test[r]) for r in rows])
-            host, port = parse_url(downstream[gw])
+            host, port, secure = urls[gw]
             entry = self.entries[board]
             config = board_config(
                 fleet=self.fleet,
@@ -140,10 +153,16 @@ class DemoBoards:
                 mqtt_password=entry.mqtt_password,
                 sensor=replay_sensor(),
                 rate_hz=self.rate_hz,
+                tls=secure,
             )
             try:
                 sim = SimulatedBoard(
-                    config, windows, work_dir=self.dir / board, rng=self.rng.spawn(1)[0]
+                    config,
+                    windows,
+                    work_dir=self.dir / board,
+                    rng=self.rng.spawn(1)[0],
+                    ca_der=der if secure else None,
+                    ntp_port=HOST_CLOCK,
                 )
             except FirmwareError as exc:
                 self.skipped = str(exc)
@@ -174,4 +193,5 @@ class DemoBoards:
         for row in rows:
             sim = sims.get(row["device"])
             row["refused"] = dict(sim.stats.get("rejected", {})) if sim is not None else {}
+            row["tls"] = sim is not None and "tls" in sim.config  # it connects only with TLS
         return rows

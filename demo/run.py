@@ -11,7 +11,8 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -25,6 +26,8 @@ from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator, TestSet
 from coordinator.store import RoundRecord
 from demo.boards import DemoBoards
+from demo.security import DemoTls, make_demo_tls
+from demo.watching import OnReady, announce, open_watch_points
 from device.agent import DeviceAgent
 from device.trainer import NumpyTrainer
 from gateway.config import GatewayConfig
@@ -49,6 +52,7 @@ class DemoResult:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     boards: list[dict[str, Any]] = field(default_factory=list)  # simulated ESP32 boards
     boards_skipped: str | None = None  # why no board ran, when none did
+    tls: bool = False  # every link spoke TLS (tern demo --tls)
 
     @property
     def final_accuracy(self) -> float | None:
@@ -61,6 +65,7 @@ class DemoResult:
             "final_accuracy": self.final_accuracy,
             "rounds": self.rounds,
             "boards": self.boards,
+            "tls": self.tls,
         }
 
 
@@ -81,10 +86,18 @@ def run_demo(
     alpha: float = 0.5,
     round_timeout: float = 20.0,
     out: TextIO | None = sys.stderr,
+    port: int = 0,
+    dashboard: bool = False,
+    on_ready: OnReady | None = None,
+    tls: bool = False,
 ) -> DemoResult:
     """`trainer`: "wasm" (devices run the kernel the coordinator publishes, as in a real
     fleet) or "numpy" (the reference trainer on every device). `boards`: simulated ESP32
-    boards (the real firmware under CPython), spread over the gateways."""
+    boards (the real firmware under CPython), spread over the gateways. `port`: the top
+    broker's (0: any free one); `dashboard`: also serve the web dashboard (and a WebSockets
+    listener on the top broker). Where to watch is printed to `out` and given to
+    `on_ready` before the first round. `tls`: every broker listens on TLS only (the demo
+    fleet's own CA, demo.security) and every client verifies it."""
     if gateways < 1 or devices < gateways:
         raise ValueError("need at least one gateway and at least one device per gateway")
     if trainer not in ("wasm", "numpy"):
@@ -99,14 +112,33 @@ def run_demo(
         "demo", {gw: (COORDINATOR, dev_ids[g::gateways]) for g, gw in enumerate(gw_ids)}
     )
     fleet, keys, logins = members.fleet, members.keys, members.logins
-    result = DemoResult(str(codec), 0, trainer)
-    # The coordinator's broker as `tern broker --fleet-file` runs it: logins, rights, limits.
-    top = EmbeddedBroker(
-        port=0,
-        access=AccessControl(broker_policy(fleet, COORDINATOR)),
-        limits=fleet_limits(fleet, COORDINATOR),
-    )
-    with tempfile.TemporaryDirectory(prefix="tern-demo-") as state, top:
+    result = DemoResult(str(codec), 0, trainer, tls=tls)
+    with tempfile.TemporaryDirectory(prefix="tern-demo-") as state, ExitStack() as watch:
+        secure: DemoTls | None = (
+            make_demo_tls(Path(state), "demo", [COORDINATOR, *gw_ids]) if tls else None
+        )
+        client_tls = None if secure is None else secure.client
+        # The coordinator's broker as `tern broker --fleet-file` runs it: logins, rights,
+        # limits (and TLS with --tls).
+        top = EmbeddedBroker(
+            port=port,
+            access=AccessControl(broker_policy(fleet, COORDINATOR)),
+            limits=fleet_limits(fleet, COORDINATOR),
+            ws_port=0 if dashboard else None,
+            tls=None if secure is None else secure.server(COORDINATOR),
+        )
+        watch.enter_context(top)
+        ws_url = top.ws_url if dashboard else None
+        points = open_watch_points(
+            watch,
+            "demo",
+            top.url,
+            ws_url,
+            logins[OBSERVER],
+            Path(state),
+            dashboard=dashboard,
+        )
+        announce(points, out)
         mcus = DemoBoards("demo", gw_ids, boards, Path(state), np.random.default_rng([seed, 1]))
         gws = [
             Gateway(
@@ -117,6 +149,9 @@ def run_demo(
                     boards_file=mcus.boards_file(gw),
                     login=logins[gw],
                     state_dir=Path(state) / gw,
+                    upstream_tls=client_tls,
+                    downstream_tls=client_tls,
+                    listen_tls=None if secure is None else secure.server(gw),
                 ),
                 fleet,
                 keys[gw],
@@ -135,6 +170,7 @@ def run_demo(
                 trainer=NumpyTrainer() if trainer == "numpy" else None,
                 login=logins[d],
                 state_dir=Path(state) / d,
+                tls=client_tls,
             ).start()
             for d, idx in zip(dev_ids, parts, strict=True)
         ]
@@ -150,6 +186,7 @@ def run_demo(
             seed=seed,
             train=TrainConfig(epochs=1, batch_size=32, lr=0.5),
             login=logins[COORDINATOR],
+            tls=client_tls,
         )
         started = time.monotonic()
 
@@ -192,10 +229,13 @@ def run_demo(
                 data.x_test,
                 data.y_test,
                 login=members.login(OBSERVER),
+                ca_file=None if secure is None else secure.ca_file,
             )
             result.boards_skipped = mcus.skipped
             if mcus.skipped is not None and out is not None:
                 print(f"boards: none run ({mcus.skipped})", file=out)
+            if on_ready is not None:
+                on_ready(replace(points, brokers=(top.url, *(g.downstream_url for g in gws))))
             coordinator.start()
             if not coordinator.wait_finished(timeout=rounds * (round_timeout + 5)):
                 raise TimeoutError(f"the demo did not finish {rounds} rounds in time")
@@ -296,6 +336,21 @@ def main(argv: list[str] | None = None) -> int:
         help="simulated ESP32 boards (the real firmware under CPython), default 3; 0: none",
     )
     ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    ap.add_argument(
+        "--port", type=int, default=0, help="the top broker's port (default: any free port)"
+    )
+    ap.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="also serve the web dashboard (MQTT over WebSockets on the top broker); "
+        "its URL is printed with the broker's",
+    )
+    ap.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS on every link: each broker serves a certificate of the demo fleet's own CA "
+        "and refuses plaintext; every client verifies it (and logs in, as always)",
+    )
     args = ap.parse_args(argv)
     result = run_demo(
         devices=args.devices,
@@ -305,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         trainer=args.trainer,
         boards=args.boards,
+        port=args.port,
+        dashboard=args.dashboard,
+        tls=args.tls,
     )
     _summary(result, sys.stdout)
     _boards_summary(result, sys.stdout)

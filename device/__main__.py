@@ -17,8 +17,10 @@ import numpy as np
 
 from broker.cli import load_member, seconds, start_unless_stopped
 from broker.errors import TransportError
-from broker.lifecycle import configure_logging, load_login, stop_on_signals
+from broker.lifecycle import load_login, stop_on_signals
+from broker.logs import add_log_arguments, setup_logging
 from broker.marks import add_state_dir_argument, default_state_dir
+from broker.tls import add_client_arguments, client_tls_from_args
 from device.agent import DeviceAgent, DeviceError
 from device.kernels import default_cache_dir
 from device.trainer import trainer_for
@@ -33,7 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id", required=True, help="this device's id in the fleet file")
     p.add_argument("--fleet-file", required=True, help="the fleet's public JSON file")
     p.add_argument("--key", required=True, help="this device's secret key file (tern keygen)")
-    p.add_argument("--gateway-url", required=True, help="its gateway's broker, mqtt://host:port")
+    p.add_argument(
+        "--gateway-url", required=True, help="its gateway's broker, mqtt://host:port or mqtts://..."
+    )
     p.add_argument("--data", required=True, help=".npz file with x (n, features) and y (n,)")
     p.add_argument(
         "--trainer",
@@ -64,6 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="pause S seconds before each training: a straggler, for drills (default 0)",
     )
+    add_client_arguments(p)
+    add_log_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    configure_logging()
+    setup_logging(args.id, args.quiet, args.log_json)
     with stop_on_signals(log) as stop:
         return _serve(args, stop)
 
@@ -95,6 +101,7 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
             login=load_login(args.key),
             state_dir=args.state_dir or default_state_dir(fleet.fleet, args.id),
             slowdown=args.slowdown,
+            tls=client_tls_from_args(args, args.gateway_url, args.id),
         )
         if not start_unless_stopped(lambda: agent.start(args.connect_timeout), stop):
             agent.stop()  # stopped while it waited for its gateway's broker

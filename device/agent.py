@@ -21,9 +21,10 @@ import numpy.typing as npt
 from nacl.signing import SigningKey
 
 from broker.errors import TransportError
+from broker.logs import log_device_round
 from broker.loop import Loop
 from broker.marks import MarkFile, MarksError
-from broker.transport import Message, MqttTransport, Transport
+from broker.transport import Message, MqttTransport, TlsClient, Transport
 from device.errors import DeviceError
 from device.kernels import KernelShelf
 from device.trainer import Trainer
@@ -128,7 +129,8 @@ class DeviceAgent:
     restarts (None: in memory only); `slowdown`: a pause before each training (fault
     drills, stragglers). `join_current_round`: take part in a round already open when
     it starts, if its deadline is still ahead (default), or wait for the next one.
-    `transport`: its connection to the gateway's broker (default: MQTT to gateway_url).
+    `transport`: its connection to the gateway's broker (default: MQTT to gateway_url,
+    over TLS with `tls` for an ``mqtts://`` one).
     """
 
     def __init__(
@@ -151,6 +153,7 @@ class DeviceAgent:
         state_dir: Path | None = None,
         slowdown: float = 0.0,
         transport: Transport | None = None,
+        tls: TlsClient | None = None,
     ) -> None:
         if not slowdown >= 0:
             raise DeviceError(f"slowdown must be >= 0 seconds, got {slowdown}")
@@ -199,6 +202,7 @@ class DeviceAgent:
                 backoff_min=backoff_min,
                 backoff_max=backoff_max,
                 rng=rng,
+                tls=tls,
             )
         self.transport = transport
         self.loop = Loop(
@@ -275,6 +279,7 @@ class DeviceAgent:
             return self.outcomes[round]
 
     def _done(self, done: RoundDone) -> None:
+        log_device_round(log, self.id, done.outcome)
         with self._cond:
             self.outcomes[done.outcome.round] = done.outcome
             for old in sorted(self.outcomes)[:-_KEEP_OUTCOMES]:

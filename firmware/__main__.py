@@ -7,10 +7,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from firmware.config import DEFAULT_RATE_HZ, DEFAULT_WINDOW, adc_sensor, replay_sensor
+from firmware.config import (
+    DEFAULT_NTP_HOST,
+    DEFAULT_RATE_HZ,
+    DEFAULT_WINDOW,
+    adc_sensor,
+    replay_sensor,
+)
 from firmware.deps import umqtt_dir
 from firmware.errors import FirmwareError
 from firmware.provision import ProvisionRequest, parse_gateway, provision, run_mpremote
+from tern.pki import CA_CERT
 
 __all__ = ["build_parser", "main"]
 
@@ -27,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gateway",
         required=True,
-        metavar="HOST[:PORT]",
-        help="the gateway's broker as the board reaches it (default port 1884)",
+        metavar="[mqtts://]HOST[:PORT]",
+        help="the gateway's broker as the board reaches it (default port 1884); mqtts://: "
+        "TLS (default port 8883), the name or IP must be in the broker's certificate",
     )
     p.add_argument("--port", required=True, help="the board's serial port, e.g. /dev/ttyUSB0")
     p.add_argument(
@@ -47,6 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adc-shift", type=int, default=4, help="right shift of raw readings (adc)")
     p.add_argument("--adc-offset", type=int, default=2048, help="subtracted first (adc)")
     p.add_argument("--replay-file", type=Path, help="windows file to replay (replay sensor)")
+    p.add_argument(
+        "--fleet-dir",
+        type=Path,
+        default=Path("."),
+        help="the directory `tern fleet init` wrote (its ca.crt goes to a TLS board)",
+    )
+    p.add_argument("--ca-file", type=Path, help="the fleet CA (default: FLEET_DIR/ca.crt)")
+    p.add_argument(
+        "--ntp-host",
+        default=DEFAULT_NTP_HOST,
+        help=f"where a TLS board sets its clock first (default {DEFAULT_NTP_HOST})",
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="touch no board: write --out, print commands"
     )
@@ -68,7 +88,7 @@ def _deps(args: argparse.Namespace) -> int:
 
 
 def _provision(args: argparse.Namespace) -> int:
-    host, port = parse_gateway(args.gateway)
+    host, port, tls = parse_gateway(args.gateway)
     sensor = (
         replay_sensor()
         if args.sensor == "replay"
@@ -88,6 +108,9 @@ def _provision(args: argparse.Namespace) -> int:
         wifi_password=args.wifi_password,
         replay_file=args.replay_file,
         replace=args.replace,
+        tls=tls,
+        ca_file=args.ca_file or args.fleet_dir / CA_CERT,
+        ntp_host=args.ntp_host,
     )
     timeout = args.timeout
 

@@ -17,7 +17,9 @@ from tern import __version__, topics
 from tern.mcu import KEY_BYTES, MAX_MCU_BYTES
 
 __all__ = [
+    "CA_NAME",
     "DEFAULT_KEEPALIVE",
+    "DEFAULT_NTP_HOST",
     "DEFAULT_RATE_HZ",
     "DEFAULT_WINDOW",
     "adc_sensor",
@@ -29,6 +31,9 @@ __all__ = [
 DEFAULT_RATE_HZ = 1.0
 DEFAULT_KEEPALIVE = 60  # seconds; umqtt.simple pings only when the app calls ping()
 DEFAULT_WINDOW = 40  # MNIST-1D: 40 samples per window
+DEFAULT_NTP_HOST = "pool.ntp.org"  # the board sets its clock here before TLS
+CA_NAME = "ca.der"  # the fleet CA in the bundle: DER, what MicroPython's ssl loads
+_MAX_HOST = 253
 
 
 def adc_sensor(
@@ -57,8 +62,13 @@ def board_config(
     wifi_ssid: str = "",
     wifi_password: str = "",
     keepalive: int = DEFAULT_KEEPALIVE,
+    tls: bool = False,
+    ntp_host: str = DEFAULT_NTP_HOST,
 ) -> dict[str, Any]:
-    """The dict that becomes a board's config.json (it holds the board's secrets)."""
+    """The dict that becomes a board's config.json (it holds the board's secrets).
+
+    With `tls` the board connects with TLS, its broker checked against the fleet CA in
+    the bundle (CA_NAME), after setting its clock from `ntp_host`."""
     topics.validate_id(fleet, "fleet")
     topics.validate_id(device, "device")
     if len(key) != KEY_BYTES:
@@ -69,7 +79,9 @@ def board_config(
         raise ProvisionError(f"rate {rate_hz} Hz is not in (0, 1000]")
     if not 0 < keepalive < 65536:
         raise ProvisionError(f"keepalive {keepalive} s is not in (0, 65536)")
-    return {
+    if tls and (not ntp_host or len(ntp_host) > _MAX_HOST or any(c.isspace() for c in ntp_host)):
+        raise ProvisionError(f"NTP host {ntp_host[:_MAX_HOST]!r} is not a host name")
+    config = {
         "fleet": fleet,
         "device": device,
         "key": key.hex(),
@@ -91,6 +103,9 @@ def board_config(
         "version": __version__,
         "max_model_bytes": MAX_MCU_BYTES,
     }
+    if tls:
+        config["tls"] = {"ca": CA_NAME, "ntp": ntp_host}
+    return config
 
 
 def write_secret_json(path: Path, value: Mapping[str, Any]) -> None:

@@ -4,7 +4,8 @@ Order matters for a real board: the boards file is checked first (fleet, gateway
 duplicate device), the firmware is copied with mpremote, and only then is the board
 registered, so a failed copy leaves no key behind that no board holds. A dry run
 touches no board: it writes the bundle, registers the board and prints the mpremote
-commands that copy the bundle later.
+commands that copy the bundle later. A board of a TLS broker (``mqtts://``) also gets the
+fleet CA in its bundle, as DER (what MicroPython's ssl loads), and its NTP host.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from firmware.config import board_config, write_secret_json
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from broker.urls import DEFAULT_TLS_PORT
+from firmware.config import CA_NAME, DEFAULT_NTP_HOST, board_config, write_secret_json
 from firmware.deps import firmware_dir
 from firmware.errors import ProvisionError
 from gateway.boards import BoardEntry, Boards, load_boards, new_board_entry, save_boards
@@ -29,9 +34,11 @@ from tern.errors import TopicError
 __all__ = [
     "CONFIG_NAME",
     "DEFAULT_TIMEOUT",
+    "MAX_CA_BYTES",
     "REPLAY_NAME",
     "Bundle",
     "ProvisionRequest",
+    "ca_der",
     "firmware_files",
     "mpremote_commands",
     "parse_gateway",
@@ -43,6 +50,8 @@ CONFIG_NAME = "config.json"
 REPLAY_NAME = "windows.txt"
 DEFAULT_TIMEOUT = 120.0  # seconds per mpremote command (mip install downloads)
 MPREMOTE_HINT = "mpremote is not installed: pip install mpremote"
+MAX_CA_BYTES = 64 << 10  # a CA certificate file, PEM or DER
+_SCHEMES = {"mqtt://": False, "mqtts://": True}
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +71,9 @@ class ProvisionRequest:
     wifi_password: str = field(default="", repr=False)
     replay_file: Path | None = None
     replace: bool = False
+    tls: bool = False  # the board connects with TLS, the fleet CA from ca_file in its bundle
+    ca_file: Path | None = None
+    ntp_host: str = DEFAULT_NTP_HOST
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,14 +84,40 @@ class Bundle:
     files: tuple[str, ...]  # names, copied to ":<name>"
 
 
-def parse_gateway(text: str) -> tuple[str, int]:
-    """``HOST[:PORT]`` -> (host, port); the port defaults to a gateway's listen port."""
-    host, sep, port_text = text.rpartition(":")
+def parse_gateway(text: str) -> tuple[str, int, bool]:
+    """``[mqtt://|mqtts://]HOST[:PORT]`` -> (host, port, tls). The port defaults to a
+    gateway's listen port, or 8883 for ``mqtts://``."""
+    rest, tls = text, False
+    for scheme, is_tls in _SCHEMES.items():
+        if text.startswith(scheme):
+            rest, tls = text[len(scheme) :], is_tls
+    host, sep, port_text = rest.rpartition(":")
     if not sep:
-        host, port_text = text, str(DEFAULT_LISTEN_PORT)
-    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ProvisionError(f"--gateway {text!r} is not HOST[:PORT]")
-    return host, int(port_text)
+        host, port_text = rest, str(DEFAULT_TLS_PORT if tls else DEFAULT_LISTEN_PORT)
+    if not host or "/" in host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ProvisionError(f"--gateway {text[:100]!r} is not [mqtt://|mqtts://]HOST[:PORT]")
+    return host, int(port_text), tls
+
+
+def ca_der(path: Path) -> bytes:
+    """The fleet CA certificate at `path` (PEM, as `tern fleet init` writes ca.crt, or DER)
+    as DER; ProvisionError unless it is one readable CA certificate."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_CA_BYTES + 1)
+    except OSError as exc:
+        raise ProvisionError(f"cannot read the fleet CA: {exc}") from exc
+    if len(data) > MAX_CA_BYTES:
+        raise ProvisionError(f"{path} is larger than {MAX_CA_BYTES} bytes: not a CA certificate")
+    try:
+        pem = data.lstrip().startswith(b"-----BEGIN")
+        cert = x509.load_pem_x509_certificate(data) if pem else x509.load_der_x509_certificate(data)
+        ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except (ValueError, x509.ExtensionNotFound) as exc:
+        raise ProvisionError(f"{path} is not a CA certificate (PEM or DER)") from exc
+    if not ca:
+        raise ProvisionError(f"{path} is not a CA certificate: it cannot sign others")
+    return cert.public_bytes(serialization.Encoding.DER)
 
 
 def firmware_files(source: Path | None = None) -> list[Path]:
@@ -141,6 +179,11 @@ def _write_bundle(out: Path, req: ProvisionRequest, entry: BoardEntry) -> Bundle
         shutil.copyfile(req.replay_file, out / REPLAY_NAME)
         sensor["path"] = REPLAY_NAME
         names.append(REPLAY_NAME)
+    if req.tls:
+        if req.ca_file is None:
+            raise ProvisionError("a TLS broker (mqtts://) needs the fleet CA: --ca-file")
+        (out / CA_NAME).write_bytes(ca_der(req.ca_file))
+        names.append(CA_NAME)
     config = board_config(
         fleet=req.fleet,
         device=req.device,
@@ -153,6 +196,8 @@ def _write_bundle(out: Path, req: ProvisionRequest, entry: BoardEntry) -> Bundle
         rate_hz=req.rate_hz,
         wifi_ssid=req.wifi_ssid,
         wifi_password=req.wifi_password,
+        tls=req.tls,
+        ntp_host=req.ntp_host,
     )
     write_secret_json(out / CONFIG_NAME, config)
     names.append(CONFIG_NAME)
@@ -212,6 +257,10 @@ def provision(
         req.replay_file is None or not req.replay_file.is_file()
     ):
         raise ProvisionError(f"--sensor replay needs --replay-file FILE (got {req.replay_file})")
+    if req.tls:  # before anything is registered or written
+        if req.ca_file is None:
+            raise ProvisionError("a TLS broker (mqtts://) needs the fleet CA: --ca-file")
+        ca_der(req.ca_file)
     registry = _registry(req)
     entry = new_board_entry(req.device)
     with tempfile.TemporaryDirectory(prefix="tern-bundle-") as scratch:
@@ -234,6 +283,10 @@ def provision(
     say(f"  model     {topics.mcu_model(req.fleet, req.device).path}")
     say(f"  telemetry {topics.telemetry(req.fleet, req.device).path}")
     say(f"  status    {topics.status(req.fleet, req.device).path}")
+    if req.tls:
+        say(
+            f"  TLS to {req.host}:{req.port}, fleet CA {req.ca_file}, clock from NTP {req.ntp_host}"
+        )
     say(f"reload the gateway: kill -HUP <its pid> (it re-reads {req.boards_file})")
     if dry_run:
         say("copy the bundle to the board with:")

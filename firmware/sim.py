@@ -3,18 +3,23 @@
 Nothing is mocked below the firmware's own seams: umqtt.simple 1.3.4 from PyPI talks
 MQTT over a real socket (through the usocket shim), the board's clock is
 time.monotonic, there is no radio, and the sensor is the firmware's ReplaySensor on a
-windows file. Used by the end-to-end tests and by ``tern demo``.
+windows file. A board configured for TLS speaks real TLS (CPython's ssl behind the
+ussl shim, on the fleet CA it is given) after setting its clock with a real NTP query
+(the ntptime shim) or, where no NTP server is reachable, from the host's clock. Used by
+the end-to-end tests and by ``tern demo``.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from ssl import SSLSocket
 from types import ModuleType
 from typing import Any
 
@@ -23,9 +28,11 @@ import numpy as np
 from firmware.deps import Fetch, fetch_url, sys_path_dirs
 from firmware.errors import SimError
 
-__all__ = ["CPythonClock", "SimulatedBoard", "firmware_modules"]
+__all__ = ["HOST_CLOCK", "CPythonClock", "SimulatedBoard", "firmware_modules"]
 
 _PATH_LOCK = threading.Lock()
+HOST_CLOCK = -1  # ntp_port: no NTP query, the board's clock is set from the host's
+log = logging.getLogger(__name__)
 
 
 class CPythonClock:
@@ -96,6 +103,11 @@ class SimulatedBoard:
     `windows` is a replay file (one window per line, comma-separated ints). The board's
     persistent store lives in `work_dir` (a fresh temporary directory by default); `rng`
     drives the reconnect jitter.
+
+    With TLS in `config` (firmware.config.board_config(tls=...)), `ca_der` is the fleet
+    CA the bundle would carry (written to the store under the config's name), and the
+    board sets its clock from the config's NTP host on `ntp_port` (HOST_CLOCK: from the
+    host's clock, no query). What the board would print on its console is logged.
     """
 
     def __init__(
@@ -107,6 +119,8 @@ class SimulatedBoard:
         cache_dir: Path | str | None = None,
         fetch: Fetch = fetch_url,
         rng: np.random.Generator | None = None,
+        ca_der: bytes | None = None,
+        ntp_port: int = HOST_CLOCK,
     ) -> None:
         self.config = dict(config)
         self.device = str(config["device"])
@@ -119,15 +133,40 @@ class SimulatedBoard:
         self.store_dir = Path(work_dir if work_dir is not None else self._tmp.name)  # type: ignore[union-attr]
         self.store_dir.mkdir(parents=True, exist_ok=True)
         board_mod, sensors_mod, simple = firmware_modules(cache_dir, fetch=fetch)
+        tls = self.config.get("tls")
+        if ca_der is not None:
+            if tls is None:
+                raise SimError(f"board {self.device}: a CA was given, but its config has no tls")
+            (self.store_dir / str(tls["ca"])).write_bytes(ca_der)
+        ntptime = importlib.import_module("ntptime")  # the shim: one clock per board
+        self.ntp: Any = (
+            ntptime.NtpClock(host_clock=True)
+            if ntp_port == HOST_CLOCK
+            else ntptime.NtpClock(port=ntp_port)
+        )
         self._clients: list[Any] = []
+        self.clients_made = 0  # MQTT clients the firmware asked for: its connection attempts
         client_class = simple.MQTTClient
 
         def mqtt_factory(
-            client_id: Any, server: str, port: int, user: Any, password: Any, keepalive: int
+            client_id: Any,
+            server: str,
+            port: int,
+            user: Any,
+            password: Any,
+            keepalive: int,
+            ssl: Any = None,
         ) -> Any:
-            client = client_class(client_id, server, port, user, password, keepalive)
+            if ssl is None:
+                client = client_class(client_id, server, port, user, password, keepalive)
+            else:  # the pinned 1.3.4's TLS hook, used as umqtt.simple >= 1.4 uses ssl=
+                params = {"context": ssl, "server_hostname": server}
+                client = client_class(
+                    client_id, server, port, user, password, keepalive, True, params
+                )
             self._clients.append(client)
             del self._clients[:-1]  # only the live one matters, to wake it on stop()
+            self.clients_made += 1
             return client
 
         self.board: Any = board_mod.Board(
@@ -138,6 +177,9 @@ class SimulatedBoard:
             radio=None,
             store_dir=str(self.store_dir),
             getrandbits=_getrandbits(rng or np.random.default_rng()),
+            ssl=importlib.import_module("ussl"),
+            ntp=self.ntp,
+            log=lambda line: log.warning("board %s: %s", self.device, line),
         )
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -193,6 +235,15 @@ class SimulatedBoard:
         """A copy of the firmware's counters (accepted, rejected by reason, telemetry, ...)."""
         live = self.board.stats
         return {k: dict(v) if isinstance(v, dict) else v for k, v in list(live.items())}
+
+    @property
+    def tls_version(self) -> str | None:
+        """The TLS version of the board's live connection ("TLSv1.3"), None when it has
+        none or it is plain MQTT."""
+        client = self.board.client
+        stream = getattr(client, "sock", None)
+        raw = getattr(stream, "_sock", None)  # the usocket shim's CPython socket
+        return raw.version() if isinstance(raw, SSLSocket) else None
 
     @property
     def model_version(self) -> int | None:

@@ -22,9 +22,12 @@ from broker.cli import (
     seconds,
     start_unless_stopped,
 )
-from broker.lifecycle import configure_logging, load_login, stop_on_signals
+from broker.lifecycle import load_login, stop_on_signals
+from broker.logs import add_log_arguments, setup_logging
 from broker.marks import add_state_dir_argument, default_state_dir
+from broker.tls import add_client_arguments, add_server_arguments
 from gateway.config import DEFAULT_LISTEN_PORT, DEFAULT_MARGIN, GatewayConfig, GatewayError
+from gateway.downstream import tls_settings
 from gateway.service import Gateway
 from tern.errors import TernError
 from tern.mcu import DEFAULT_IN_EXP
@@ -51,7 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id", required=True, help="this gateway's id in the fleet file")
     p.add_argument("--fleet-file", required=True, help="the fleet's public JSON file")
     p.add_argument("--key", required=True, help="this gateway's secret key file (tern keygen)")
-    p.add_argument("--upstream", required=True, help="its parent's broker, mqtt://host:port")
+    p.add_argument(
+        "--upstream", required=True, help="its parent's broker, mqtt://host:port or mqtts://..."
+    )
     down = p.add_mutually_exclusive_group()
     down.add_argument(
         "--listen",
@@ -90,6 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--verbose", "-v", action="store_true", help="log amqtt's own messages and tracebacks"
     )
+    add_client_arguments(p)
+    add_server_arguments(p, "ID", "TLS and WebSockets listeners of its own broker (--listen)")
+    add_log_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    configure_logging(args.verbose)
+    setup_logging(args.id, args.quiet, args.log_json, verbose=args.verbose)
     if not args.verbose:
         quiet_third_party_tracebacks()
     with stop_on_signals(log) as stop, _hangups() as hangup:
@@ -140,6 +148,7 @@ def _serve(args: argparse.Namespace, stop: threading.Event, hangup: threading.Ev
             mcu_in_exp=args.mcu_in_exp,
             login=load_login(args.key),
             state_dir=state_dir,
+            **tls_settings(args),
         )
         gateway = Gateway(config, fleet, key)
         if not start_unless_stopped(lambda: gateway.start(args.connect_timeout), stop):
@@ -154,6 +163,8 @@ def _serve(args: argparse.Namespace, stop: threading.Event, hangup: threading.Ev
         return 1
     # The line a supervisor or a test reads to find the downstream broker.
     print(f"gateway {args.id} serving on {gateway.downstream_url}", flush=True)
+    if gateway.downstream_ws_url is not None:
+        print(f"gateway {args.id} serving WebSockets on {gateway.downstream_ws_url}", flush=True)
     while not stop.wait(0.5):
         if hangup.is_set():
             hangup.clear()

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.errors import TransportError
-from broker.transport import parse_url
+from broker.tls import TlsServer
+from broker.transport import TlsClient, parse_url
 from tern.fleet import Fleet
 from tern.logins import Login
 from tern.topics import validate_id
@@ -29,6 +30,12 @@ class GatewayConfig:
     `listen_host`:`listen_port` (port 0 picks a free one); otherwise use that
     external broker. `login`: its fleet login (``<id>.login`` beside its key), on both
     brokers. `state_dir`: where its high-water marks survive restarts (None: memory).
+
+    TLS: `upstream_tls` for an ``mqtts://`` upstream (required then, refused otherwise);
+    `listen_tls` makes its own broker serve TLS, and `ws_port` adds MQTT over WebSockets
+    to it (broker.embedded); `downstream_tls` is what its own client uses on the
+    downstream broker: required when that one speaks TLS (an ``mqtts://``
+    `downstream_url`, or `listen_tls`), refused otherwise.
     """
 
     id: str
@@ -43,15 +50,29 @@ class GatewayConfig:
     mcu_in_exp: int = 5  # input exponent of the boards' models (tern.mcu.DEFAULT_IN_EXP)
     login: Login | None = None
     state_dir: Path | None = None
+    upstream_tls: TlsClient | None = None
+    downstream_tls: TlsClient | None = None
+    listen_tls: TlsServer | None = None
+    ws_port: int | None = None
 
     def __post_init__(self) -> None:
         validate_id(self.id, "gateway")
         try:
-            parse_url(self.upstream_url)
-            if self.downstream_url is not None:
-                parse_url(self.downstream_url)
+            upstream_secure = parse_url(self.upstream_url).tls
+            own = self.downstream_url is None
+            down_secure = (
+                self.listen_tls is not None
+                if self.downstream_url is None
+                else parse_url(self.downstream_url).tls
+            )
         except TransportError as exc:
             raise GatewayError(str(exc)) from exc
+        _check_tls("upstream", self.upstream_url, upstream_secure, self.upstream_tls)
+        _check_tls("downstream", self.downstream_url or "(its own broker)", down_secure,
+                   self.downstream_tls)  # fmt: skip
+        if not own and (self.listen_tls is not None or self.ws_port is not None):
+            raise GatewayError("TLS and WebSockets listeners are its own broker's, not an"
+                               " external downstream broker's")  # fmt: skip
         if self.margin < 0:
             raise GatewayError("margin must be non-negative")
         if not -128 <= self.mcu_in_exp <= 127:
@@ -60,3 +81,10 @@ class GatewayConfig:
     def check(self, fleet: Fleet) -> None:
         if self.id not in fleet.gateways:
             raise GatewayError(f"gateway {self.id!r} is not in fleet {fleet.fleet!r}")
+
+
+def _check_tls(link: str, url: str, secure: bool, tls: TlsClient | None) -> None:
+    if secure and tls is None:
+        raise GatewayError(f"{link} {url} speaks TLS: the gateway needs the fleet CA (--ca-file)")
+    if tls is not None and not secure:
+        raise GatewayError(f"{link} {url} is plaintext, and TLS settings were given for it")

@@ -3,24 +3,30 @@ with the fleet's logins and rights (broker.fleet_access) and safe limits.
 
 The policy follows the boards file: a reload swaps it while the broker runs (clients
 already connected stay connected). Everything the broker refuses is counted in
-`refused` and reaches the gateway's metrics as ``access_<reason>``.
+`refused` and reaches the gateway's metrics as ``access_<reason>``. With `listen_tls` it
+serves TLS, with `ws_port` MQTT over WebSockets too, under the same rights and limits.
+`tls_settings` reads the gateway's TLS flags (broker.tls) into GatewayConfig's fields.
 """
 
 from __future__ import annotations
 
+import argparse
 from collections import Counter
+from typing import Any
 
 from broker.access import AccessControl
 from broker.acl import AccessPolicy
 from broker.embedded import EmbeddedBroker
 from broker.errors import BrokerError
 from broker.limits import fleet_limits
+from broker.tls import client_tls_from_args, server_tls_from_args
+from broker.urls import format_url
 from gateway.access import gateway_policy
 from gateway.boards import Boards, BoardsError, load_boards
 from gateway.config import GatewayConfig, GatewayError
 from tern.fleet import Fleet
 
-__all__ = ["OwnBroker", "read_boards"]
+__all__ = ["OwnBroker", "read_boards", "tls_settings"]
 
 
 def read_boards(path: str, fleet: Fleet, gateway: str) -> Boards:
@@ -45,7 +51,12 @@ class OwnBroker:
         # relays every board's model at once) and its child gateways are not rate-limited.
         limits = fleet_limits(fleet, config.id)
         self._broker = EmbeddedBroker(
-            config.listen_host, config.listen_port, access=self._access, limits=limits
+            config.listen_host,
+            config.listen_port,
+            access=self._access,
+            limits=limits,
+            tls=config.listen_tls,
+            ws_port=config.ws_port,
         )
 
     def start(self, timeout: float) -> OwnBroker:
@@ -58,6 +69,11 @@ class OwnBroker:
     @property
     def url(self) -> str:
         return self._broker.url
+
+    @property
+    def ws_url(self) -> str | None:
+        """Browsers' URL of its WebSockets listener; None without one."""
+        return None if self._broker.config["listeners"].get("ws") is None else self._broker.ws_url
 
     @property
     def refused(self) -> Counter[str]:
@@ -73,3 +89,27 @@ class OwnBroker:
             return gateway_policy(self.fleet, self.id, boards)
         except BrokerError as exc:
             raise GatewayError(f"gateway {self.id}: {exc}") from exc
+
+
+def tls_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """GatewayConfig's TLS fields from the flags of `tern gateway` (broker.tls's client and
+    server flags, --upstream, --listen or --downstream): GatewayError for a missing file
+    or flags that do not go together."""
+    try:
+        if args.downstream is not None:
+            if args.tls or args.ws_port is not None:
+                raise GatewayError("--tls and --ws-port are for its own broker (--listen)")
+            down_url = args.downstream
+            listen_tls = None
+        else:
+            listen_tls = server_tls_from_args(args, args.id, args.fleet_file)
+            host, port = args.listen
+            down_url = format_url(host, port, tls=listen_tls is not None)
+        return {
+            "upstream_tls": client_tls_from_args(args, args.upstream, args.id),
+            "downstream_tls": client_tls_from_args(args, down_url, args.id),
+            "listen_tls": listen_tls,
+            "ws_port": args.ws_port,
+        }
+    except BrokerError as exc:
+        raise GatewayError(str(exc)) from exc

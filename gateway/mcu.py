@@ -114,7 +114,7 @@ class BoardRelay:
                     self._send(board)
             for board in old.keys() - boards.boards.keys():
                 self._down(topics.mcu_model(boards.fleet, board), b"", retain=True)
-        log.info("boards: serving %s", sorted(boards.boards))
+        log.info("boards: serving %s", ", ".join(sorted(boards.boards)) or "none")
 
     def _send(self, board: str) -> None:
         """Seal the current model for `board` and publish it (caller holds the lock)."""

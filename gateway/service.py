@@ -20,6 +20,7 @@ import numpy as np
 from nacl.signing import SigningKey
 
 from broker.errors import BrokerError, TransportError
+from broker.logs import log_round
 from broker.loop import Loop
 from broker.marks import MarkFile, MarksError
 from broker.transport import MqttTransport
@@ -28,12 +29,14 @@ from gateway.config import GatewayConfig, GatewayError
 from gateway.downstream import OwnBroker, read_boards
 from gateway.mcu import BoardRelay
 from gateway.tree import depth
+from gateway.view import GatewayMachines, subscribe_below
 from tern import __version__, topics
 from tern.fleet import Fleet, client_id
+from tern.fleetview import SetBoards, ViewMachine
 from tern.freshness import Watermarks
 from tern.reports import RoundMetrics, State, Status
 from tern.rounds.device import SaveMarks
-from tern.rounds.events import Link, Linked
+from tern.rounds.events import Link
 from tern.rounds.gateway import CohortClosed, GatewayMachine, ModelTaken
 
 __all__ = ["Gateway"]
@@ -58,11 +61,8 @@ class Gateway:
         config.check(fleet)
         if bytes(key.verify_key) != bytes(fleet.key_of(config.id)):
             raise GatewayError(f"the key does not match the fleet file's key for {config.id}")
-        self.config = config
-        self.id = config.id
-        self.fleet = fleet
-        self.key = key
-        self.clock = clock
+        self.config, self.id, self.fleet = config, config.id, fleet
+        self.key, self.clock = key, clock
         self.parent = fleet.gateways[self.id].parent
         self.depth = depth(fleet, self.id)
         self._marks = MarkFile(config.state_dir)
@@ -72,8 +72,9 @@ class Gateway:
             raise GatewayError(str(exc)) from exc
         self.machine = GatewayMachine(
             self.id, fleet, key, depth=self.depth, margin=config.margin, marks=marks,
-            refusals=lambda: self.access_refused,
+            refusals=lambda: self.access_refused, counted=lambda: self.view.rejected,
         )  # fmt: skip
+        self.view = ViewMachine(fleet, self.id)  # what is below, published upstream
         self._cond = threading.Condition()
         self.metrics: dict[int, RoundMetrics] = {}
         self.partials: dict[int, bytes] = {}  # round -> sealed partial sent upstream
@@ -83,9 +84,12 @@ class Gateway:
         self.upstream: MqttTransport | None = None
         self.downstream: MqttTransport | None = None
         self._boards: BoardRelay | None = None  # with config.boards_file: its ESP32 boards
+        # a restarted downstream broker lost the boards' models: publish them again
+        again = lambda: None if self._boards is None else self._boards.republish()  # noqa: E731
+        machines = GatewayMachines(self.machine, self.view, again)
         self.loop = Loop(
             f"gateway-{self.id}",
-            self._handle,
+            machines.handle,
             clock=clock,
             executors={
                 SaveMarks: lambda a: self._marks.save(a.marks),
@@ -106,6 +110,11 @@ class Gateway:
             raise GatewayError("the gateway has not started: no downstream broker yet")
         return self._broker.url
 
+    @property
+    def downstream_ws_url(self) -> str | None:
+        """Browsers' URL of its own broker's WebSockets listener (None without one)."""
+        return None if self._broker is None else self._broker.ws_url
+
     def _status(self, state: State) -> bytes:
         return Status(self.id, "gateway", state, __version__).to_json()
 
@@ -116,6 +125,7 @@ class Gateway:
             self._boards = BoardRelay(
                 self._read_boards(), cfg.mcu_in_exp, self._publish_down, self._publish_up
             )
+            self.view.set_boards(self._boards.boards.boards)
         login = None if cfg.login is None else (cfg.login.username, cfg.login.password)
         local = 10.0 if timeout is None else timeout  # its own broker starts, or it fails
         try:
@@ -132,18 +142,14 @@ class Gateway:
                 self.downstream_url,
                 client_id(f, self.id, "down"),
                 login=login,
+                tls=cfg.downstream_tls,
                 backoff_min=cfg.backoff_min,
                 backoff_max=cfg.backoff_max,
                 rng=jitter[0],
             )
             self.downstream = down
             self.loop.links[Link.DOWN] = down
-            down.subscribe(topics.updates_to(f, self.id), self.loop.handler(Link.DOWN))
-            down.subscribe(topics.partials_to(f, self.id), self.loop.handler(Link.DOWN))
-            if self._boards is not None:
-                telemetry, status = self._boards.filters()
-                down.subscribe(telemetry, self._boards.on_telemetry)
-                down.subscribe(status, self._boards.on_status)
+            subscribe_below(down, f, self.id, self.loop.handler(Link.DOWN), self._boards)
             self.loop.start()
             down.connect(timeout if cfg.downstream_url is not None else local)
             self.loop.linked(Link.DOWN)
@@ -154,6 +160,7 @@ class Gateway:
                 client_id(f, self.id, "up"),
                 will=(topics.status(f, self.id), self._status(State.OFFLINE)),
                 login=login,
+                tls=cfg.upstream_tls,
                 backoff_min=cfg.backoff_min,
                 backoff_max=cfg.backoff_max,
                 rng=jitter[1],
@@ -225,19 +232,13 @@ class Gateway:
 
     # -- the loop's executors -------------------------------------------------------------
 
-    def _handle(self, event: object, now: float) -> list[object]:
-        actions = self.machine.handle(event, now)
-        again = isinstance(event, Linked) and event.again and event.link is Link.DOWN
-        if again and self._boards is not None:  # a restarted broker lost the boards' models
-            self._boards.republish()
-        return actions
-
     def _model_taken(self, taken: ModelTaken) -> None:
         if self._boards is not None:
             self._boards.on_model(taken.run, taken.version, taken.model)
 
     def _closed(self, closed: CohortClosed) -> None:
         r = closed.metrics.round
+        log_round(log, closed.metrics, who=f"gateway {self.id}")
         with self._cond:
             self.metrics[r] = closed.metrics
             if closed.partial:
@@ -287,6 +288,7 @@ class Gateway:
         if self._broker is not None:
             self._broker.set_boards(boards)
         self._boards.set_boards(boards)
+        self.loop.post(SetBoards(tuple(boards.boards)))
         return boards
 
     @property

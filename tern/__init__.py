@@ -2,8 +2,8 @@
 
 This package is the protocol every component speaks: topics, the signed CBOR
 envelope, tensor codecs (float32, float16, ternary), partial aggregates and message
-bodies. It does no I/O and uses no asyncio; the one exception is `tern.cli`, the
-command line, which nothing else imports.
+bodies. It does no I/O and uses no asyncio; the one exception is the command line,
+`tern.cli` (and `tern.fleet_cli`, its `tern fleet` commands), which nothing else imports.
 """
 
 from tern.aggregate import Accumulator, Partial, fold, fold_sorted, mean

@@ -7,12 +7,10 @@ their packages land; each stays a thin wrapper around its package's `main`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import os
 import sys
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from nacl.signing import SigningKey
@@ -20,15 +18,11 @@ from nacl.signing import SigningKey
 from tern import __version__, topics
 from tern.diag import diag
 from tern.envelope import DEFAULT_MAX_BYTES, Kind, loads_bounded, open_envelope
-from tern.errors import TernError, brief
-from tern.fleet import COORDINATOR, DEFAULT_MAX_PARAMS
+from tern.errors import TernError
+from tern.fleet import COORDINATOR
 from tern.keys import signing_key_to_text, verify_key_from_text, verify_key_to_text
-from tern.logins import OBSERVER
-from tern.members import new_members
 
 __all__ = ["main"]
-
-OBSERVER_FILE = "observer.json"  # the read-only login, in the fleet directory
 
 # Component commands: `tern NAME ARGS...` runs MODULE.main(ARGS), the same parser as
 # `python -m PACKAGE`, imported only when used so `tern --help` stays light.
@@ -40,6 +34,9 @@ COMPONENTS: dict[str, tuple[str, str]] = {
     "data": ("device.data", "write per-device MNIST-1D partitions and a test set"),
     "demo": ("demo.run", "a whole fleet over real MQTT on this machine"),
     "firmware": ("firmware.__main__", "provision ESP32 boards (MicroPython firmware)"),
+    "health": ("broker.health", "exit 0 if a broker answers (and a component is online)"),
+    "watch": ("dashboard.watch", "a live terminal view of a fleet, as its observer"),
+    "dashboard": ("dashboard.server", "serve the fleet's live web dashboard on this machine"),
 }
 
 
@@ -103,110 +100,11 @@ def _write_key(out: Path, cid: str, force: bool) -> SigningKey:
     return key
 
 
-def _fleet_init(args: argparse.Namespace) -> int:
-    """Check everything (ids, the layout, bounds, the output directory), make the keys in
-    memory, then write every file or none (`_write_all`)."""
-    out = Path(args.out)
-    layout = _layout(args.gateway)
-    ids = [COORDINATOR, *layout, *(d for _, ds in layout.values() for d in ds)]
-    for cid in ids:
-        topics.validate_id(cid, "id")
-    max_weight = dict(_max_weight(spec) for spec in args.max_weight)
-    secrets = [*(f"{cid}{ext}" for cid in ids for ext in (".key", ".login")), OBSERVER_FILE]
-    names = [*secrets, *(f"{cid}.pub" for cid in ids), "fleet.json"]
-    if out.exists() and not out.is_dir():
-        raise TernError(f"--out {out} is not a directory")
-    existing = [out / n for n in secrets if (out / n).exists()]
-    if existing and not args.force:
-        raise TernError(f"{existing[0]} exists; pass --force to replace the fleet's secrets")
-    in_the_way = [out / n for n in names if (out / n).is_dir()]
-    if in_the_way:
-        raise TernError(f"{in_the_way[0]} is a directory, not a file it can replace")
-    members = new_members(  # checks the whole layout: parents, cycles, repeated ids, bounds
-        args.fleet, layout, max_params=args.max_params, max_weight=max_weight
-    )
-    fleet, keys, logins = members.fleet, members.keys, members.logins
-    files: dict[str, tuple[bytes, int]] = {}  # name -> (content, mode): secrets 0600
-    for cid in ids:
-        files[f"{cid}.key"] = ((signing_key_to_text(keys[cid]) + "\n").encode(), 0o600)
-        files[f"{cid}.pub"] = ((verify_key_to_text(keys[cid].verify_key) + "\n").encode(), 0o644)
-        files[f"{cid}.login"] = ((logins[cid].to_json() + "\n").encode(), 0o600)
-    files[OBSERVER_FILE] = ((logins[OBSERVER].to_json() + "\n").encode(), 0o600)
-    files["fleet.json"] = ((fleet.to_json() + "\n").encode(), 0o644)
-    try:
-        _write_all(out, files)
-    except OSError as exc:
-        raise TernError(f"cannot write the fleet to {out}: {exc.strerror or exc}") from None
-    print(f"wrote {out / 'fleet.json'}, {len(ids)} key pairs and logins, {OBSERVER_FILE} in {out}")
-    print("give each machine fleet.json and only its own ID.key and ID.login;")
-    print(f"{OBSERVER_FILE} is the read-only login for dashboards")
-    return 0
-
-
-def _layout(specs: Sequence[str]) -> dict[str, tuple[str, list[str]]]:
-    """`--gateway ID[@PARENT]=DEV,DEV` values as a layout; a gateway or a device named
-    twice is an error, not a silent merge."""
-    layout: dict[str, tuple[str, list[str]]] = {}
-    for spec in specs:
-        head, _, devices = spec.partition("=")
-        gw, at, parent = head.partition("@")
-        if at and not parent:
-            raise TernError(f"--gateway {brief(spec, 80)}: no parent after '@'")
-        if gw in layout:
-            raise TernError(f"gateway {brief(gw, 64)} is given twice (one --gateway each)")
-        names = [d for d in devices.split(",") if d]
-        twice = sorted({d for d in names if names.count(d) > 1})
-        if twice:
-            raise TernError(f"device {brief(twice[0], 64)} is listed twice")
-        layout[gw] = (parent or COORDINATOR, names)
-    return layout
-
-
-def _write_all(out: Path, files: Mapping[str, tuple[bytes, int]]) -> None:
-    """Write every file or none: each to a temporary name in `out` first (flushed to disk,
-    with its mode), then all renamed in place. A failure on the way removes the temporary
-    files and the directories made for them."""
-    made: list[Path] = []
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for missing in reversed([out, *out.parents]):
-            if not missing.exists():
-                missing.mkdir()
-                made.append(missing)
-        for name, (data, mode) in files.items():
-            fd, temporary = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-            staged.append((Path(temporary), out / name))
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(temporary, mode)
-    except BaseException:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        for directory in reversed(made):
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-        raise
-    for tmp, final in staged:
-        os.replace(tmp, final)
-
-
-def _max_weight(spec: str) -> tuple[str, float]:
-    device, sep, weight = spec.partition("=")
-    try:
-        if not sep:
-            raise ValueError
-        return device, float(weight)
-    except ValueError:
-        raise TernError(f"--max-weight takes DEVICE=WEIGHT, not {spec[:80]!r}") from None
-
-
 def _mosquitto_config(args: argparse.Namespace) -> int:
     # imported here: `tern --help` stays light, and tern/ imports no component at the top
     from broker.cli import read_fleet
     from broker.errors import BrokerError
-    from broker.mosquitto_config import write_mosquitto_config
+    from broker.mosquitto_config import Listeners, write_mosquitto_config
 
     errors: tuple[type[Exception], ...] = (OSError, UnicodeDecodeError, BrokerError)
     boards = None
@@ -224,18 +122,28 @@ def _mosquitto_config(args: argparse.Namespace) -> int:
             broker=args.broker,
             boards=boards,
             host=args.host,
-            port=args.port or _default_port(args.broker),
+            port=args.port or _default_port(args.broker, args.tls),
+            listeners=Listeners(
+                tls_dir=Path(args.tls_dir or Path(args.fleet_file).parent) if args.tls else None,
+                require_client_cert=args.require_client_cert,
+                ws_port=args.ws_port,
+                plain_port=args.plain_port,
+            ),
         )
     except errors as exc:
         print(f"tern: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {files.conf}, {files.password_file} (0600) and {files.acl_file}")
+    if files.tls:
+        print(f"copied {', '.join(p.name for p in files.tls)} (key 0600) into {args.out}")
     print(f"run: mosquitto -c {files.conf}")
     print(f"(as root, mosquitto reads them as user mosquitto: chown -R mosquitto: {args.out})")
     return 0
 
 
-def _default_port(broker: str) -> int:
+def _default_port(broker: str, tls: bool) -> int:
+    if tls:
+        return 8883 if broker == COORDINATOR else 8884
     return 1883 if broker == COORDINATOR else 1884  # tern gateway's default --listen port
 
 
@@ -254,6 +162,8 @@ def _topics(args: argparse.Namespace) -> int:
         ("metrics", topics.metrics(f, gw)),
         ("status (last will)", topics.status(f, gw)),
         ("all status", topics.status_all(f)),
+        ("view (retained, upstream)", topics.view(f, gw)),
+        ("all views", topics.view_all(f)),
     ]
     for label, topic in rows:
         print(f"{label:<28} {topic.path}")
@@ -276,36 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing key")
     p.set_defaults(func=_keygen)
 
-    p = sub.add_parser("fleet", help="make a fleet: fleet.json, a key pair and login per member")
-    fleet_sub = p.add_subparsers(dest="fleet_command", required=True)
-    p = fleet_sub.add_parser(
-        "init", help="write fleet.json, ID.key/ID.pub/ID.login for every id and observer.json"
-    )
-    p.add_argument("--fleet", required=True, help="fleet id")
-    p.add_argument(
-        "--gateway",
-        action="append",
-        required=True,
-        metavar="ID[@PARENT]=DEV,DEV",
-        help="a gateway, its parent gateway (default: the coordinator) and its devices; repeat",
-    )
-    p.add_argument(
-        "--max-params",
-        type=int,
-        default=DEFAULT_MAX_PARAMS,
-        metavar="N",
-        help=f"the largest model the fleet accepts, in parameters (default {DEFAULT_MAX_PARAMS})",
-    )
-    p.add_argument(
-        "--max-weight",
-        action="append",
-        default=[],
-        metavar="DEV=W",
-        help="the largest weight (training samples) a device's update may claim; repeat",
-    )
-    p.add_argument("--out", default=".", help="directory for fleet.json, keys and logins")
-    p.add_argument("--force", action="store_true", help="replace existing keys and logins")
-    p.set_defaults(func=_fleet_init)
+    try:  # imported here: it needs `cryptography`, which a device-only install lacks
+        from tern.fleet_cli import add_fleet_parser
+    except ModuleNotFoundError as exc:
+        needs = missing_extra(exc)
+        p = sub.add_parser("fleet", help=f"make a fleet ({needs})", add_help=False)
+        p.add_argument("words", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda _args: _refuse("fleet", needs))
+    else:
+        add_fleet_parser(sub)
 
     p = sub.add_parser(
         "mosquitto-config",
@@ -321,7 +210,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boards", help="the gateway's boards file (its boards log in too)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument(
-        "--port", type=int, help="port to listen on (default 1883; 1884 for a gateway's broker)"
+        "--port",
+        type=int,
+        help="port to listen on (default 1883, 1884 for a gateway's broker; with --tls 8883, 8884)",
+    )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve TLS (1.2 or later) on --port with the fleet CA's certificate for this broker",
+    )
+    p.add_argument(
+        "--tls-dir",
+        help="where ca.crt and BROKER.server.crt/.key are (default: the fleet file's directory)",
+    )
+    p.add_argument(
+        "--require-client-cert",
+        action="store_true",
+        help="with --tls: require a client certificate from the fleet CA (fleet init --mtls)",
+    )
+    p.add_argument(
+        "--ws-port", type=int, metavar="N", help="also serve MQTT over WebSockets on port N"
+    )
+    p.add_argument(
+        "--plain-port",
+        type=int,
+        metavar="N",
+        help="also serve plaintext MQTT on 127.0.0.1:N (development on this machine)",
     )
     p.add_argument("--out", required=True, help="directory for the files")
     p.set_defaults(func=_mosquitto_config)
@@ -342,10 +256,39 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# The packages only an extra installs (pyproject.toml): a device-only `pip install tern`
+# lacks them, and a command that needs one says which extra brings it.
+EXTRA_OF = {
+    "amqtt": "broker",
+    "yaml": "broker",
+    "cryptography": "fleet",
+    "rich": "dashboard",
+    "mnist1d": "demo",
+    "matplotlib": "demo",
+    "mpremote": "boards",
+}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str:
+    """What to install for a missing package; re-raises `exc` for any other module."""
+    package = (exc.name or "").partition(".")[0]
+    if package not in EXTRA_OF:
+        raise exc
+    return f"needs {package}: pip install 'tern[{EXTRA_OF[package]}]'"
+
+
+def _refuse(command: str, needs: str) -> int:
+    print(f"tern {command}: {needs}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if words and words[0] in COMPONENTS:
-        module = importlib.import_module(COMPONENTS[words[0]][0])
+        try:
+            module = importlib.import_module(COMPONENTS[words[0]][0])
+        except ModuleNotFoundError as exc:
+            return _refuse(words[0], missing_extra(exc))
         return int(module.main(words[1:]))
     args = build_parser().parse_args(words)
     try:

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from nacl.signing import SigningKey
 
+from tern.errors import TernError, brief
 from tern.fleet import COORDINATOR, DEFAULT_MAX_PARAMS, Fleet, GatewayEntry
 from tern.logins import OBSERVER, SALT_BYTES, Login, hash_password, new_login
 
-__all__ = ["Layout", "Members", "new_members"]
+__all__ = ["Layout", "Members", "add_members", "new_members"]
 
 Layout = Mapping[str, tuple[str, Sequence[str]]]  # gateway -> (parent, its devices)
 
@@ -74,3 +75,39 @@ def new_members(
         max_weight=dict(max_weight or {}),
     )
     return Members(fleet, keys, logins)
+
+
+def add_members(
+    fleet: Fleet,
+    gateways: Layout | None = None,
+    devices: Mapping[str, Sequence[str]] | None = None,
+) -> Members:
+    """`fleet` grown by new `gateways` (gateway -> (parent, its devices), as in
+    `new_members`) and new `devices` under gateways it already has; the keys and logins of
+    the new members only. An id the fleet already has (or the observer's) is refused."""
+    gateways, devices = dict(gateways or {}), dict(devices or {})
+    new = [*gateways, *(d for _, ds in gateways.values() for d in ds)]
+    new += [d for ds in devices.values() for d in ds]
+    taken = {*fleet.members, OBSERVER}
+    seen: set[str] = set()
+    for cid in new:
+        if cid in seen:
+            raise TernError(f"{brief(cid, 64)} is given twice")
+        seen.add(cid)
+        if cid in taken:
+            raise TernError(f"{brief(cid, 64)} is already in fleet {fleet.fleet}")
+    for gw in devices:
+        if gw not in fleet.gateways:
+            raise TernError(f"no gateway {brief(gw, 64)} in fleet {fleet.fleet}")
+    keys = {cid: SigningKey.generate() for cid in new}
+    logins = {cid: new_login(cid) for cid in new}
+    entries = dict(fleet.gateways)
+    for gw, extra in devices.items():
+        old = entries[gw]
+        grown = {**old.devices, **{d: keys[d].verify_key for d in extra}}
+        entries[gw] = GatewayEntry(old.key, old.parent, grown)
+    for gw, (parent, ds) in gateways.items():
+        entries[gw] = GatewayEntry(keys[gw].verify_key, parent, {d: keys[d].verify_key for d in ds})
+    hashes = {**fleet.logins, **{cid: hash_password(lg.password) for cid, lg in logins.items()}}
+    # Fleet checks the result whole: parents that exist, no cycle, no id twice, bounds
+    return Members(replace(fleet, gateways=entries, logins=hashes), keys, logins)

@@ -38,6 +38,8 @@ __all__ = [
     "updates_to",
     "validate_digest",
     "validate_id",
+    "view",
+    "view_all",
 ]
 
 ROOT = "tern"
@@ -59,6 +61,7 @@ class TopicKind(StrEnum):
     METRICS = "metrics"
     STATUS = "status"
     KERNEL = "kernel"
+    VIEW = "view"
 
 
 # kind -> names of the id levels after "tern/<fleet>/<kind>"
@@ -72,6 +75,7 @@ _LEVELS: dict[TopicKind, tuple[str, ...]] = {
     TopicKind.METRICS: ("sender",),
     TopicKind.STATUS: ("sender",),
     TopicKind.KERNEL: ("digest",),
+    TopicKind.VIEW: ("sender",),
 }
 
 _LEVEL_NAMES = ("receiver", "sender", "digest")
@@ -255,3 +259,14 @@ def kernel(fleet: str, digest: str) -> Topic:
 def kernels(fleet: str) -> Topic:
     """Filter for every kernel of `fleet` (gateways relay them all downstream)."""
     return Topic(TopicKind.KERNEL, fleet)
+
+
+def view(fleet: str, gateway: str) -> Topic:
+    """Where `gateway`'s view of what is below it is published (retained), on its parent's
+    broker; every gateway relays its child gateways' views up, so all reach the top."""
+    return _concrete(Topic(TopicKind.VIEW, fleet, sender=gateway))
+
+
+def view_all(fleet: str) -> Topic:
+    """Filter for every gateway's view (what a dashboard subscribes to on the top broker)."""
+    return Topic(TopicKind.VIEW, fleet)

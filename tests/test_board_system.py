@@ -114,7 +114,7 @@ class Plant:
             agent.start()
 
     def board(self, store: Path) -> SimulatedBoard:
-        host, port = parse_url(self.gateway.downstream_url)
+        host, port, _ = parse_url(self.gateway.downstream_url)
         config = board_config(
             fleet=self.fleet,
             device=BOARD,

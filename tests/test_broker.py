@@ -239,9 +239,9 @@ def test_python_m_broker_exits_1_when_its_port_is_taken() -> None:
 
 
 def test_config_with_a_listener_the_limits_cannot_guard_is_refused() -> None:
-    config = {"listeners": {"web": {"type": "ws", "bind": "127.0.0.1:0"}}}
+    config = {"listeners": {"web": {"type": "external", "bind": "127.0.0.1:0"}}}
 
-    with pytest.raises(BrokerConfigError, match="only tcp"):
+    with pytest.raises(BrokerConfigError, match="only tcp and ws"):
         EmbeddedBroker("127.0.0.1", 0, config=config)
 
 

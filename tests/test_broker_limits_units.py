@@ -94,6 +94,7 @@ def test_the_refusal_reasons_are_the_documented_counter_keys() -> None:
     assert {r.value for r in Reason} == {
         "packet_too_large", "too_many_connections", "connect_timeout", "not_connect",
         "protocol_error", "bad_topic", "retained_full", "inflight_full", "rate_limited",
+        "tls_failed",
     }  # fmt: skip
 
 

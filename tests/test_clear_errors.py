@@ -62,7 +62,7 @@ def test_a_broker_url_without_its_scheme_is_one_line(
     result = run(with_flag(args, URL_FLAG[component], "localhost:1883"))
 
     assert result.returncode == 1
-    assert "'localhost:1883' is not a broker URL (mqtt://host:port)" in one_line(result)
+    assert "'localhost:1883' is not a broker URL (mqtt://host:port or" in one_line(result)
 
 
 @pytest.mark.parametrize("component", COMPONENTS)

@@ -64,7 +64,9 @@ def _sealed(model: mcu.McuModel, key: bytes = KEY) -> bytes:
 
 
 def _run(source: str, files: dict[str, bytes]) -> list[str]:
-    files = {"tern_model.py": (ESP32 / "tern_model.py").read_bytes(), **files}
+    # tern_board imports both; the board's own modules, as on its filesystem
+    own = ("tern_model.py", "tern_tls.py")
+    files = {**{name: (ESP32 / name).read_bytes() for name in own}, **files}
     return run_micropython(source, timeout=TIMEOUT, files=files).splitlines()
 
 

@@ -69,6 +69,17 @@ PUBLISH_ROWS = [
     (COORDINATOR, "gw-1", KERNEL, False, False),
     (COORDINATOR, "gw-1", topics.update(F, "gw-1", "dev-01").path, False, False),
     (COORDINATOR, OBSERVER, topics.status(F, "gw-1").path, False, False),
+    # fleet views: a gateway's own and its descendants', up on its parent's broker
+    (COORDINATOR, "gw-1", topics.view(F, "gw-1").path, True, True),
+    (COORDINATOR, "gw-1", topics.view(F, "gw-1a").path, True, True),
+    (COORDINATOR, "gw-1", topics.view(F, "gw-2").path, False, False),
+    (COORDINATOR, "gw-2", topics.view(F, "gw-1a").path, False, False),
+    (COORDINATOR, OBSERVER, topics.view(F, "gw-1").path, False, False),
+    ("gw-1", "gw-1a", topics.view(F, "gw-1a").path, True, True),
+    ("gw-1", "gw-1a", topics.view(F, "gw-1").path, False, False),
+    ("gw-1", "gw-1", topics.view(F, "gw-1").path, False, False),  # its own goes up
+    ("gw-1", "dev-01", topics.view(F, "gw-1a").path, False, False),
+    ("gw-1", "esp-1", topics.view(F, "gw-1a").path, False, False),
     (COORDINATOR, OBSERVER, MODEL, False, False),
     # gateway gw-1's own broker
     ("gw-1", "gw-1", MODEL, True, True),
@@ -146,6 +157,10 @@ SUBSCRIBE_ROWS = [
     ("gw-1", "gw-1", topics.partials_to(F, "gw-1").path, True),
     ("gw-1", "gw-1", topics.telemetry_all(F).path, True),
     ("gw-1", "gw-1", topics.status_all(F).path, True),
+    ("gw-1", "gw-1", topics.view_all(F).path, True),
+    ("gw-1", "dev-01", topics.view_all(F).path, False),
+    (COORDINATOR, "gw-1", topics.view_all(F).path, False),
+    (COORDINATOR, OBSERVER, topics.view_all(F).path, True),
     ("gw-1", "gw-1", topics.updates_to(F, "gw-2").path, False),
     ("gw-1", "gw-1", "#", False),
     ("gw-1", "dev-01", MODEL, True),
@@ -377,6 +392,8 @@ def test_mosquitto_files_say_the_same_rights() -> None:
         f"topic read {KERNELS}",
     ]
     assert f"topic deny {topics.status(F, 'dev-01').path}" in acl.split("user gw-1a\n")[1]
+    assert f"topic write {topics.view(F, 'gw-1a').path}\n" in acl.split("user gw-1a\n")[1]
+    assert f"topic read {topics.view_all(F).path}\n" in acl.split("user gw-1\n")[1]
     assert f"user {OBSERVER}\ntopic read {topics.ROOT}/{F}/#\n" in acl
     assert acl.split("user ")[0].count("topic") == 0  # nothing for anonymous clients
     users = [line.split(":", 1)[0] for line in passwords.splitlines()]

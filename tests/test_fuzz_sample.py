@@ -77,6 +77,8 @@ def test_every_decoder_of_the_brief_is_fuzzed() -> None:
         "reports.Status",
         "reports.RoundMetrics",
         "reports.Telemetry",
+        "reports.FleetView",
+        "fleetview.ViewMachine",
         "mcu.open_mcu",
         "firmware.load",
         "topics.parse",

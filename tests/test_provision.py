@@ -168,10 +168,10 @@ def test_a_replay_sensor_ships_its_windows_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("gw.local", ("gw.local", 1884)), ("10.0.0.5:1883", ("10.0.0.5", 1883))],
+    [("gw.local", ("gw.local", 1884, False)), ("10.0.0.5:1883", ("10.0.0.5", 1883, False))],
 )
 def test_the_gateway_address_defaults_to_the_gateway_listen_port(
-    text: str, expected: tuple[str, int]
+    text: str, expected: tuple[str, int, bool]
 ) -> None:
     assert parse_gateway(text) == expected
 

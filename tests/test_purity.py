@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("tern", "broker", "coordinator", "gateway", "kernels", "firmware")
+PACKAGES = ("tern", "broker", "coordinator", "gateway", "kernels", "firmware", "dashboard")
 COMPONENTS = ("broker", "coordinator", "gateway", "kernels", "firmware")
 IMPURE = (
     "asyncio",

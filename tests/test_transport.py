@@ -301,17 +301,28 @@ def test_subscription_refused_by_the_broker_raises(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("mqtt://127.0.0.1:1884", ("127.0.0.1", 1884)),
-        ("mqtt://broker.local", ("broker.local", 1883)),
-        ("mqtt://[::1]:2000", ("::1", 2000)),
+        ("mqtt://127.0.0.1:1884", ("127.0.0.1", 1884, False)),
+        ("mqtt://broker.local", ("broker.local", 1883, False)),
+        ("mqtt://[::1]:2000", ("::1", 2000, False)),
+        ("mqtts://broker.local", ("broker.local", 8883, True)),
+        ("mqtts://[::1]:8884", ("::1", 8884, True)),
     ],
 )
-def test_parse_url_reads_host_and_port(url: str, expected: tuple[str, int]) -> None:
+def test_parse_url_reads_host_port_and_tls(url: str, expected: tuple[str, int, bool]) -> None:
     assert parse_url(url) == expected
 
 
 @pytest.mark.parametrize(
-    "url", ["http://h:1", "mqtt://", "mqtt://h:99999", "h:1883", "mqtt://h:1/x"]
+    "url",
+    [
+        "http://h:1",
+        "mqtt://",
+        "mqtt://h:99999",
+        "h:1883",
+        "mqtt://h:1/x",
+        "ws://h:1",
+        "mqtts://h:1?x",
+    ],
 )
 def test_parse_url_rejects_what_is_not_a_broker_url(url: str) -> None:
     with pytest.raises(TransportError):
@@ -321,7 +332,8 @@ def test_parse_url_rejects_what_is_not_a_broker_url(url: str) -> None:
 def test_format_url_points_wildcard_listeners_at_loopback() -> None:
     assert format_url("0.0.0.0", 1883) == "mqtt://127.0.0.1:1883"
     assert format_url("::", 1) == "mqtt://[::1]:1"
-    assert parse_url(format_url("::1", 8883)) == ("::1", 8883)
+    assert parse_url(format_url("::1", 8883)) == ("::1", 8883, False)
+    assert format_url("0.0.0.0", 8883, tls=True) == "mqtts://127.0.0.1:8883"
 
 
 @given(

@@ -3,13 +3,15 @@
 # Runs on MicroPython with umqtt.simple and under CPython (tests, simulated boards) with
 # an injected MQTT factory, clock and no radio. Topics come from config.json, written at
 # provisioning from tern.topics: the firmware never builds one. Payloads are exactly the
-# JSON of tern.reports.Status / Telemetry (compact, keys sorted).
+# JSON of tern.reports.Status / Telemetry (compact, keys sorted). With config["tls"] the
+# board sets its clock by NTP, then connects with TLS on the fleet CA (tern_tls).
 import binascii
 import json
 import os
 import random
 
 import tern_model
+import tern_tls
 
 VERSION = "0.1.0"
 ROLE = "board"
@@ -59,10 +61,14 @@ class _Clock:
         self.sleep_ms = time.sleep_ms
 
 
-def _umqtt_factory(client_id, server, port, user, password, keepalive):
+def _umqtt_factory(client_id, server, port, user, password, keepalive, ssl=None):
+    # umqtt.simple >= 1.4 (what mip installs) takes an SSLContext and wraps its socket
+    # with server_hostname=server, so the broker's name is checked as well as its CA.
     from umqtt.simple import MQTTClient
 
-    return MQTTClient(client_id, server, port, user, password, keepalive)
+    if ssl is None:
+        return MQTTClient(client_id, server, port, user, password, keepalive)
+    return MQTTClient(client_id, server, port, user, password, keepalive, ssl=ssl)
 
 
 class WifiRadio:
@@ -109,6 +115,9 @@ class Board:
         radio=None,
         store_dir="",
         getrandbits=None,
+        ssl=None,
+        ntp=None,
+        log=None,
     ):
         self.fleet = config["fleet"]
         self.device = config["device"]
@@ -133,13 +142,17 @@ class Board:
         self.radio = radio
         self.store_dir = store_dir
         self.getrandbits = getrandbits or random.getrandbits
+        # None: plain MQTT. `ssl`, `ntp`: the modules (imported on the board when None).
+        self.tls = tern_tls.make(config, self.clock, ssl, ntp, self._path)
+        self.log = log or print
+        self.last_error = ""
         self.net_errors = _net_errors()
         self.model = None
         self.client = None
         self.detail = ""
         self.seq = 0
         self.stats = {"accepted": 0, "rejected": {}, "ignored": 0, "telemetry": 0,
-                      "reconnects": 0, "sensor_errors": 0}  # fmt: skip
+                      "reconnects": 0, "sensor_errors": 0, "connect_failures": 0}  # fmt: skip
         self.backoff_ms = BACKOFF_MIN_MS
         self._status_due = False
         self._last_infer = None
@@ -216,14 +229,16 @@ class Board:
         if self.radio is not None:
             self.radio.connect(self.config)
         b = self.broker
-        client = self.mqtt_factory(
+        ctx = None if self.tls is None else self.tls.context()
+        args = (
             self.device,
             b["host"],
-            b.get("port", 1883),
+            b.get("port", 1883 if ctx is None else 8883),
             b.get("user"),
             b.get("password"),
             b.get("keepalive", 60),
         )
+        client = self.mqtt_factory(*args) if ctx is None else self.mqtt_factory(*args, ssl=ctx)
         client.set_callback(self.on_message)
         client.set_last_will(
             self.status_topic,
@@ -237,6 +252,15 @@ class Board:
         self._status_due = False
         client.subscribe(self.model_topic, 1)
         self._last_ping = self.clock.ticks_ms()
+        self.last_error = ""
+
+    def _connect_failed(self, exc):
+        # On the serial console (there is no broker to tell), once per distinct reason.
+        self.stats["connect_failures"] += 1
+        error = (type(exc).__name__ + ": " + str(exc))[:200]
+        if error != self.last_error:
+            self.last_error = error
+            self.log("tern: not connected: " + error)
 
     def _online(self):
         return status_json(self.device, "online", self.version, self.detail)
@@ -307,7 +331,8 @@ class Board:
                 try:
                     self.connect()
                     self.backoff_ms = BACKOFF_MIN_MS
-                except self.net_errors:
+                except self.net_errors as exc:
+                    self._connect_failed(exc)
                     self.close()
                     self._sleep(self.next_backoff_ms(), stop)
                     continue

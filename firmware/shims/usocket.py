@@ -51,8 +51,11 @@ class socket:  # MicroPython's name, lower case
         proto: int = 0,
         *,
         _sock: _socket.socket | None = None,
+        _would_block: tuple[type[Exception], ...] = (BlockingIOError,),
     ) -> None:
         self._sock = _sock if _sock is not None else _socket.socket(af, type, proto)
+        # What a non-blocking recv raises when nothing is waiting (TLS adds its own: ussl).
+        self._would_block = _would_block
 
     # -- plain socket calls ------------------------------------------------------------
     def connect(self, addr: Any) -> None:
@@ -106,7 +109,7 @@ class socket:  # MicroPython's name, lower case
         while n < 0 or got < n:
             try:
                 chunk = self._sock.recv(4096 if n < 0 else n - got)
-            except BlockingIOError:
+            except self._would_block:
                 if got == 0:
                     return None
                 break

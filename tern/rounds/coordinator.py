@@ -214,8 +214,8 @@ class CoordinatorMachine:
         out: list[object] = [
             self._retain(topics.global_model(f), sealed_model),
             self._retain(topics.round_schedule(f), sealed_schedule),
-            Note(logging.INFO, "", "open", "round %d open on v%d, expecting %s",
-                 (r, v, sorted(peers))),
+            Note(logging.DEBUG, "", "open", "round %d open on v%d, expecting %s",
+                 (r, v, ", ".join(sorted(peers)) or "nobody")),
         ]  # fmt: skip
         if not peers:
             return out + self._close(now)
@@ -275,10 +275,7 @@ class CoordinatorMachine:
         out += [
             SaveRound(record),
             self._retain(topics.metrics(f, self.client_id), metrics),
-            Note(logging.INFO, "", "closed", "round %d %s: v%d, %d contributors, rejected %s",
-                 (r, "closed" if ok else "failed", self.model.version, partial.count,
-                  record.rejected)),
-        ]  # fmt: skip
+        ]  # the process logs the round's line from RoundClosed (broker.logs)
         if ok and (self._done(r) or self.settings.interval > 0):
             # The next round does not open right away (or ever): publish the new model
             # now, so gateways derive their boards' models and dashboards see it.

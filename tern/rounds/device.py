@@ -30,7 +30,7 @@ from tern.feed import CoordinatorFeed
 from tern.fleet import Fleet
 from tern.freshness import Order, Stamp, Watermarks, model_stamp
 from tern.messages import Failure, GlobalModel, RoundSchedule, Update
-from tern.reports import State, Status
+from tern.reports import MAX_ERROR_CHARS, Activity, State, Status
 from tern.rounds.events import Link, Linked, Note, Publish, Received
 
 __all__ = [
@@ -140,6 +140,9 @@ class DeviceMachine:
         self._residual_before: tuple[int, F32Array | None] = (-1, None)
         self._sent: tuple[tuple[int, int, float], bytes] | None = None  # the open round's
         self._detail = ""
+        self._activity = Activity.IDLE
+        self._done_round: int | None = None  # the last round trained for (status)
+        self._error: str | None = None  # why that round failed ("" once one succeeded)
         self._detail_at: dict[tuple[str, str], float] = {}
 
     # -- events -----------------------------------------------------------------------
@@ -201,7 +204,7 @@ class DeviceMachine:
             return out
         if retained and not self.join_current_round:
             self._last_round = stamp  # joined mid-round: take part from the next schedule
-            return out
+            return [*out, self._skipped(schedule.round, "it was open before this device came")]
         self._schedule = (run, schedule)
         return out + self._maybe_train(now)
 
@@ -214,7 +217,7 @@ class DeviceMachine:
             return []
         if s.participants is not None and self.id not in s.participants:
             self._last_round = stamp
-            return []
+            return [self._skipped(s.round, "not sampled")]
         if self.model is None or self.model_stamp != Stamp(run, s.model_version):
             return []  # wait for the model the schedule names
         self._last_round = stamp
@@ -227,7 +230,8 @@ class DeviceMachine:
         carried = before if rerun == s.round else self._residual
         self._residual_before = (s.round, carried)
         self._training = True
-        return [Train(run, s, self.model, carried)]
+        self._activity = Activity.TRAINING
+        return [Train(run, s, self.model, carried), self._status(self._detail)]
 
     def _on_trained(self, done: Trained, now: float) -> list[object]:
         self._training = False
@@ -243,27 +247,27 @@ class DeviceMachine:
         outcome = RoundOutcome(
             s.round, s.model_version, self.samples, len(data), done.seconds, kernel=done.kernel
         )
-        out: list[object] = [self._publish(data), RoundDone(outcome)]
-        if self._detail:
-            out.append(self._status(""))  # the last failure is over
-        return out
+        self._activity, self._done_round, self._error = Activity.IDLE, s.round, ""
+        return [self._publish(data), RoundDone(outcome), self._status("")]
 
     def _on_failure(self, done: Trained, now: float) -> list[object]:
         s = done.schedule
-        out: list[object] = [
-            Note(logging.WARNING, "", done.reason, "%s: round %d failed (%s): %s",
-                 (self.id, s.round, done.reason, done.error)),
-        ]  # fmt: skip
+        out: list[object] = []  # the process logs why, from RoundDone (broker.logs)
         if now < s.deadline:
             data = self._seal(Kind.FAILURE, done.run, s, Failure({done.reason: 1}).to_body())
             self._sent = ((done.run, s.round, s.deadline), data)
             out.append(self._publish(data))
+        self._activity, self._done_round = Activity.IDLE, s.round
+        self._error = f"{done.reason}: {done.error}"[:MAX_ERROR_CHARS]
         out.append(self._status(f"round {s.round}: {done.reason}: {done.error}"[:500]))
         outcome = RoundOutcome(
             s.round, s.model_version, self.samples, error=done.error, reason=done.reason
         )
         out.append(RoundDone(outcome))
         return out
+
+    def _skipped(self, round: int, why: str) -> Note:
+        return Note(logging.INFO, "", "skipped", "%s: round %d skipped: %s", (self.id, round, why))
 
     # -- messages ---------------------------------------------------------------------
 
@@ -275,9 +279,13 @@ class DeviceMachine:
         return Publish(Link.DOWN, topics.update(self.fleet.fleet, self.gateway, self.id), data)
 
     def _status(self, detail: str) -> Publish:
-        """Online, with what went wrong last ("" once a round succeeds again)."""
+        """Online, what it is doing, its last round and what went wrong last ("" once a
+        round succeeds again)."""
         self._detail = detail
-        status = Status(self.id, "device", State.ONLINE, __version__, detail)
+        status = Status(
+            self.id, "device", State.ONLINE, __version__, detail,
+            self._activity, self._done_round, self._error,
+        )  # fmt: skip
         return Publish(
             Link.DOWN, topics.status(self.fleet.fleet, self.id), status.to_json(), retain=True
         )

@@ -63,7 +63,8 @@ class CohortClosed:
 class GatewayMachine:
     """Gateway `gateway_id` of `fleet` at `depth` (1 below the coordinator), signing with
     `key`; its rounds close `margin * depth` seconds before the coordinator's deadline.
-    `refusals()` returns what its broker refused so far (counted in its metrics)."""
+    `refusals()` returns what its broker refused so far, `counted()` what the process
+    refused itself, by full reason (both counted in its metrics)."""
 
     def __init__(
         self,
@@ -75,6 +76,7 @@ class GatewayMachine:
         margin: float,
         marks: Watermarks | None = None,
         refusals: Callable[[], Counter[str]] = Counter,
+        counted: Callable[[], Counter[str]] = Counter,
     ) -> None:
         self.id = gateway_id
         self.fleet = fleet
@@ -84,6 +86,7 @@ class GatewayMachine:
         self.margin = margin
         self.feed = CoordinatorFeed(fleet, marks)
         self._refusals = refusals
+        self._counted_by_process = counted  # refusals the process counts itself (view_...)
         self._models: dict[Stamp, GlobalModel] = {}  # the current model and the previous
         self._retained: dict[topics.Topic, bytes] = {}  # relayed down, restored on reconnect
         self._schedule_stamp: Stamp | None = None
@@ -240,8 +243,8 @@ class GatewayMachine:
         )
         self.round.extra_rejected, self._outside = self._outside, Counter()
         out.append(SetTimer(STAGE_TIMER, close_at))
-        out.append(Note(logging.INFO, "", "open", "gateway %s: round %d open, expecting %s",
-                        (self.id, s.round, sorted(self.round.stands_for))))  # fmt: skip
+        out.append(Note(logging.DEBUG, "", "open", "gateway %s: round %d open, expecting %s",
+                        (self.id, s.round, ", ".join(sorted(self.round.stands_for)))))  # fmt: skip
         return out
 
     def _refuse_policy(
@@ -296,16 +299,14 @@ class GatewayMachine:
         self._bytes_down = 0
         self._metrics = metrics.to_json()
         out.append(Publish(Link.UP, topics.metrics(f, self.id), self._metrics, retain=True))
-        out.append(CohortClosed(metrics, data))
-        out.append(Note(logging.INFO, "", "closed", "gateway %s: round %d closed: %s",
-                        (self.id, s.round, metrics)))  # fmt: skip
+        out.append(CohortClosed(metrics, data))  # the process logs its line (broker.logs)
         return out
 
     def _new_refusals(self) -> Counter[str]:
         """Refusals since the last metrics: the coordinator's messages refused
         (``model_<reason>``, ...) and what its broker refused, as ``access_<reason>``."""
         broker = Counter({f"access_{why}": n for why, n in self._refusals().items()})
-        refused = self.feed.rejected + broker
+        refused = self.feed.rejected + broker + self._counted_by_process()
         new = refused - self._counted
         self._counted = refused
         return new

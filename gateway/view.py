@@ -1,0 +1,71 @@
+"""The gateway's view of what is below it (tern.fleetview), wired to its loop.
+
+One loop runs both of the gateway's machines: the round machine (tern.rounds.gateway)
+and the view machine (tern.fleetview.ViewMachine), which takes the statuses, telemetry
+and child gateways' views that arrive downstream and publishes the gateway's view
+upstream. The boards' relay (gateway.mcu) hears the same statuses and telemetry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from broker.transport import Message, MqttTransport
+from gateway.mcu import BoardRelay
+from tern import topics
+from tern.fleetview import ViewMachine
+from tern.rounds.events import Link, Linked
+from tern.rounds.gateway import CohortClosed, GatewayMachine
+
+__all__ = ["GatewayMachines", "subscribe_below"]
+
+Handler = Callable[[Message], None]
+
+
+def subscribe_below(
+    down: MqttTransport, fleet: str, gateway: str, handler: Handler, boards: BoardRelay | None
+) -> None:
+    """Everything `gateway` hears on its own broker, posted by `handler` to its loop: its
+    devices' updates, its child gateways' partials and views, and every status and
+    telemetry (also handed to its boards' relay, when it has boards)."""
+    down.subscribe(topics.updates_to(fleet, gateway), handler)
+    down.subscribe(topics.partials_to(fleet, gateway), handler)
+    down.subscribe(topics.view_all(fleet), handler)
+    on_telemetry, on_status = handler, handler
+    if boards is not None:
+        on_telemetry = _both(boards.on_telemetry, handler)
+        on_status = _both(boards.on_status, handler)
+    down.subscribe(topics.telemetry_all(fleet), on_telemetry)
+    down.subscribe(topics.status_all(fleet), on_status)
+
+
+def _both(first: Handler, second: Handler) -> Handler:
+    def on_message(message: Message) -> None:
+        first(message)
+        second(message)
+
+    return on_message
+
+
+class GatewayMachines:
+    """The round machine and the view machine behind one `handle`; `on_again_down` runs
+    when the downstream link is back after a reconnect (the boards' models to restore)."""
+
+    def __init__(
+        self, rounds: GatewayMachine, view: ViewMachine, on_again_down: Callable[[], None]
+    ) -> None:
+        self.rounds, self.view, self._on_again_down = rounds, view, on_again_down
+
+    def handle(self, event: object, now: float) -> list[object]:
+        if self.view.takes(event):
+            return self.view.handle(event, now)
+        actions = self.rounds.handle(event, now)
+        if isinstance(event, Linked):
+            if event.link is Link.UP:
+                actions += self.view.handle(event, now)
+            elif event.again:
+                self._on_again_down()
+        for action in actions:
+            if isinstance(action, CohortClosed):
+                actions = actions + self.view.round_closed(action.metrics.round, now)
+        return actions
