@@ -27,7 +27,7 @@ from tern import topics
 from tern.caps import largest_message
 from tern.errors import TernError, brief
 from tern.fleet import COORDINATOR, Fleet
-from tern.logins import OBSERVER, hash_password
+from tern.logins import OBSERVER, hash_password, is_observer
 
 if TYPE_CHECKING:  # gateway.boards imports the gateway package, which imports this module
     from gateway.boards import Boards
@@ -89,9 +89,9 @@ def broker_policy(fleet: Fleet, broker: str, boards: Boards | None = None) -> Ac
     accounts = {
         user: Account(fleet.logins[user], r, fleet.client_ids(user)) for user, r in rights.items()
     }
-    if OBSERVER in fleet.logins:
-        observer = Rights(subscribe=(topics.everything(f),))
-        accounts[OBSERVER] = Account(fleet.logins[OBSERVER], observer)
+    observer = Rights(subscribe=(topics.everything(f),))
+    for user in filter(is_observer, fleet.logins):  # `observer` and every `observer-NAME`
+        accounts[user] = Account(fleet.logins[user], observer)
     reserved = {cid: member for member in fleet.members for cid in fleet.client_ids(member)}
     if boards is not None:
         _add_boards(fleet, broker, boards, accounts, reserved)
@@ -186,7 +186,7 @@ def _add_boards(
             f"lists the boards of gateway {boards.gateway!r} in fleet {boards.fleet!r},"
             f" not of the {broker} broker of {fleet.fleet!r}"
         )
-    taken = {*fleet.members, OBSERVER}
+    taken = {*fleet.members, *filter(is_observer, fleet.logins), OBSERVER}
     for board, entry in boards.boards.items():
         try:
             topics.validate_id(entry.mqtt_user, "MQTT user")
@@ -194,7 +194,7 @@ def _add_boards(
             raise BoardsError(f"board {board}: {exc.message}") from None
         if board in taken or board in reserved:
             raise BoardsError(f"board {board}: its id is a member's id or client id")
-        if entry.mqtt_user in taken or entry.mqtt_user in accounts:
+        if entry.mqtt_user in taken or entry.mqtt_user in accounts or is_observer(entry.mqtt_user):
             raise BoardsError(f"board {board}: MQTT user {entry.mqtt_user!r} is taken")
         # The boards file holds passwords in clear (a board sends one); hash them here,
         # so that one policy type serves both brokers.

@@ -42,6 +42,9 @@ done
 for spec in $TERN_BROKER_HOSTS; do hosts="$hosts --broker-host $spec"; done
 # shellcheck disable=SC2086  # one word per flag
 tern fleet init --fleet "$TERN_FLEET" $gateways $hosts --out "$FLEET_DIR" --force
+# the dashboard's own read-only login: on Mosquitto one login holds one connection, so the
+# page and `tern watch` (observer.json) must not share one
+tern fleet add-observer --fleet-dir "$FLEET_DIR" dashboard
 # shellcheck disable=SC2086
 tern mosquitto-config --fleet-file "$FLEET_DIR/fleet.json" --port "$TERN_MQTT_PORT" \
     $TERN_MOSQUITTO_ARGS --out "$FLEET_DIR/mosquitto"

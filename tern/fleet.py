@@ -32,7 +32,7 @@ from nacl.signing import VerifyKey
 from tern.errors import MalformedMessage, TernError, brief
 from tern.jsontext import parse_json
 from tern.keys import verify_key_from_text, verify_key_to_text
-from tern.logins import OBSERVER, is_password_hash
+from tern.logins import OBSERVER, is_observer, is_password_hash
 from tern.spec import MAX_PARAMS
 from tern.topics import validate_id
 
@@ -93,8 +93,8 @@ class Fleet:
                 again = sorted((ids & seen) | ({gw} & set(entry.devices)))
                 raise MalformedMessage(f"ids repeat in the fleet: {again[:5]}")
             seen |= ids
-        if OBSERVER in seen:
-            raise MalformedMessage(f"{OBSERVER!r} is reserved for the observer login")
+        if any(is_observer(cid) for cid in seen):
+            raise MalformedMessage(f"{OBSERVER!r} and {OBSERVER}-* are reserved for observers")
         for gw in self.gateways:  # no cycles: every chain of parents reaches the coordinator
             chain, node = [gw], self.gateways[gw].parent
             while node != COORDINATOR:
@@ -106,7 +106,7 @@ class Fleet:
 
     def _check_limits(self, members: set[str]) -> None:
         for user, hashed in self.logins.items():
-            if user not in members and user != OBSERVER:
+            if user not in members and not is_observer(user):
                 raise MalformedMessage(f"a login for {brief(user, 64)}, who is not in the fleet")
             if not is_password_hash(hashed):
                 raise MalformedMessage(f"the login of {user!r} is not a $7$ password hash")

@@ -1,4 +1,5 @@
-"""`tern fleet`: make a fleet directory (`init`) and grow it (`add-gateway`, `add-device`).
+"""`tern fleet`: make a fleet directory (`init`) and grow it (`add-gateway`, `add-device`,
+`add-observer`).
 
 Like `tern.cli`, which registers these commands, a module of tern/ that does file I/O;
 nothing but `tern.cli` imports it. Every command checks everything and builds every key,
@@ -20,7 +21,7 @@ from tern.errors import TernError, brief
 from tern.fleet import COORDINATOR, DEFAULT_MAX_PARAMS, MAX_FLEET_BYTES, Fleet
 from tern.keys import signing_key_to_text, verify_key_to_text
 from tern.logins import OBSERVER
-from tern.members import Members, add_members, new_members
+from tern.members import Members, add_members, add_observer, new_members
 
 __all__ = ["OBSERVER_FILE", "add_fleet_parser", "write_all"]
 
@@ -84,6 +85,28 @@ def _add_device(args: argparse.Namespace) -> int:
     fleet = _read_fleet(out)
     members = add_members(fleet, devices={args.gateway: args.device})
     return _extend(out, members, list(args.device), {})
+
+
+def _add_observer(args: argparse.Namespace) -> int:
+    """One more read-only login, `observer-NAME.json`: one per dashboard or viewer (on
+    Mosquitto, two connections with one login would knock each other off)."""
+    out = Path(args.fleet_dir)
+    fleet, login = add_observer(_read_fleet(out), args.name)
+    name = f"{login.username}.json"
+    if (out / name).exists():
+        raise TernError(f"{out / name} exists: not replacing another viewer's login")
+    files: Files = {
+        name: ((login.to_json() + "\n").encode(), SECRET),
+        FLEET_FILE: ((fleet.to_json() + "\n").encode(), PUBLIC),
+    }
+    ca = _read_ca(out)
+    if ca is not None and (out / pki.client_files(OBSERVER)[0]).exists():  # the fleet uses mTLS
+        files |= _certificates(ca, {}, [login.username], mtls=True)
+    _write(out, files)
+    print(f"updated {out / FLEET_FILE} and wrote {out / name} (0600): {login.username} may read")
+    print("every topic of the fleet and publish nothing; give it to one viewer only")
+    print("restart the brokers (or regenerate mosquitto-config and send SIGHUP) to admit it")
+    return 0
 
 
 def _extend(out: Path, members: Members, new: list[str], brokers: dict[str, list[str]]) -> int:
@@ -324,6 +347,14 @@ def add_fleet_parser(sub: Any) -> None:
     p.add_argument("--gateway", required=True, help="the gateway the devices connect to")
     p.add_argument("device", nargs="+", help="new device ids")
     p.set_defaults(func=_add_device)
+
+    p = fleet_sub.add_parser(
+        "add-observer",
+        help="add a read-only login observer-NAME for one more dashboard or viewer",
+    )
+    p.add_argument("--fleet-dir", required=True, help="the directory `tern fleet init` wrote")
+    p.add_argument("name", help="the viewer's name: the login is observer-NAME")
+    p.set_defaults(func=_add_observer)
 
 
 def _broker_host_flag(p: argparse.ArgumentParser) -> None:

@@ -33,11 +33,26 @@ __all__ = [
     "Login",
     "check_password",
     "hash_password",
+    "is_observer",
     "is_password_hash",
     "new_login",
+    "observer_name",
 ]
 
 OBSERVER = "observer"  # the read-only login for dashboards; no member may use this id
+
+
+def is_observer(user: str) -> bool:
+    """`observer`, or one viewer's own read-only login `observer-NAME` (tern fleet
+    add-observer): a broker that binds client ids to user names (Mosquitto) lets one
+    connection per login, so each dashboard or `tern watch` can have its own."""
+    return user == OBSERVER or user.startswith(OBSERVER + "-")
+
+
+def observer_name(name: str) -> str:
+    """The user name of viewer `name`'s own observer login."""
+    return validate_id(f"{OBSERVER}-{name}", "observer name")
+
 
 DEFAULT_ITERATIONS = 101  # what mosquitto_passwd writes
 MAX_ITERATIONS = 100_000  # beyond it a hash is malformed: checking it would cost too much

@@ -16,7 +16,15 @@ from nacl.signing import SigningKey
 
 from tern.errors import TernError, brief
 from tern.fleet import COORDINATOR, DEFAULT_MAX_PARAMS, Fleet, GatewayEntry
-from tern.logins import OBSERVER, SALT_BYTES, Login, hash_password, new_login
+from tern.logins import (
+    OBSERVER,
+    SALT_BYTES,
+    Login,
+    hash_password,
+    is_observer,
+    new_login,
+    observer_name,
+)
 
 __all__ = ["Layout", "Members", "add_members", "new_members"]
 
@@ -94,6 +102,8 @@ def add_members(
         if cid in seen:
             raise TernError(f"{brief(cid, 64)} is given twice")
         seen.add(cid)
+        if is_observer(cid):
+            raise TernError(f"{brief(cid, 64)}: {OBSERVER} and {OBSERVER}-* name observers")
         if cid in taken:
             raise TernError(f"{brief(cid, 64)} is already in fleet {fleet.fleet}")
     for gw in devices:
@@ -111,3 +121,14 @@ def add_members(
     hashes = {**fleet.logins, **{cid: hash_password(lg.password) for cid, lg in logins.items()}}
     # Fleet checks the result whole: parents that exist, no cycle, no id twice, bounds
     return Members(replace(fleet, gateways=entries, logins=hashes), keys, logins)
+
+
+def add_observer(fleet: Fleet, name: str) -> tuple[Fleet, Login]:
+    """`fleet` with one more read-only login, ``observer-NAME``, and that login: one per
+    dashboard or viewer, so they do not share a client id on a broker that binds client
+    ids to user names (Mosquitto)."""
+    user = observer_name(name)
+    if user in fleet.logins:
+        raise TernError(f"fleet {fleet.fleet} already has the observer login {user}")
+    login = new_login(user)
+    return replace(fleet, logins={**fleet.logins, user: hash_password(login.password)}), login

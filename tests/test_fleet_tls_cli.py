@@ -10,6 +10,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+from broker.fleet_access import broker_policy
 from tern.cli import main
 from tern.fleet import Fleet
 from tern.keys import signing_key_from_text
@@ -183,7 +184,7 @@ def test_add_device_in_an_mtls_fleet_also_issues_client_certificates(tmp_path: P
     [
         (["add-device", "--gateway", "gw-1", "dev-02"], "already in fleet"),
         (["add-device", "--gateway", "gw-1", "gw-1a"], "already in fleet"),
-        (["add-device", "--gateway", "gw-1", "observer"], "already in fleet"),
+        (["add-device", "--gateway", "gw-1", "observer"], "name observers"),
         (["add-device", "--gateway", "gw-9", "dev-40"], "no gateway"),
         (["add-device", "--gateway", "gw-1", "dev-40", "dev-40"], "given twice"),
         (["add-gateway", "gw-1=dev-40"], "already in fleet"),
@@ -220,3 +221,43 @@ def test_adding_to_a_fleet_whose_ca_key_is_missing_is_refused(
     assert "cannot sign" in capsys.readouterr().err
     assert (out / "fleet.json").read_bytes() == fleet_before
     assert not (out / "dev-40.key").exists()
+
+
+def test_add_observer_writes_one_more_read_only_login_for_one_viewer(tmp_path: Path) -> None:
+    out = tmp_path / "fleet"
+    assert _init(out, "--mtls") == 0
+
+    assert main(["fleet", "add-observer", "--fleet-dir", str(out), "wall"]) == 0
+
+    fleet = Fleet.from_json((out / "fleet.json").read_text())
+    login = Login.from_json((out / "observer-wall.json").read_text())
+    assert login.username == "observer-wall" and _mode(out / "observer-wall.json") == 0o600
+    assert check_password(fleet.logins["observer-wall"], login.password)
+    _verify_client(out, "observer-wall")  # the fleet has mTLS: the viewer gets a certificate
+    rights = broker_policy(fleet, "coordinator").accounts["observer-wall"].rights
+    assert rights == broker_policy(fleet, "coordinator").accounts[OBSERVER].rights
+    assert rights.subscribe == (f"tern/{fleet.fleet}/#",) and not rights.publish
+    assert "observer-wall" in broker_policy(fleet, "gw-1").accounts
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["add-observer", "wall", "--fleet-dir"], "already has the observer login observer-wall"),
+        (["add-device", "--gateway", "gw-1", "observer-2", "--fleet-dir"], "name observers"),
+        (["add-observer", "bad/name", "--fleet-dir"], "is not valid"),
+    ],
+)
+def test_an_observer_login_cannot_be_made_twice_or_taken_by_a_member(
+    tmp_path: Path, argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "fleet"
+    assert _init(out) == 0
+    assert main(["fleet", "add-observer", "--fleet-dir", str(out), "wall"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    code = main(["fleet", *argv, str(out)])
+
+    assert code == 2
+    assert expected in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

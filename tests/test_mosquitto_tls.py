@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from broker.mosquitto import MosquittoProcess, find_mosquitto, free_port, wait_u
 from tern import topics
 from tern.cli import main
 from tern.fleet import COORDINATOR
-from tern.logins import OBSERVER, Login
+from tern.logins import OBSERVER, Login, is_observer
 from tern.pki import new_ca, server_files
 from tests.helpers import unavailable
 
@@ -36,7 +37,7 @@ class Broker:
         self.conf = (proc.workdir / "mosquitto" / "mosquitto.conf").read_text()
 
     def login(self, user: str) -> tuple[str, str]:
-        name = "observer.json" if user == OBSERVER else f"{user}.login"
+        name = f"{user}.json" if is_observer(user) else f"{user}.login"
         login = Login.from_json((self.fleet_dir / name).read_text())
         return login.username, login.password
 
@@ -109,13 +110,20 @@ class Client:
 
 
 def _start(
-    tmp: Path, *init_extra: str, mtls: bool = False, ws: bool = True, plain: bool = True
+    tmp: Path,
+    *init_extra: str,
+    mtls: bool = False,
+    ws: bool = True,
+    plain: bool = True,
+    observers: tuple[str, ...] = (),
 ) -> Iterator[Broker]:
     binary = find_mosquitto()
     if binary is None:
         unavailable("mosquitto is not installed (apt-get install mosquitto)")
     fleet_dir = tmp / "fleet"
     assert main([*INIT.split(), "--out", str(fleet_dir), *init_extra]) == 0
+    for name in observers:  # one more read-only login each (tern fleet add-observer)
+        assert main(["fleet", "add-observer", "--fleet-dir", str(fleet_dir), name]) == 0
     ports: dict[str, int] = {}
 
     def configure(workdir: Path, host: str, port: int) -> Path:
@@ -137,6 +145,12 @@ def _start(
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     yield from _start(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def viewers_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    tmp = tmp_path_factory.mktemp("viewers")
+    yield from _start(tmp, ws=False, plain=False, observers=("wall",))
 
 
 @pytest.fixture(scope="module")
@@ -321,3 +335,42 @@ def test_a_gateway_broker_serves_its_own_certificate(tmp_path: Path) -> None:
     copied = (tmp_path / "out" / "gw-1.server.crt").read_bytes()
     assert copied == (fleet_dir / "gw-1.server.crt").read_bytes()
     assert "listener 8884 0.0.0.0" in (tmp_path / "out" / "mosquitto.conf").read_text()
+
+
+def test_two_viewers_sharing_the_observer_login_knock_each_other_off(
+    viewers_broker: Broker, clients: list[Client]
+) -> None:
+    """Why `tern fleet add-observer` exists: Mosquitto binds a client id to its login."""
+    port, ca = viewers_broker.ports["tls"], viewers_broker.ca
+    first = Client(port, ca=ca, login=viewers_broker.login(OBSERVER))
+    clients.append(first)
+    assert first.accepted
+    second = Client(port, ca=ca, login=viewers_broker.login(OBSERVER))
+    clients.append(second)
+
+    assert second.accepted
+    deadline = time.monotonic() + WAIT
+    while first.client.is_connected() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not first.client.is_connected()
+
+
+def test_each_viewer_with_its_own_observer_login_reads_the_fleet_at_once(
+    viewers_broker: Broker, clients: list[Client]
+) -> None:
+    port, ca = viewers_broker.ports["tls"], viewers_broker.ca
+    coordinator = Client(port, ca=ca, login=viewers_broker.login(COORDINATOR))
+    shared = Client(port, ca=ca, login=viewers_broker.login(OBSERVER))
+    wall = Client(port, ca=ca, login=viewers_broker.login("observer-wall"))
+    clients += [coordinator, shared, wall]
+    assert coordinator.accepted and shared.accepted and wall.accepted
+    shared.subscribe(topics.metrics(F, COORDINATOR))
+    wall.subscribe(topics.metrics(F, COORDINATOR))
+    wall.subscribe(topics.global_model(F))
+
+    wall.publish(topics.global_model(F), b"forged by a viewer")  # read-only: dropped
+    coordinator.publish(topics.metrics(F, COORDINATOR), b"round 1")
+
+    assert shared.wait_for(b"round 1") and wall.wait_for(b"round 1")
+    assert shared.client.is_connected() and wall.client.is_connected()
+    assert not wall.wait_for(b"forged by a viewer", timeout=0.5)
