@@ -117,7 +117,10 @@ def build_targets() -> dict[str, Target]:
     from tern.spec import ModelSpec
     from tern.topics import parse
     from tern.topics import partial as partial_topic
+    from tern.topics import status as status_topic
+    from tern.topics import telemetry as telemetry_topic
     from tern.topics import update as update_topic
+    from tern.topics import view as view_topic
 
     firmware = _firmware()
     w = valid_world()
@@ -175,12 +178,13 @@ def build_targets() -> dict[str, Target]:
         return prepare
 
     view_topics = [  # the first byte of a view input picks its topic
-        "status/dev-1", "status/gw-1a", "status/esp-1", "status/dev-3",
-        "telemetry/esp-1", "telemetry/dev-1", "view/gw-1a", "view/gw-2",
-    ]  # fmt: skip
+        *(status_topic(fleet_id, m).path for m in ("dev-1", "gw-1a", "esp-1", "dev-3")),
+        *(telemetry_topic(fleet_id, m).path for m in ("esp-1", "dev-1")),
+        *(view_topic(fleet_id, g).path for g in ("gw-1a", "gw-2")),
+    ]
 
     def view_call(data: bytes) -> Call:
-        topic = f"tern/{fleet_id}/{view_topics[(data[0] if data else 0) & 7]}"
+        topic = view_topics[(data[0] if data else 0) & 7]
         machine = ViewMachine(fleet, "gw-1", ["esp-1"])
         return _bind(_view_checked, machine, Received(Link.DOWN, topic, data[1:]))
 

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from broker.errors import ConnectRefused, TransportError
-from broker.tls import add_client_arguments, client_tls
+from broker.tls import CA_FILE, add_client_arguments, client_tls
 from broker.transport import Message, MqttTransport
 from broker.transport_types import TlsClient
 from tern import topics
@@ -160,7 +160,7 @@ def _checks(args: argparse.Namespace) -> list[str]:
         seen.append(f"connected to port {port}")
     if args.broker is not None:
         login = None if args.login is None else _read_login(args.login)
-        beside = Path(args.login or args.ca_file or "ca.crt")  # the fleet directory's files
+        beside = Path(args.login or args.ca_file or CA_FILE)  # the fleet directory's files
         member = login.username if login is not None else "anonymous"
         try:
             tls = client_tls(

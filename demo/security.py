@@ -16,7 +16,7 @@ from pathlib import Path
 from broker.tls import TlsClient, TlsServer
 from tern.pki import CA_CERT, DEFAULT_HOSTS, new_ca, server_cert, server_files
 
-__all__ = ["DemoTls", "make_demo_tls"]
+__all__ = ["DemoTls", "make_demo_tls", "write_file"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,16 +45,18 @@ def make_demo_tls(directory: Path, fleet: str, brokers: Sequence[str]) -> DemoTl
     loopback: localhost, 127.0.0.1, ::1 and the broker's id), in `directory`. The CA's key
     stays in memory: the demo issues nothing later."""
     ca = new_ca(fleet)
-    _write(directory / CA_CERT, ca.cert_pem, 0o644)
+    write_file(directory / CA_CERT, ca.cert_pem, 0o644)
     for broker in brokers:
         issued = server_cert(ca, broker, DEFAULT_HOSTS)
         cert, key = server_files(broker)
-        _write(directory / cert, issued.cert_pem, 0o644)
-        _write(directory / key, issued.key_pem, 0o600)
+        write_file(directory / cert, issued.cert_pem, 0o644)
+        write_file(directory / key, issued.key_pem, 0o600)
     return DemoTls(directory)
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """`data` in a new file at `path`, created with `mode` (0600 for a secret: never
+    readable by others, not even for a moment)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)

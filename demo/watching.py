@@ -8,7 +8,6 @@ or a browser can follow the rounds as they close.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -16,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from broker.tls import CA_FILE
 from dashboard.server import DashboardServer, page_config
+from demo.security import write_file
 from tern.logins import Login
 
 __all__ = ["OBSERVER_FILE", "WatchPoints", "announce", "open_watch_points"]
@@ -49,7 +50,7 @@ class WatchPoints:
         if self.ws_url is not None:
             out.append(f"watch: broker over WebSockets {self.ws_url}")
             if self.ws_url.startswith("wss://"):
-                ca = self.login_file.with_name("ca.crt")
+                ca = self.login_file.with_name(CA_FILE)
                 out.append(f"watch: (the browser must trust the demo fleet's CA, {ca})")
         if self.dashboard_url is not None:
             out.append(f"watch: dashboard {self.dashboard_url}")
@@ -62,9 +63,7 @@ OnReady = Callable[[WatchPoints], None]
 def write_login(directory: Path, login: Login) -> Path:
     """`observer.json` in `directory`, readable by its owner only (it holds a password)."""
     path = directory / OBSERVER_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(login.to_json() + "\n")
+    write_file(path, (login.to_json() + "\n").encode(), 0o600)
     return path
 
 

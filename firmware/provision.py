@@ -19,16 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 from broker.urls import DEFAULT_TLS_PORT
 from firmware.config import CA_NAME, DEFAULT_NTP_HOST, board_config, write_secret_json
 from firmware.deps import firmware_dir
 from firmware.errors import ProvisionError
 from gateway.boards import BoardEntry, Boards, load_boards, new_board_entry, save_boards
 from gateway.config import DEFAULT_LISTEN_PORT, GatewayError
-from tern import topics
+from tern import pki, topics
 from tern.errors import TopicError
 
 __all__ = [
@@ -110,14 +107,9 @@ def ca_der(path: Path) -> bytes:
     if len(data) > MAX_CA_BYTES:
         raise ProvisionError(f"{path} is larger than {MAX_CA_BYTES} bytes: not a CA certificate")
     try:
-        pem = data.lstrip().startswith(b"-----BEGIN")
-        cert = x509.load_pem_x509_certificate(data) if pem else x509.load_der_x509_certificate(data)
-        ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except (ValueError, x509.ExtensionNotFound) as exc:
-        raise ProvisionError(f"{path} is not a CA certificate (PEM or DER)") from exc
-    if not ca:
-        raise ProvisionError(f"{path} is not a CA certificate: it cannot sign others")
-    return cert.public_bytes(serialization.Encoding.DER)
+        return pki.ca_der(data)
+    except pki.PkiError as exc:
+        raise ProvisionError(f"{path} is {exc.message}") from exc
 
 
 def firmware_files(source: Path | None = None) -> list[Path]:

@@ -57,8 +57,9 @@ class GatewayMachines:
         self.rounds, self.view, self._on_again_down = rounds, view, on_again_down
 
     def handle(self, event: object, now: float) -> list[object]:
-        if self.view.takes(event):
-            return self.view.handle(event, now)
+        mine = self.view.offer(event, now)
+        if mine is not None:
+            return mine
         actions = self.rounds.handle(event, now)
         if isinstance(event, Linked):
             if event.link is Link.UP:

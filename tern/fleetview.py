@@ -83,16 +83,23 @@ class ViewMachine:
             self._roles.setdefault(b, Role.BOARD)
         self._dirty = True
 
-    def takes(self, event: object) -> bool:
-        """Whether `event` is this machine's (not the round machine's)."""
+    def offer(self, event: object, now: float) -> list[object] | None:
+        """The actions for `event` when it is this machine's, else None (the round
+        machine's): each message's topic is parsed once, here."""
         if isinstance(event, SetBoards):
-            return True
+            self.set_boards(event.boards)
+            return self._changed(now)
         if isinstance(event, Timer):
-            return event.key == VIEW_TIMER
+            if event.key != VIEW_TIMER:
+                return None
+            self._timer_set = False
+            return self._publish(now) if self._dirty else []
         if isinstance(event, Received) and event.link is Link.DOWN:
             parsed = topics.parse_in(event.topic, self.fleet.fleet)
-            return parsed is not None and parsed.kind in _KINDS
-        return False
+            if parsed is None or parsed.kind not in _KINDS:
+                return None
+            return self._received(parsed, event.payload, now)
+        return None
 
     def view(self, now: float) -> FleetView:
         members = {m: self.members.get(m, MemberView(r)) for m, r in self._roles.items()}
@@ -101,34 +108,26 @@ class ViewMachine:
     # -- events -------------------------------------------------------------------------
 
     def handle(self, event: object, now: float) -> list[object]:
-        if isinstance(event, SetBoards):
-            self.set_boards(event.boards)
-            return self._changed(now)
-        if isinstance(event, Timer) and event.key == VIEW_TIMER:
-            self._timer_set = False
-            return self._publish(now) if self._dirty else []
         if isinstance(event, Linked) and event.link is Link.UP:
             # (re)connected upstream: the broker may have lost what was retained there
             f = self.fleet.fleet
             again = [Publish(Link.UP, topics.view(f, g), v, retain=True)
                      for g, v in sorted(self._relayed.items())]  # fmt: skip
             return [*self._publish(now), *again]
-        if not isinstance(event, Received) or event.link is not Link.DOWN:
-            return []
-        parsed = topics.parse_in(event.topic, self.fleet.fleet)
-        if parsed is None or parsed.sender is None:
+        return self.offer(event, now) or []
+
+    def _received(self, parsed: topics.Topic, payload: bytes, now: float) -> list[object]:
+        if parsed.sender is None:
             return []
         try:
             if parsed.kind is topics.TopicKind.VIEW:
-                return self._on_view(parsed.sender, event.payload, now)
+                return self._on_view(parsed.sender, payload, now)
             if parsed.sender not in self._roles and self._below_board(parsed.sender):
                 return []  # a child gateway relays its boards: they are in its view
             if parsed.kind is topics.TopicKind.STATUS:
-                changed = self._on_status(parsed.sender, event.payload)
-            elif parsed.kind is topics.TopicKind.TELEMETRY:
-                changed = self._on_telemetry(parsed.sender, event.payload)
+                changed = self._on_status(parsed.sender, payload)
             else:
-                return []
+                changed = self._on_telemetry(parsed.sender, payload)
         except TernError as exc:
             return self._refuse(parsed, exc)
         return self._changed(now) if changed else []

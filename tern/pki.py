@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_HOSTS",
     "Issued",
     "PkiError",
+    "ca_der",
     "client_cert",
     "client_files",
     "der_of",
@@ -80,6 +81,20 @@ def der_of(pem: bytes) -> bytes:
         return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
     except ValueError as exc:
         raise PkiError("not a PEM certificate") from exc
+
+
+def ca_der(data: bytes) -> bytes:
+    """`data`, one CA certificate in PEM (as ca.crt is written) or DER, as DER (what a
+    board's bundle carries); PkiError unless it is a certificate that may sign others."""
+    try:
+        pem = data.lstrip().startswith(b"-----BEGIN")
+        cert = x509.load_pem_x509_certificate(data) if pem else x509.load_der_x509_certificate(data)
+        ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except (ValueError, x509.ExtensionNotFound) as exc:
+        raise PkiError("not a CA certificate (PEM or DER)") from exc
+    if not ca:
+        raise PkiError("not a CA certificate: it cannot sign others")
+    return cert.public_bytes(serialization.Encoding.DER)
 
 
 def new_ca(fleet: str, *, days: int = CA_DAYS, now: datetime | None = None) -> Issued:

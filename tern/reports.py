@@ -235,18 +235,14 @@ class Telemetry:
     def from_json(cls, data: bytes) -> Telemetry:
         v = parse_json(data, "telemetry", MAX_TELEMETRY_BYTES)
         _fields(v, set(cls.__dataclass_fields__), set(), "telemetry")
-        ints = ("model_version", "seq", "label", "latency_us")
-        if not all(_is_exact_int(v[k]) for k in ints):
-            raise MalformedMessage(f"telemetry: {', '.join(ints)} must be integers")
-        if not _is_number(v["confidence"]) or not 0 <= v["confidence"] <= 1:
-            raise MalformedMessage("telemetry: confidence must be a number in [0, 1]")
+        r = Reading.checked(v, "telemetry")
         return cls(
             validate_id(v["device"], "device"),
-            v["model_version"],
-            v["seq"],
-            v["label"],
-            float(v["confidence"]),
-            v["latency_us"],
+            r.model_version,
+            r.seq,
+            r.label,
+            r.confidence,
+            r.latency_us,
         )
 
 
@@ -263,6 +259,18 @@ class Reading:
     @classmethod
     def of(cls, t: Telemetry) -> Reading:
         return cls(t.label, t.confidence, t.latency_us, t.model_version, t.seq)
+
+    @classmethod
+    def checked(cls, v: Mapping[str, Any], what: str) -> Reading:
+        """The reading in `v` (telemetry, or a view's summary of it), its fields checked:
+        exact integers, a confidence in [0, 1]. `v`'s keys are the caller's to check."""
+        ints = ("model_version", "seq", "label", "latency_us")
+        if not all(_is_exact_int(v[k]) for k in ints):
+            raise MalformedMessage(f"{what}: {', '.join(ints)} must be integers")
+        c = v["confidence"]
+        if not _is_number(c) or not 0 <= c <= 1:
+            raise MalformedMessage(f"{what}: confidence must be a number in [0, 1]")
+        return cls(v["label"], float(c), v["latency_us"], v["model_version"], v["seq"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,13 +310,7 @@ class MemberView:
             if not isinstance(t, dict):
                 raise MalformedMessage("view: telemetry must be an object")
             _fields(t, set(Reading.__dataclass_fields__), set(), "view telemetry")
-            ints = ("label", "latency_us", "model_version", "seq")
-            c = t["confidence"]
-            if not all(_is_exact_int(t[k]) for k in ints) or not (
-                isinstance(c, int | float) and not isinstance(c, bool) and 0 <= c <= 1
-            ):
-                raise MalformedMessage("view: telemetry has a field of the wrong type")
-            reading = Reading(t["label"], float(c), t["latency_us"], t["model_version"], t["seq"])
+            reading = Reading.checked(t, "view telemetry")
         try:
             return cls(
                 Role(v["role"]),
