@@ -19,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from bench.fuzz_secagg import secagg_table
 from bench.fuzz_seeds import (
     cbor_hostile,
     envelope_fields,
@@ -52,18 +53,28 @@ class Target:
 
 
 def run_one(target: Target, data: bytes) -> tuple[int, BaseException | None]:
-    """(nanoseconds the decoder took, the exception if it was not a documented error)."""
+    """(nanoseconds the decoder took, the exception if it was not a documented error, or
+    if what the call must leave true afterwards, its `after()`, failed: untimed)."""
     call = target.prepare(data)
     t0 = time.perf_counter_ns()
     try:
         call()
     except target.errors:
-        return time.perf_counter_ns() - t0, None
+        pass
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # a crash: whatever it is, record it and go on
         return time.perf_counter_ns() - t0, exc
-    return time.perf_counter_ns() - t0, None
+    ns = time.perf_counter_ns() - t0
+    after = getattr(call, "after", None)  # what must still hold (bench.fuzz_secagg.Checked)
+    if after is not None:
+        try:
+            after()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # the receiver stopped working: a crash too
+            return ns, exc
+    return ns, None
 
 
 def _resign(unsigned: bytes, key: SigningKey) -> bytes:
@@ -289,6 +300,7 @@ def build_targets() -> dict[str, Target]:
         ("freshness.Watermarks", json_seeds("marks"), text(Watermarks.from_json), ()),
         ("boards.Boards", json_seeds("boards"), text(Boards.from_json), boards_error),
     ]  # fmt: skip
+    table += secagg_table(_resign)  # issue 12: both receivers of secure aggregation
     targets = {}
     for name, seeds, prepare, errors in table:
         max_len = max(4096, max(len(s) for s in seeds) + 1024)

@@ -25,8 +25,13 @@ connections refused by its broker), then its RSS again, the refusals its metrics
 (`rejected`, round by round) and one honest round (three devices send valid updates): does
 it complete, and what is the RSS then. Target: RSS within 10 MB of its start.
 
+Part c, a gateway under secure aggregation (bench.hostile_secagg): the refusal cost of
+each secure-aggregation stage message class against accepting a valid message of its
+stage, and a flood of --secagg-messages around one round, which must still close with
+exactly the sum of its devices' contributions.
+
     python -m bench.hostile [--repeat N] [--samples N] [--messages 10000] [--strangers N]
-                            [--skip-gateway] [--json]
+                            [--secagg-messages N] [--skip-gateway] [--skip-secagg] [--json]
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import Any
 from bench.hostile_classes import AttackClass, Scenario, demo_fleet
 from bench.hostile_costs import measure_costs
 from bench.hostile_gateway import flood_gateway
+from bench.hostile_secagg import secagg_costs, secagg_flood, world
 
 __all__ = ["AttackClass", "Scenario", "demo_fleet", "flood_gateway", "main", "measure_costs"]
 
@@ -53,7 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=200, help="messages per class and repeat")
     ap.add_argument("--messages", type=int, default=10_000, help="hostile messages (part b)")
     ap.add_argument("--strangers", type=int, default=100, help="refused connections (part b)")
-    ap.add_argument("--skip-gateway", action="store_true", help="part a only")
+    ap.add_argument("--skip-gateway", action="store_true", help="no part b")
+    ap.add_argument("--skip-secagg", action="store_true", help="no part c")
+    ap.add_argument("--secagg-messages", type=int, default=2000, help="hostile messages (c)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="also print one JSON object last")
     args = ap.parse_args(argv)
@@ -89,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({'met' if worst <= 1 else 'MISSED'})"
     )
     result: dict[str, Any] = {**costs}
+    if not args.skip_secagg:
+        result["secagg"] = _secagg_part(args.repeat, args.samples, args.secagg_messages, args.seed)
     if not args.skip_gateway:
         rss = flood_gateway(args.messages, args.strangers, args.seed)
         result["rss"] = rss
@@ -122,6 +132,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def _secagg_part(repeat: int, samples: int, messages: int, seed: int) -> dict[str, Any]:
+    """Part c (bench.hostile_secagg): the gateway of a cohort under secure aggregation."""
+    w = world(seed)
+    sa = secagg_costs(w, repeat, samples)
+    accepted = ", ".join(
+        f"{k} {sa['accept_us'][k]:.1f} µs ({sa['message_bytes'][k]:,} B)" for k in sa["accept_us"]
+    )
+    print(f"\npart c: a gateway under secure aggregation (ring 2^{sa['bits']}), accept: {accepted}")
+    head_ = f"{'attack class':<52} {'bytes':>7} {'refuse µs':>10} {'ratio':>6} {'vs':>7}  reason"
+    print(head_)
+    print("-" * len(head_))
+    for name, r in sorted(sa["classes"].items(), key=lambda kv: kv[1]["ratio"]):
+        mark = "" if r["reason"] == r["expected"] else f" (expected {r['expected']})"
+        print(
+            f"{name:<52} {r['bytes']:>7,} {r['refuse_us']:>10.1f} {r['ratio']:>6.2f} "
+            f"{r['baseline']:>7}  {r['reason']}{mark}"
+        )
+    worst = max(r["ratio"] for r in sa["classes"].values())
+    print(f"target: ratio <= 1: worst {worst:.2f} ({'met' if worst <= 1 else 'MISSED'})")
+    flood = secagg_flood(w, messages)
+    sa["flood"] = flood
+    print(
+        f"flood: {flood['sent']:,} hostile stage messages in {flood['seconds']:.2f} s, "
+        f"{flood['counted']:,} refusals counted {flood['rejected']}; the round "
+        f"{'closed with the exact sum' if flood['exact_sum'] else 'did NOT close exactly'} "
+        f"of {flood['survivors']} survivors (every honest member: {flood['honest_in_sum']})"
+    )
+    return sa
 
 
 if __name__ == "__main__":

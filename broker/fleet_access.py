@@ -126,16 +126,19 @@ def _child_gateway(
     deny = tuple(path for path, member in voiced if member != gateway)
     metrics = topics.metrics(f, gateway).path
     views = tuple(topics.view(f, g).path for g in _subtree(fleet, gateway))
+    # A child gateway is a member of its parent's cohort under secure aggregation.
+    inbox = () if parent == COORDINATOR else (topics.inbox(f, gateway, parent).path,)
     return Rights(
         publish=(topics.partial(f, parent, gateway).path, metrics, *relayed, *views),
         retain=(metrics, topics.status_all(f).path, *views),
-        subscribe=_downlink(f),
+        subscribe=(*_downlink(f), *inbox),
         deny=deny,
     )
 
 
 def _own_gateway(f: str, gateway: str) -> Rights:
     sent = (*_downlink(f), topics.mcu_models(f).path)
+    inboxes = topics.inbox(f, None, gateway).path  # its cohort's secure aggregation
     heard = (
         topics.updates_to(f, gateway).path,
         topics.partials_to(f, gateway).path,
@@ -143,7 +146,7 @@ def _own_gateway(f: str, gateway: str) -> Rights:
         topics.status_all(f).path,
         topics.view_all(f).path,
     )
-    return Rights(publish=sent, retain=sent, subscribe=heard)
+    return Rights(publish=(*sent, inboxes), retain=sent, subscribe=heard)
 
 
 def _subtree(fleet: Fleet, gateway: str) -> list[str]:
@@ -159,7 +162,7 @@ def _device(f: str, gateway: str, device: str) -> Rights:
     return Rights(
         publish=(topics.update(f, gateway, device).path, status),
         retain=(status,),
-        subscribe=_downlink(f),
+        subscribe=(*_downlink(f), topics.inbox(f, device, gateway).path),
     )
 
 

@@ -27,8 +27,10 @@ from broker.logs import add_log_arguments, setup_logging
 from broker.tls import add_client_arguments, client_tls_from_args
 from broker.urls import parse_url
 from coordinator.config import ConfigError, CoordinatorConfig, CoordinatorError
+from coordinator.privacy import add_privacy_arguments, privacy_from_args
 from coordinator.service import Coordinator, TestSet, check_test_set
 from kernels.wasm import DEFAULT_FUEL, DEFAULT_MEMORY_LIMIT
+from tern.cli import missing_extra
 from tern.codecs import CodecName
 from tern.errors import TernError
 from tern.fleet import COORDINATOR
@@ -172,6 +174,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help=".npz with x_test, y_test (or x, y) to evaluate every model on",
     )
+    add_privacy_arguments(p)
     add_client_arguments(p)
     add_log_arguments(p)
 
@@ -241,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
             connect_timeout=args.connect_timeout,
             keep_models=args.keep_models,
             tls=client_tls_from_args(args, args.broker, COORDINATOR),
+            privacy=privacy_from_args(args),
         )
         fleet, key = load_member(args.fleet_file, args.key, COORDINATOR)
         test_set = None if args.test_set is None else load_test_set(args.test_set, args.layers)
@@ -304,6 +308,9 @@ def command(args: argparse.Namespace) -> int:
         return run(args)
     except ConfigError as exc:
         print(f"tern coordinator: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # differential privacy's accountant: an extra
+        print(f"tern coordinator: {missing_extra(exc)}", file=sys.stderr)
         return 2
     except (CoordinatorError, TernError, BrokerError, OSError) as exc:
         print(f"tern coordinator: {exc}", file=sys.stderr)

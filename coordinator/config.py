@@ -8,13 +8,16 @@ from pathlib import Path
 
 from broker.errors import TransportError
 from broker.transport import TlsClient, parse_url
+from coordinator.privacy import PrivacyConfig
 from kernels.wasm import DEFAULT_FUEL, DEFAULT_MEMORY_LIMIT
 from tern.codecs import CodecName
 from tern.errors import TernError
 from tern.fleet import COORDINATOR
 from tern.logins import Login
 from tern.messages import DEFAULT_MAX_NORM, DEFAULT_MAX_WEIGHT, TrainConfig
-from tern.policy import StrategySpec
+from tern.policy import Policy, StrategySpec
+from tern.privacy.terms import DpTerms
+from tern.schedule import privacy_conflict
 from tern.strategies import strategy_from
 
 __all__ = ["ConfigError", "CoordinatorConfig", "CoordinatorError", "RoundTimeout"]
@@ -80,6 +83,8 @@ class CoordinatorConfig:
     strategy: str = "fedavg"
     strategy_params: tuple[tuple[str, float], ...] = ()
     tls: TlsClient | None = None
+    # Secure aggregation and differential privacy (coordinator.privacy): off by default.
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def strategy_spec(self) -> StrategySpec:
         """The server step as the schedule's policy names it (defaults left out)."""
@@ -149,3 +154,11 @@ class CoordinatorConfig:
             strategy_from(self.strategy_spec())
         except (TernError, ValueError) as exc:
             raise ConfigError("strategy", str(exc)) from exc
+        wrong = self.privacy.check(self.rounds)
+        if wrong is not None:
+            raise ConfigError("privacy", wrong)
+        secagg = self.privacy.secagg_terms(self.round_timeout)
+        dp = None if self.privacy.dp_epsilon is None else DpTerms(1.0, 0.0, self.privacy.dp_noise)
+        conflict = privacy_conflict(self.codec, Policy(), secagg, dp)
+        if conflict is not None:
+            raise ConfigError("privacy", conflict)

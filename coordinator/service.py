@@ -26,6 +26,7 @@ from broker.logs import RunTally, log_round
 from broker.loop import Loop
 from broker.transport import MqttTransport
 from coordinator.config import CoordinatorConfig, CoordinatorError, RoundTimeout
+from coordinator.privacy import ledger_for
 from coordinator.store import RoundRecord, StateStore
 from kernels.reference import evaluate, init_weights, mlp_spec
 from kernels.wasm import ABI_VERSION, KernelError, load_kernel, packaged_kernel
@@ -108,6 +109,10 @@ def settings_of(config: CoordinatorConfig) -> RoundSettings:
         policy=Policy(strategy=strategy),
         rounds=config.rounds,
         interval=config.interval,
+        secagg=config.privacy.secagg_terms(config.round_timeout),
+        dp=config.privacy.dp_terms(config.rounds),
+        dp_epsilon=config.privacy.dp_epsilon,
+        dp_delta=config.privacy.dp_delta,
     )
 
 
@@ -163,6 +168,7 @@ class Coordinator:
             kernel=self._checked_kernel(packaged_kernel() if kernel is None else kernel),
             client_id=config.client_id,
             evaluate=None if x_y is None else (lambda w: evaluate(self.spec, w, *x_y)),
+            ledger=ledger_for(config.privacy, self.store),
         )
         login = config.login
         self._transport = MqttTransport(

@@ -140,6 +140,8 @@ def screen(state: ViewerState, title: str) -> RenderableType:
     spark.append(sparkline(accuracies) or "(no round yet)", style="cyan")
     if last is not None:
         spark.append(f"  round {last.round}: {_num(last.accuracy, '.3f')}")
+        if last.epsilon is not None:  # differential privacy: what is spent so far
+            spark.append(f"  epsilon {last.epsilon:.3g}")
     refused = Text(f"messages {state.messages}; refused: {_tally(dict(state.refused))}", "dim")
     return Group(
         head,

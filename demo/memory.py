@@ -10,9 +10,10 @@ and faults (a broker restart, a gateway restart, a stale run) are played on purp
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -21,8 +22,9 @@ from nacl.signing import SigningKey
 from broker.loop import Loop
 from broker.memory import MemoryBus
 from broker.transport import Message
-from device.agent import failure_reason, local_update
+from device.agent import failure_reason, local_update, trained
 from device.trainer import Trainer
+from gateway.view import subscribe_above
 from kernels.reference import evaluate, init_weights, mlp_spec
 from kernels.wasm import ABI_VERSION, WasmTrainer, packaged_kernel
 from tern import topics
@@ -44,6 +46,9 @@ from tern.rounds.events import Link
 from tern.rounds.gateway import CohortClosed, GatewayMachine, ModelTaken
 from tern.rounds.opening import RoundSettings, ServerModel
 from tern.rounds.record import RoundRecord
+
+if TYPE_CHECKING:
+    from tern.privacy.ledger import PrivacyLedger
 from tern.strategies import strategy_from
 
 __all__ = ["START", "MemoryFleet"]
@@ -64,6 +69,15 @@ class _Device:
     y: npt.NDArray[np.int64]
     trainer: Trainer
     outcomes: dict[int, RoundOutcome] = field(default_factory=dict)
+
+
+def _ledger(settings: RoundSettings) -> PrivacyLedger | None:
+    """A fresh accountant under differential privacy (needs dp-accounting), else None."""
+    if settings.dp is None:
+        return None
+    from tern.privacy.ledger import PrivacyLedger
+
+    return PrivacyLedger(settings.dp_delta, settings.dp_epsilon)
 
 
 class MemoryFleet:
@@ -140,6 +154,7 @@ class MemoryFleet:
         return CoordinatorMachine(
             self.fleet, key, run=run, spec=self.spec, settings=settings, strategy=strategy,
             model=model, next_round=1, kernel=self.kernel, evaluate=self._evaluate,
+            ledger=_ledger(settings), noise_rng=np.random.default_rng([settings.seed, 0xD9]),
         )  # fmt: skip
 
     def _coordinator_executors(self) -> dict[type, Callable[[Any], None]]:
@@ -183,13 +198,15 @@ class MemoryFleet:
 
     def _train(self, dev: _Device, job: Train) -> Trained:
         s = job.schedule
+        noise = np.random.default_rng([s.seed, s.round, zlib.crc32(dev.machine.id.encode()), 0xD9])
         try:
-            update, residual = local_update(
-                dev.trainer, job.model, dev.x, dev.y, s, dev.machine.id, job.residual
-            )
+            result = local_update(
+                dev.trainer, job.model, dev.x, dev.y, s, dev.machine.id, job.residual,
+                cohort=job.cohort, noise_rng=noise,  # seeded: the memory fleet is a replay
+            )  # fmt: skip
         except Exception as exc:  # a failed round is data
             return Trained(job.run, s, reason=failure_reason(exc), error=str(exc))
-        return Trained(job.run, s, update, residual, 0.0, s.kernel.sha256 if s.kernel else "")
+        return trained(job, result, 0.0, s.kernel.sha256 if s.kernel else "")
 
     # -- connecting ---------------------------------------------------------------------
 
@@ -213,8 +230,7 @@ class MemoryFleet:
         loop.linked(Link.DOWN)
         up = self.buses[machine.parent].transport(f"{gw}-up")
         loop.links[Link.UP] = up
-        for flt in (topics.global_model(f), topics.round_schedule(f), topics.kernels(f)):
-            up.subscribe(flt, loop.handler(Link.UP))
+        subscribe_above(up, self.fleet, gw, loop.handler(Link.UP))
         up.connect()
         loop.linked(Link.UP)
 
@@ -224,6 +240,7 @@ class MemoryFleet:
         dev.loop.links[Link.DOWN] = t
         t.subscribe(topics.global_model(f), dev.loop.handler(Link.DOWN))
         t.subscribe(topics.round_schedule(f), dev.loop.handler(Link.DOWN))
+        t.subscribe(topics.inbox(f, d, dev.machine.gateway), dev.loop.handler(Link.DOWN))
         t.connect()
         dev.loop.linked(Link.DOWN)
 

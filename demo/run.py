@@ -23,6 +23,7 @@ from broker.embedded import EmbeddedBroker
 from broker.fleet_access import broker_policy
 from broker.limits import fleet_limits
 from coordinator.config import CoordinatorConfig
+from coordinator.privacy import PrivacyConfig, add_privacy_arguments, privacy_from_args
 from coordinator.service import Coordinator, TestSet
 from coordinator.store import RoundRecord
 from demo.boards import DemoBoards
@@ -53,6 +54,8 @@ class DemoResult:
     boards: list[dict[str, Any]] = field(default_factory=list)  # simulated ESP32 boards
     boards_skipped: str | None = None  # why no board ran, when none did
     tls: bool = False  # every link spoke TLS (tern demo --tls)
+    secagg: bool = False  # secure aggregation in every cohort (tern demo --secagg)
+    dp: dict[str, Any] | None = None  # differential privacy: its terms and what was spent
 
     @property
     def final_accuracy(self) -> float | None:
@@ -66,6 +69,8 @@ class DemoResult:
             "rounds": self.rounds,
             "boards": self.boards,
             "tls": self.tls,
+            "secagg": self.secagg,
+            "dp": self.dp,
         }
 
 
@@ -90,6 +95,7 @@ def run_demo(
     dashboard: bool = False,
     on_ready: OnReady | None = None,
     tls: bool = False,
+    privacy: PrivacyConfig | None = None,
 ) -> DemoResult:
     """`trainer`: "wasm" (devices run the kernel the coordinator publishes, as in a real
     fleet) or "numpy" (the reference trainer on every device). `boards`: simulated ESP32
@@ -97,7 +103,8 @@ def run_demo(
     broker's (0: any free one); `dashboard`: also serve the web dashboard (and a WebSockets
     listener on the top broker). Where to watch is printed to `out` and given to
     `on_ready` before the first round. `tls`: every broker listens on TLS only (the demo
-    fleet's own CA, demo.security) and every client verifies it."""
+    fleet's own CA, demo.security) and every client verifies it. `privacy`: secure
+    aggregation and differential privacy (off by default: coordinator.privacy)."""
     if gateways < 1 or devices < gateways:
         raise ValueError("need at least one gateway and at least one device per gateway")
     if trainer not in ("wasm", "numpy"):
@@ -112,7 +119,8 @@ def run_demo(
         "demo", {gw: (COORDINATOR, dev_ids[g::gateways]) for g, gw in enumerate(gw_ids)}
     )
     fleet, keys, logins = members.fleet, members.keys, members.logins
-    result = DemoResult(str(codec), 0, trainer, tls=tls)
+    privacy = privacy or PrivacyConfig()
+    result = DemoResult(str(codec), 0, trainer, tls=tls, secagg=privacy.secagg)
     with tempfile.TemporaryDirectory(prefix="tern-demo-") as state, ExitStack() as watch:
         secure: DemoTls | None = (
             make_demo_tls(Path(state), "demo", [COORDINATOR, *gw_ids]) if tls else None
@@ -187,6 +195,7 @@ def run_demo(
             train=TrainConfig(epochs=1, batch_size=32, lr=0.5),
             login=logins[COORDINATOR],
             tls=client_tls,
+            privacy=privacy,
         )
         started = time.monotonic()
 
@@ -202,6 +211,8 @@ def run_demo(
                 "bytes_downlink": rec.bytes_down + sum(m.bytes_down for m in gw_metrics),
                 "seconds": round(rec.round_seconds, 3),
             }
+            if rec.noise_multiplier is not None:
+                row["epsilon"] = rec.epsilon
             result.rounds.append(row)
             if out is not None:
                 acc = "  n/a" if rec.accuracy is None else f"{100 * rec.accuracy:5.1f}%"
@@ -222,6 +233,12 @@ def run_demo(
             on_round=progress,
         )
         result.params = coordinator.spec.size
+        dp = coordinator.settings.dp
+        if dp is not None:
+            result.dp = {
+                "epsilon_budget": privacy.dp_epsilon, "delta": privacy.dp_delta,
+                "clip": dp.clip, "noise": str(dp.noise), "multiplier": dp.multiplier,
+            }  # fmt: skip
         try:
             mcus.start(
                 {g.id: g.downstream_url for g in gws},
@@ -257,9 +274,13 @@ def _summary(result: DemoResult, out: TextIO) -> None:
     rows = result.rounds
     print(
         f"\ntern demo: {len(rows)} rounds, codec {result.codec}, {result.params:,} params, "
-        f"{result.trainer} trainer",
+        f"{result.trainer} trainer"
+        + (", secure aggregation in every cohort" if result.secagg else "")
+        + ("" if result.dp is None else f", DP ({result.dp['noise']} noise, epsilon "
+           f"{(rows[-1].get('epsilon') if rows else None) or 0:.3g} of "
+           f"{result.dp['epsilon_budget']:g} at delta {result.dp['delta']:g})"),
         file=out,
-    )
+    )  # fmt: skip
     print(
         f"{'round':>5} {'accuracy':>9} {'devices':>8} {'dev->gw B':>11} "
         f"{'gw->coord B':>12} {'down B':>10} {'s':>6}",
@@ -351,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         help="TLS on every link: each broker serves a certificate of the demo fleet's own CA "
         "and refuses plaintext; every client verifies it (and logs in, as always)",
     )
+    add_privacy_arguments(ap)
     args = ap.parse_args(argv)
     result = run_demo(
         devices=args.devices,
@@ -363,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         dashboard=args.dashboard,
         tls=args.tls,
+        privacy=privacy_from_args(args),
     )
     _summary(result, sys.stdout)
     _boards_summary(result, sys.stdout)

@@ -43,6 +43,7 @@ from tern.errors import TernError
 from tern.fleet import Fleet, client_id
 from tern.logins import Login
 from tern.messages import GlobalModel, RoundSchedule, Update, encode_update
+from tern.privacy.clip import dp_update
 from tern.reports import State, Status
 from tern.rounds.device import (
     DeviceMachine,
@@ -54,6 +55,7 @@ from tern.rounds.device import (
     Trained,
 )
 from tern.rounds.events import Link
+from tern.secagg.ring import encode_contribution
 
 __all__ = [
     "DeviceAgent",
@@ -68,6 +70,7 @@ log = logging.getLogger(__name__)
 
 F32Array = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.integer]
+I64Array = npt.NDArray[np.int64]
 
 _KEEP_OUTCOMES = 256  # rounds whose outcome wait_for_round can still return
 
@@ -106,16 +109,45 @@ def local_update(
     schedule: RoundSchedule,
     device: str,
     residual: F32Array | None,
-) -> tuple[Update, F32Array]:
-    """Train on (x, y) and encode the weighted delta; returns (update, next residual)."""
+    *,
+    cohort: int = 1,
+    noise_rng: np.random.Generator | None = None,
+) -> tuple[Update | I64Array, F32Array]:
+    """Train on (x, y) and encode the weighted delta; returns (update, next residual).
+
+    Under secure aggregation the update is the device's integer contribution
+    (`tern.secagg.ring.encode_contribution`); under differential privacy without it, an
+    update clipped (and, for distributed noise, noised) by `tern.privacy.clip.dp_update`.
+    `cohort`: the devices of its gateway's cohort; `noise_rng`: the device's own secret
+    generator for distributed noise (never derived from anything published)."""
     rng = training_rng(schedule.seed, schedule.round, device)
     new = trainer.train(model.spec, model.weights, x, y, schedule.train, rng)
     w = np.float32(x.shape[0])
     delta = (new - model.weights).astype(np.float32)
-    partial = Partial((delta * w).astype(np.float32), float(x.shape[0]), 1)
     if residual is not None and residual.shape != delta.shape:
         residual = None  # a new model shape: old error feedback means nothing
+    samples = float(x.shape[0])
+    if schedule.secagg is not None:
+        return encode_contribution(
+            model.spec, delta, samples, residual, schedule.secagg, schedule.dp, cohort, noise_rng
+        )
+    if schedule.dp is not None:
+        codec = codec_for(schedule.codec)
+        return dp_update(
+            codec, model.spec, delta, samples, residual, schedule.dp, cohort, noise_rng
+        )
+    partial = Partial((delta * w).astype(np.float32), samples, 1)
     return encode_update(codec_for(schedule.codec), model.spec, partial, residual)
+
+
+def trained(
+    job: Train, result: tuple[Update | I64Array, F32Array], seconds: float, kernel: str
+) -> Trained:
+    """The event for a finished job: an update, or an integer contribution."""
+    update, residual = result
+    if isinstance(update, Update):
+        return Trained(job.run, job.schedule, update, None, residual, seconds, kernel)
+    return Trained(job.run, job.schedule, None, update, residual, seconds, kernel)
 
 
 class DeviceAgent:
@@ -231,6 +263,9 @@ class DeviceAgent:
         f = self.fleet.fleet
         self.transport.subscribe(topics.global_model(f), self.loop.handler(Link.DOWN))
         self.transport.subscribe(topics.round_schedule(f), self.loop.handler(Link.DOWN))
+        # its gateway's secure aggregation messages to it (only under secure aggregation)
+        inbox = topics.inbox(f, self.id, self.gateway)
+        self.transport.subscribe(inbox, self.loop.handler(Link.DOWN))
         self._worker = threading.Thread(target=self._work, name=f"device-{self.id}", daemon=True)
         self._worker.start()
         self.loop.start()
@@ -303,13 +338,13 @@ class DeviceAgent:
             if self.slowdown and self._stopping.wait(self.slowdown):
                 raise DeviceError("stopping")
             trainer, kernel = self._trainer_for(s)
-            update, residual = local_update(
-                trainer, job.model, self.x, self.y, s, self.id, job.residual
-            )
+            result = local_update(
+                trainer, job.model, self.x, self.y, s, self.id, job.residual,
+                cohort=job.cohort, noise_rng=np.random.default_rng(),  # OS entropy: secret
+            )  # fmt: skip
         except Exception as exc:  # a failed round is data, and the worker must live on
             return Trained(job.run, s, reason=failure_reason(exc), error=str(exc))
-        seconds = time.monotonic() - start
-        return Trained(job.run, s, update, residual, seconds, kernel)
+        return trained(job, result, time.monotonic() - start, kernel)
 
     # -- kernels ----------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from gateway.config import GatewayConfig, GatewayError
 from gateway.downstream import OwnBroker, read_boards
 from gateway.mcu import BoardRelay
 from gateway.tree import depth
-from gateway.view import GatewayMachines, subscribe_below
+from gateway.view import GatewayMachines, subscribe_above, subscribe_below
 from tern import __version__, topics
 from tern.fleet import Fleet, client_id
 from tern.fleetview import SetBoards, ViewMachine
@@ -170,9 +170,7 @@ class Gateway:
                 up.close()
                 raise GatewayError(f"gateway {self.id} stopped while starting")
             self.loop.links[Link.UP] = up
-            up.subscribe(topics.global_model(f), self.loop.handler(Link.UP))
-            up.subscribe(topics.round_schedule(f), self.loop.handler(Link.UP))
-            up.subscribe(topics.kernels(f), self.loop.handler(Link.UP))
+            subscribe_above(up, self.fleet, self.id, self.loop.handler(Link.UP))
             up.connect(timeout)
             self.loop.linked(Link.UP)
         except (BrokerError, TransportError) as exc:

@@ -10,16 +10,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from broker.transport import Message, MqttTransport
+from broker.transport import Message, MqttTransport, Transport
 from gateway.mcu import BoardRelay
 from tern import topics
+from tern.fleet import COORDINATOR, Fleet
 from tern.fleetview import ViewMachine
 from tern.rounds.events import Link, Linked
 from tern.rounds.gateway import CohortClosed, GatewayMachine
 
-__all__ = ["GatewayMachines", "subscribe_below"]
+__all__ = ["GatewayMachines", "subscribe_above", "subscribe_below"]
 
 Handler = Callable[[Message], None]
+
+
+def subscribe_above(up: Transport, fleet: Fleet, gateway: str, handler: Handler) -> None:
+    """What `gateway` hears on its parent's broker: the coordinator's model, schedule and
+    kernels, and, below another gateway, that gateway's secure aggregation messages to it
+    (a member of its parent's cohort)."""
+    f = fleet.fleet
+    for flt in (topics.global_model(f), topics.round_schedule(f), topics.kernels(f)):
+        up.subscribe(flt, handler)
+    parent = fleet.gateways[gateway].parent
+    if parent != COORDINATOR:
+        up.subscribe(topics.inbox(f, gateway, parent), handler)
 
 
 def subscribe_below(

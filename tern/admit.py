@@ -31,16 +31,17 @@ history (one contribution per sender, duplicates, redeliveries, attempts).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
 from nacl.signing import VerifyKey
 
-from tern.caps import contribution_caps
+from tern.caps import FAILURE_CAPS, contribution_caps
 from tern.cbor import Caps
 from tern.codecs import CodecName
 from tern.envelope import Envelope, Kind, open_envelope
-from tern.errors import UnexpectedMessage
+from tern.errors import PayloadTooLarge, UnexpectedMessage
 from tern.fleet import Fleet
 from tern.messages import MIN_WEIGHT, CheckedUpdate, Failure, RoundSchedule, Update
 from tern.spec import ModelSpec
@@ -55,6 +56,7 @@ __all__ = [
     "Role",
     "Terms",
     "admit",
+    "admit_stage",
     "peers_of",
     "weight_bound",
 ]
@@ -104,9 +106,14 @@ class Terms:
     codec: CodecName  # the devices' codec
     spec: ModelSpec
     max_norm: float
+    # Distributed DP: the standard deviation of the noise on one cohort's sum, per unit
+    # weight (z * clip); honest contributions carry their share of it (0 otherwise).
+    noise: float = 0.0
 
     @classmethod
     def of(cls, fleet: str, run: int, schedule: RoundSchedule, spec: ModelSpec) -> Terms:
+        dp = schedule.dp
+        noise = dp.sigma if dp is not None and dp.noise == "distributed" else 0.0
         return cls(
             fleet,
             run,
@@ -115,7 +122,16 @@ class Terms:
             schedule.codec,
             spec,
             schedule.bounds.max_norm,
+            noise,
         )
+
+    def norm_bound(self, count: int) -> float:
+        """The largest mean-delta norm of a contribution of `count` devices: `max_norm`,
+        plus, under distributed noise, what its noise can add: each device's share has
+        norm at most noise * (sqrt(d) + 10) / sqrt(count) but with probability e^-50."""
+        if not self.noise:
+            return self.max_norm
+        return self.max_norm + self.noise * (math.sqrt(self.spec.size) + 10) / math.sqrt(count)
 
     def caps(self, role: Role) -> Caps:
         codec = self.codec if role is Role.DEVICE else PARTIAL_CODEC
@@ -193,6 +209,46 @@ def admit(data: bytes, topic: Topic, peer: Peer, terms: Terms) -> Contribution:
     return Contribution(peer.id, update=_admit_update(env, peer, terms))
 
 
+# What a member of a cohort under secure aggregation sends its gateway: a stage message
+# (tern.secagg), or a failure when it could not train (it still helps unmask the others).
+STAGE_KINDS = (
+    Kind.SA_KEYS, Kind.SA_SHARES, Kind.SA_MASKED, Kind.SA_REVEAL, Kind.FAILURE,
+)  # fmt: skip
+
+
+def admit_stage(
+    data: bytes, topic: Topic, peer: Peer, terms: Terms, caps: Mapping[Kind, Caps]
+) -> Contribution | Envelope:
+    """Open one message of a cohort member under secure aggregation: the same checks in
+    the same order as `admit` (topic; size and items within the largest message of the
+    cohort, `caps` by kind, `tern.secagg.wire.member_caps`, then within its own kind's;
+    envelope; model version). A failure is checked here, a stage message's body by the
+    protocol (`tern.secagg.server.SecAggServer.offer`), which gets the opened envelope."""
+    if topic.kind is not _TOPIC[peer.role] or topic.sender != peer.id:
+        raise _refuse("wrong_topic", f"a {peer.role} sends on its own {_TOPIC[peer.role]} topic")
+    every = {**caps, Kind.FAILURE: FAILURE_CAPS}
+    env = open_envelope(
+        data,
+        {peer.id: peer.key},
+        fleet=terms.fleet,
+        kinds=STAGE_KINDS,
+        caps=Caps(max(c.max_bytes for c in every.values()),
+                  max(c.max_items for c in every.values())),
+        round=terms.round,
+        run=terms.run,
+        sender=peer.id,
+    )  # fmt: skip
+    if len(data) > every[env.kind].max_bytes:
+        raise PayloadTooLarge(len(data), every[env.kind].max_bytes)
+    if env.model_version != terms.model_version:
+        raise _refuse(
+            "wrong_model", f"made from model v{env.model_version}, the round is on another"
+        )
+    if env.kind is Kind.FAILURE:
+        return Contribution(peer.id, failure=_admit_failure(env, peer))
+    return env
+
+
 def _admit_failure(env: Envelope, peer: Peer) -> Failure:
     failure = Failure.from_body(env.body)
     total = sum(failure.failed.values())
@@ -228,6 +284,7 @@ def _admit_update(env: Envelope, peer: Peer, terms: Terms) -> CheckedUpdate:
         norm = math.sqrt(checked.sq_norm()) / update.weight
     except OverflowError:  # pragma: no cover - float64 holds any float32 tensor's norm
         norm = math.inf
-    if not norm <= terms.max_norm * (1 + NORM_TOLERANCE):
-        raise _refuse("norm_bound", f"update norm {norm:.6g} above the bound {terms.max_norm:g}")
+    bound = terms.norm_bound(update.count)
+    if not norm <= bound * (1 + NORM_TOLERANCE):
+        raise _refuse("norm_bound", f"update norm {norm:.6g} above the bound {bound:.6g}")
     return checked

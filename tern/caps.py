@@ -62,13 +62,17 @@ def model_caps(max_params: int) -> Caps:
 # 28 items, with their key.
 _POLICY_BYTES = 512
 _POLICY_ITEMS = 28
+# Its `secagg` terms at their largest: a scale (a double) for each of MAX_TENSORS
+# tensors and seven named numbers; its `dp` terms: four named values.
+_PRIVACY_BYTES = 16 + 9 * MAX_TENSORS + 8 * (16 + 9) + 4 * (16 + 12)
+_PRIVACY_ITEMS = 4 + MAX_TENSORS + 2 * 8 + 2 * 4
 
 
 def schedule_caps(devices: int) -> Caps:
     """A round schedule of a fleet of `devices` devices (it may list every one)."""
     return Caps(
-        _ENVELOPE_BYTES + 1024 + _POLICY_BYTES + 66 * devices,
-        _ENVELOPE_ITEMS + 64 + _POLICY_ITEMS + devices,
+        _ENVELOPE_BYTES + 1024 + _POLICY_BYTES + _PRIVACY_BYTES + 66 * devices,
+        _ENVELOPE_ITEMS + 64 + _POLICY_ITEMS + _PRIVACY_ITEMS + devices,
     )
 
 

@@ -266,6 +266,7 @@ EXTRA_OF = {
     "mnist1d": "demo",
     "matplotlib": "demo",
     "mpremote": "boards",
+    "dp_accounting": "privacy",
 }
 
 

@@ -40,7 +40,7 @@ from tern.messages import CheckedUpdate
 from tern.spec import ModelSpec
 from tern.topics import Topic, parse
 
-__all__ = ["MAX_ATTEMPTS", "Collector", "Offer", "Outcome"]
+__all__ = ["MAX_ATTEMPTS", "Collector", "Offer", "Outcome", "screen"]
 
 MAX_ATTEMPTS = 4  # messages of one sender verified in one round, at most
 _REMEMBERED = 1024  # digests of refused messages kept to recognise redeliveries
@@ -59,6 +59,26 @@ class Offer:
     sender: str | None
     reason: str = ""
     message: str = ""
+
+
+def screen(
+    topic: Topic | str, retained: bool, peers: Mapping[str, Peer]
+) -> tuple[Topic, Peer] | Offer:
+    """The first, cheapest checks of anything offered to a round: the topic parses, the
+    message is not retained (a sender never retains a contribution, and a broker would
+    hand the same one out again), and its sender is one of the round's; the refusal
+    (not yet counted) otherwise."""
+    try:
+        parsed = topic if isinstance(topic, Topic) else parse(topic)
+    except TopicError as exc:
+        return Offer(Outcome.REJECTED, None, exc.reason, exc.message)
+    sender = parsed.sender
+    if retained:
+        return Offer(Outcome.REJECTED, sender, "retained", "a contribution is never retained")
+    peer = peers.get(sender) if sender is not None else None
+    if peer is None:
+        return Offer(Outcome.REJECTED, sender, "unexpected_sender", "not a sender of this round")
+    return parsed, peer
 
 
 class Collector:
@@ -117,16 +137,12 @@ class Collector:
         Never raises a TernError. A message offered after `close()` is refused as late.
         """
         self.bytes_in += len(data)
-        try:
-            parsed = topic if isinstance(topic, Topic) else parse(topic)
-        except TopicError as exc:
-            return self._reject(None, exc.reason, exc.message)
-        sender = parsed.sender
-        if retained:
-            return self._reject(sender, "retained", "a contribution is never retained")
-        peer = self.peers.get(sender) if sender is not None else None
-        if peer is None:
-            return self._reject(sender, "unexpected_sender", "not a sender of this round")
+        screened = screen(topic, retained, self.peers)
+        if isinstance(screened, Offer):
+            self.rejected[screened.reason] += 1
+            return screened
+        parsed, peer = screened
+        sender = peer.id
         digest = hashlib.sha256(data).digest()
         if sender in self._digests:
             if self._digests[sender] == digest:

@@ -61,6 +61,14 @@ class Kind(StrEnum):
     PARTIAL = "partial"
     KERNEL = "kernel"
     FAILURE = "failure"
+    # secure aggregation in a gateway's cohort (tern.secagg; topics.md "Secure aggregation")
+    SA_KEYS = "sa_keys"
+    SA_ROSTER = "sa_roster"
+    SA_SHARES = "sa_shares"
+    SA_INBOX = "sa_inbox"
+    SA_MASKED = "sa_masked"
+    SA_SURVIVORS = "sa_survivors"
+    SA_REVEAL = "sa_reveal"
 
 
 @dataclass(frozen=True, slots=True)

@@ -184,9 +184,14 @@ class RoundMetrics:
     loss: float | None = None
     round_seconds: float = 0.0
     failed: dict[str, int] = field(default_factory=dict)  # devices that reported why not
+    # Differential privacy: epsilon spent so far at the fleet's delta (coordinator only).
+    epsilon: float | None = None
 
     def to_json(self) -> bytes:
-        return _dumps(asdict(self))
+        v = asdict(self)
+        if self.epsilon is None:
+            del v["epsilon"]  # a fleet without DP publishes what it did before
+        return _dumps(v)
 
     @classmethod
     def from_json(cls, data: bytes) -> RoundMetrics:
@@ -200,9 +205,10 @@ class RoundMetrics:
         )
 
         counts = ("round", "model_version", "contributors", "dropped", "bytes_up", "bytes_down")
-        accuracy, loss = v.get("accuracy"), v.get("loss")
+        accuracy, loss, epsilon = v.get("accuracy"), v.get("loss"), v.get("epsilon")
         if (
-            not isinstance(v["component"], str)
+            not (epsilon is None or (_is_number(epsilon) and epsilon >= 0))
+            or not isinstance(v["component"], str)
             or not all(_is_uint(v.get(k, 0)) for k in counts)
             or not (_is_tally(v.get("rejected", {})) and _is_tally(v.get("failed", {})))
             or not (accuracy is None or (_is_number(accuracy) and 0 <= accuracy <= 1))

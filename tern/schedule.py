@@ -21,16 +21,22 @@ from tern.fields import (
     uint_field,
 )
 from tern.policy import Policy
+from tern.privacy.terms import DpTerms, Noise
+from tern.secagg.terms import SecAggTerms
 
 __all__ = [
     "DEFAULT_MAX_NORM",
     "DEFAULT_MAX_WEIGHT",
     "MIN_WEIGHT",
     "Bounds",
+    "DpTerms",
     "KernelRef",
+    "Noise",
     "Policy",
     "RoundSchedule",
+    "SecAggTerms",
     "TrainConfig",
+    "privacy_conflict",
 ]
 
 MIN_WEIGHT = 1.0  # an update's weight counts training samples: at least one
@@ -142,6 +148,10 @@ class RoundSchedule:
     # on the wire, so a default schedule's bytes, and its signature, are what they were
     # before policies existed.
     policy: Policy = field(default_factory=Policy)
+    # Secure aggregation in every cohort, and differential privacy (tern.secagg.terms,
+    # tern.privacy.terms): per-fleet options, on the wire only when set.
+    secagg: SecAggTerms | None = None
+    dp: DpTerms | None = None
 
     def to_body(self) -> dict[str, object]:
         body: dict[str, object] = {
@@ -158,6 +168,10 @@ class RoundSchedule:
         }
         if self.policy != Policy():
             body["policy"] = self.policy.to_cbor()
+        if self.secagg is not None:
+            body["secagg"] = self.secagg.to_cbor()
+        if self.dp is not None:
+            body["dp"] = self.dp.to_cbor()
         return body
 
     @classmethod
@@ -176,7 +190,7 @@ class RoundSchedule:
                 "bounds",
             }
         )
-        m = body_map(body, keys, "schedule", frozenset({"policy"}))
+        m = body_map(body, keys, "schedule", frozenset({"policy", "secagg", "dp"}))
         policy = Policy()
         if "policy" in m:
             policy = Policy.from_cbor(m["policy"])
@@ -191,6 +205,8 @@ class RoundSchedule:
             participants = tuple(participants)
             if len(set(participants)) != len(participants):
                 raise MalformedMessage("schedule participants repeat an id")
+        secagg = None if "secagg" not in m else SecAggTerms.from_cbor(m["secagg"])
+        dp = None if "dp" not in m else DpTerms.from_cbor(m["dp"])
         return cls(
             round=uint_field(m["round"], "schedule.round"),
             model_version=uint_field(m["model"], "schedule.model"),
@@ -203,4 +219,40 @@ class RoundSchedule:
             kernel=None if m["kernel"] is None else KernelRef.from_cbor(m["kernel"]),
             bounds=Bounds.from_cbor(m["bounds"]),
             policy=policy,
+            secagg=secagg,
+            dp=dp,
         )
+
+    def privacy_conflict(self) -> str | None:
+        """Why this schedule's privacy options cannot run together, or None."""
+        return privacy_conflict(self.codec, self.policy, self.secagg, self.dp)
+
+
+# Cohort aggregators that fold a sum, which is all a gateway sees under secure aggregation.
+_SUMS = frozenset({"sum"})
+
+
+def privacy_conflict(
+    codec: CodecName, policy: Policy, secagg: SecAggTerms | None, dp: DpTerms | None
+) -> str | None:
+    """Why secure aggregation, differential privacy, the codec and the policy cannot run
+    together (a sentence, safe to log), or None when they can."""
+    if secagg is not None:
+        if policy.cohort not in _SUMS:
+            return (
+                f"secure aggregation hides each device's update from its gateway, and the "
+                f"cohort aggregator {policy.cohort!r} needs individual updates: use 'sum'"
+            )
+        if codec is not CodecName.TERNARY:
+            return (
+                f"secure aggregation masks trits under shared scales; the codec {codec} "
+                "(sparse or float) cannot be masked in its ring: use 'ternary'"
+            )
+    elif dp is not None and dp.noise is Noise.DISTRIBUTED:
+        return (
+            "distributed noise needs secure aggregation: without it each gateway reads every "
+            "device's update with only its share of the noise, and each device's own "
+            "quantization keeps the shares from adding up to the noise the accountant "
+            "counts; use secure aggregation, or central noise"
+        )
+    return None

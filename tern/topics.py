@@ -20,6 +20,7 @@ __all__ = [
     "TopicKind",
     "everything",
     "global_model",
+    "inbox",
     "kernel",
     "kernels",
     "mcu_model",
@@ -62,6 +63,7 @@ class TopicKind(StrEnum):
     STATUS = "status"
     KERNEL = "kernel"
     VIEW = "view"
+    INBOX = "inbox"
 
 
 # kind -> names of the id levels after "tern/<fleet>/<kind>"
@@ -76,6 +78,7 @@ _LEVELS: dict[TopicKind, tuple[str, ...]] = {
     TopicKind.STATUS: ("sender",),
     TopicKind.KERNEL: ("digest",),
     TopicKind.VIEW: ("sender",),
+    TopicKind.INBOX: ("receiver", "sender"),
 }
 
 _LEVEL_NAMES = ("receiver", "sender", "digest")
@@ -213,6 +216,14 @@ def partial(fleet: str, parent: str, gateway: str) -> Topic:
 def partials_to(fleet: str, parent: str) -> Topic:
     """Filter for every partial aggregate addressed to `parent`."""
     return Topic(TopicKind.PARTIAL, fleet, receiver=parent)
+
+
+def inbox(fleet: str, member: str | None, server: str) -> Topic:
+    """Where the gateway `server` sends `member` (a device or a child gateway of its
+    cohort) the secure aggregation messages addressed to it (topics.md "Secure
+    aggregation"); a filter when `member` is None."""
+    topic = Topic(TopicKind.INBOX, fleet, receiver=member, sender=server)
+    return topic if member is None else _concrete(topic)
 
 
 def mcu_model(fleet: str, device: str) -> Topic:

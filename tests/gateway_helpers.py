@@ -15,6 +15,7 @@ from tern.codecs import CodecName
 from tern.envelope import Envelope, Kind, open_envelope, seal
 from tern.fleet import COORDINATOR
 from tern.messages import GlobalModel, RoundSchedule, TrainConfig, Update
+from tern.secagg.terms import SecAggTerms
 from tests.fleet_fixtures import FleetKit
 from tests.mqtt_fixtures import Inbox
 
@@ -49,6 +50,7 @@ class Coordinator:
         participants: Sequence[str] | None = None,
         seconds: float = 3.0,
         codec: CodecName = CodecName.TERNARY,
+        secagg: SecAggTerms | None = None,
     ) -> RoundSchedule:
         f, key = self.kit.fleet.fleet, self.kit.coordinator_key
         model = GlobalModel(SPEC, model_weights(version))
@@ -63,6 +65,7 @@ class Coordinator:
             participants=None if participants is None else tuple(sorted(participants)),
             seed=SEED,
             train=TRAIN,
+            secagg=secagg,
         )
         env = Envelope(Kind.SCHEDULE, f, round, version, COORDINATOR, schedule.to_body())
         self.transport.publish(topics.round_schedule(f), seal(env, key), retain=True, wait=True)

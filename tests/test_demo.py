@@ -52,7 +52,9 @@ def test_demo_command_prints_the_documented_json_on_its_last_line() -> None:
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr, done.stderr  # e.g. a broker task that lost a message
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(result) == {"codec", "params", "final_accuracy", "rounds", "boards", "tls"}
+    assert set(result) == {"codec", "params", "final_accuracy", "rounds", "boards", "tls",
+                           "secagg", "dp"}  # fmt: skip
+    assert result["secagg"] is False and result["dp"] is None
     assert result["tls"] is False
     assert result["codec"] == "ternary" and result["params"] > 0
     assert [set(r) for r in result["rounds"]] == [ROUND_KEYS, ROUND_KEYS]

@@ -118,6 +118,13 @@ PUBLISH_ROWS = [
     ("gw-1", "esp-1", topics.mcu_model(F, "esp-1").path, False, False),
     ("gw-1", OBSERVER, topics.telemetry(F, "esp-1").path, False, False),
     ("gw-1", OBSERVER, "elsewhere/topic", False, False),
+    # secure aggregation: a gateway writes to each member of its cohort's inbox
+    ("gw-1", "gw-1", topics.inbox(F, "dev-01", "gw-1").path, True, False),
+    ("gw-1", "gw-1", topics.inbox(F, "gw-1a", "gw-1").path, True, False),
+    ("gw-1", "gw-1", topics.inbox(F, "dev-01", "gw-2").path, False, False),
+    ("gw-1", "dev-01", topics.inbox(F, "dev-02", "gw-1").path, False, False),
+    ("gw-1", "dev-01", topics.inbox(F, "dev-01", "gw-1").path, False, False),
+    ("gw-1", "gw-1a", topics.inbox(F, "dev-03", "gw-1a").path, False, False),
 ]
 
 
@@ -180,6 +187,12 @@ SUBSCRIBE_ROWS = [
     ("gw-1", "esp-1", MODEL, False),
     ("gw-1", OBSERVER, f"{topics.ROOT}/{F}/#", True),
     ("gw-1", OBSERVER, topics.updates_to(F, "gw-1").path, True),
+    ("gw-1", "dev-01", topics.inbox(F, "dev-01", "gw-1").path, True),
+    ("gw-1", "dev-01", topics.inbox(F, "dev-02", "gw-1").path, False),
+    ("gw-1", "dev-01", topics.inbox(F, None, "gw-1").path, False),
+    ("gw-1", "gw-1a", topics.inbox(F, "gw-1a", "gw-1").path, True),
+    ("gw-1", "gw-1a", topics.inbox(F, "dev-01", "gw-1").path, False),
+    (COORDINATOR, "gw-1", topics.inbox(F, "gw-1", COORDINATOR).path, False),
 ]
 
 
@@ -390,6 +403,7 @@ def test_mosquitto_files_say_the_same_rights() -> None:
         f"topic read {MODEL}",
         f"topic read {SCHEDULE}",
         f"topic read {KERNELS}",
+        f"topic read {topics.inbox(F, 'dev-01', 'gw-1').path}",
     ]
     assert f"topic deny {topics.status(F, 'dev-01').path}" in acl.split("user gw-1a\n")[1]
     assert f"topic write {topics.view(F, 'gw-1a').path}\n" in acl.split("user gw-1a\n")[1]

@@ -12,6 +12,7 @@ import functools
 import pytest
 
 from bench.fuzz import Result, Target, build_targets, run_one, sample
+from bench.fuzz_secagg import Checked
 
 INPUTS = 200
 SEED = 0
@@ -87,3 +88,26 @@ def test_every_decoder_of_the_brief_is_fuzzed() -> None:
         "boards.Boards",
         "freshness.Watermarks",
     } <= names
+
+
+def test_every_secure_aggregation_receiver_and_body_is_fuzzed_at_each_stage() -> None:
+    names = set(targets())
+
+    gateway = {f"secagg.round.{s}{v}" for s in ("keys", "shares", "masked", "reveal")
+               for v in ("", "/signed")}  # fmt: skip
+    member = {f"secagg.member.{k}{v}" for k in ("roster", "inbox", "survivors")
+              for v in ("", "/signed")}  # fmt: skip
+    bodies = {f"body.sa_{k}" for k in ("keys", "roster", "shares", "inbox", "masked",
+                                         "survivors", "reveal")}  # fmt: skip
+    assert gateway | member | bodies <= names
+
+
+def test_a_receiver_that_stops_working_after_an_input_is_a_crash() -> None:
+    def broken() -> None:
+        raise AssertionError("the round did not close")
+
+    target = Target("t", (b"",), lambda data: Checked(lambda: None, broken), (ValueError,), 8)
+
+    _, exc = run_one(target, b"x")
+
+    assert isinstance(exc, AssertionError)

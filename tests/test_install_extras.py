@@ -34,7 +34,9 @@ from tests.process_helpers import REPO, Spawned, component_args
 
 # What only the extras bring: brokers (amqtt, yaml), the fleet's PKI (cryptography), the
 # demo's data (mnist1d, and matplotlib through it), the terminal view (rich).
-EXTRAS_ONLY = ("amqtt", "yaml", "cryptography", "mnist1d", "matplotlib", "scipy", "rich")
+EXTRAS_ONLY = (
+    "amqtt", "yaml", "cryptography", "mnist1d", "matplotlib", "scipy", "rich", "dp_accounting",
+)  # fmt: skip
 CORE = {"paho-mqtt", "numpy", "wasmtime", "cbor2", "pynacl"}
 WAIT = 60.0
 
@@ -181,7 +183,8 @@ def test_the_core_dependencies_are_what_a_device_needs_and_the_extras_the_rest()
     assert names == CORE
     assert {"amqtt", "pyyaml"} <= {_name(s) for s in extras["broker"]}
     assert "cryptography" in {_name(s) for s in extras["fleet"]}
-    assert {"tern[broker,fleet,dashboard]", "mnist1d"} <= {_name(s) for s in extras["demo"]}
+    assert {"tern[broker,fleet,dashboard,privacy]", "mnist1d"} <= {_name(s) for s in extras["demo"]}
+    assert "dp-accounting" in {_name(s) for s in extras["privacy"]}
     assert any(s.startswith("tern[") and "demo" in s for s in extras["dev"])
 
 

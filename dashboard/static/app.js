@@ -116,7 +116,8 @@
     const last = rounds[rounds.length - 1];
     document.getElementById("summary").textContent = last
       ? `round ${last.round}: accuracy ${fixed(last.accuracy, 3)}, loss ${fixed(last.loss, 3)}, ` +
-        `${last.contributors} contributors, ${last.dropped} dropped, ${fixed(last.round_seconds || 0, 2)} s`
+        `${last.contributors} contributors, ${last.dropped} dropped, ${fixed(last.round_seconds || 0, 2)} s` +
+        (typeof last.epsilon === "number" ? `, epsilon ${fixed(last.epsilon, 3)}` : "")
       : "no round closed yet";
     document.body.dataset.rounds = String(rounds.length);
     document.body.dataset.lastRound = last ? String(last.round) : "";

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 from tern.admit import Peer, Terms
 from tern.aggregate import Partial
@@ -21,7 +22,7 @@ from tern.rounds.events import Note, Received
 from tern.rounds.stages import Stage, Stages
 from tern.topics import Topic
 
-__all__ = ["CollectingRound", "offer_to"]
+__all__ = ["CollectingRound", "Offers", "offer_to"]
 
 
 class CollectingRound:
@@ -89,8 +90,17 @@ class CollectingRound:
         )
 
 
+class Offers(Protocol):
+    """A round that takes contributions: a plain one, or one under secure aggregation."""
+
+    @property
+    def round(self) -> int: ...
+
+    def offer(self, data: bytes, topic: Topic | str, *, retained: bool) -> Offer: ...
+
+
 def offer_to(
-    rnd: CollectingRound | None,
+    rnd: Offers | None,
     outside: Counter[str],
     event: Received,
     who: str,

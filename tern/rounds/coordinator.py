@@ -16,9 +16,11 @@ schedule copy is what tells gateways to send their partials again.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -33,11 +35,15 @@ from tern.messages import GlobalModel, KernelFile, seal_kernel
 from tern.reports import State, Status
 from tern.rounds.collecting import CollectingRound, offer_to
 from tern.rounds.events import CancelTimer, Link, Linked, Note, Publish, Received, SetTimer, Timer
-from tern.rounds.opening import RoundSettings, ServerModel, schedule_for
+from tern.rounds.opening import RoundSettings, ServerModel, next_scales, schedule_for
 from tern.rounds.record import RoundRecord
+from tern.rounds.releasing import budget_spent, release
 from tern.rounds.stages import Stage
 from tern.spec import ModelSpec
 from tern.strategies import Strategy
+
+if TYPE_CHECKING:  # the ledger needs dp-accounting: the service builds it when DP is on
+    from tern.privacy.ledger import PrivacyLedger
 
 __all__ = [
     "Begin",
@@ -105,6 +111,8 @@ class CoordinatorMachine:
         kernel: KernelFile,
         client_id: str = COORDINATOR,
         evaluate: Evaluate | None = None,
+        ledger: PrivacyLedger | None = None,
+        noise_rng: np.random.Generator | None = None,
     ) -> None:
         self.fleet, self.key, self.run, self.spec = fleet, key, run, spec
         self.settings, self.strategy, self.evaluate = settings, strategy, evaluate
@@ -119,6 +127,16 @@ class CoordinatorMachine:
         self._outside: Counter[str] = Counter()  # refused while no round was open
         self._retained: dict[topics.Topic, bytes] = {}
         self.finished = False
+        self.stopped = ""  # why it stopped opening rounds early (the privacy budget)
+        # Differential privacy: what was spent (None without DP) and the generator of the
+        # central noise (secret: the OS's entropy unless a test or benchmark seeds it).
+        self.ledger = ledger
+        self.noise_rng = noise_rng if noise_rng is not None else np.random.default_rng()
+        sa = settings.secagg
+        self.scales: tuple[float, ...] = ()
+        if sa is not None:
+            n = len(spec.tensors)
+            self.scales = sa.scales if len(sa.scales) == n else (sa.scales[0],) * n
 
     # -- events -------------------------------------------------------------------------
 
@@ -173,6 +191,13 @@ class CoordinatorMachine:
         if self._done(self.next_round - 1):
             self.finished = True
             return [Finished()]
+        spent = budget_spent(self.settings.dp, self.ledger)
+        if spent:
+            self.finished, self.stopped = True, spent
+            status = Status(self.client_id, "coordinator", State.ONLINE, __version__, spent)
+            topic = topics.status(self.fleet.fleet, self.client_id)
+            return [Note(logging.WARNING, "", "privacy_budget", "%s", (spent,)),
+                    Publish(Link.UP, topic, status.to_json(), retain=True), Finished()]  # fmt: skip
         interval = self.settings.interval
         if interval > 0 and self._last_open_at is not None:
             at = self._last_open_at + interval
@@ -192,7 +217,9 @@ class CoordinatorMachine:
         if self.round is not None or self.finished:
             return []
         r, v, f = self.next_round, self.model.version, self.fleet.fleet
-        schedule = schedule_for(self.settings, self.fleet, r, v, now, self.kernel)
+        sa = self.settings.secagg
+        this = None if sa is None else replace(sa, scales=self.scales)
+        schedule = schedule_for(self.settings, self.fleet, r, v, now, self.kernel, this)
         sealed_model = self._sealed_model(r)
         env = Envelope(Kind.SCHEDULE, f, r, v, COORDINATOR, schedule.to_body(), run=self.run)
         sealed_schedule = seal(env, self.key)
@@ -235,7 +262,14 @@ class CoordinatorMachine:
         partial = rnd.close()
         out: list[object] = [CancelTimer(STAGE_TIMER)]
         ok = rnd.stages.succeeded and partial.total_weight > 0
+        multiplier = epsilon = None
         if ok:
+            partial, multiplier = release(
+                self.settings.dp, partial, self.fleet, rnd.schedule,
+                rnd.collector.accepted, rnd.stands_for, self.noise_rng,
+            )  # fmt: skip
+            if multiplier is not None and self.ledger is not None:
+                epsilon = self.ledger.record(multiplier)
             new = self.model.step(self.strategy, partial)
             if new is None:  # a non-finite model is never saved or published
                 rnd.extra_rejected["non_finite_model"] += 1
@@ -244,6 +278,11 @@ class CoordinatorMachine:
                                 (r, base)))  # fmt: skip
                 ok = False
             else:
+                if self.scales:
+                    step = new.weights - self.model.weights
+                    self.scales = next_scales(
+                        self.spec, step, self.scales, self.settings.scale_gain
+                    )
                 self.model = new
                 out.append(SaveModel(new))
         loss = accuracy = None
@@ -268,6 +307,8 @@ class CoordinatorMachine:
             expected=tuple(sorted(collector.expected)),
             accepted=tuple(sorted(collector.accepted)),
             kernel=rnd.schedule.kernel.sha256 if rnd.schedule.kernel else "",
+            noise_multiplier=multiplier,
+            epsilon=epsilon if epsilon is None or math.isfinite(epsilon) else None,
         )
         self.next_round = r + 1
         f = self.fleet.fleet

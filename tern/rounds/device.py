@@ -17,7 +17,9 @@ copy arrives when the gateway listens; a gateway takes identical bytes once.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -31,7 +33,9 @@ from tern.fleet import Fleet
 from tern.freshness import Order, Stamp, Watermarks, model_stamp
 from tern.messages import Failure, GlobalModel, RoundSchedule, Update
 from tern.reports import MAX_ERROR_CHARS, Activity, State, Status
+from tern.rounds.cohorts import cohort_of
 from tern.rounds.events import Link, Linked, Note, Publish, Received
+from tern.rounds.secagg_member import CohortMember
 
 __all__ = [
     "DeviceMachine",
@@ -44,6 +48,7 @@ __all__ = [
 ]
 
 F32Array = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
 
 _STATUS_EVERY = 60.0  # seconds between two status details about the same refusal
 
@@ -64,21 +69,25 @@ class RoundOutcome:
 
 @dataclass(frozen=True, slots=True)
 class Train:
-    """Action: train `model` for `schedule`, starting from the error-feedback `residual`."""
+    """Action: train `model` for `schedule`, starting from the error-feedback `residual`;
+    `cohort`: how many devices share the device's cohort (their noise shares add up)."""
 
     run: int
     schedule: RoundSchedule
     model: GlobalModel
     residual: F32Array | None
+    cohort: int = 1
 
 
 @dataclass(frozen=True, slots=True)
 class Trained:
-    """Event: the job for (run, schedule) finished with an update, or failed (`reason`)."""
+    """Event: the job for (run, schedule) finished with an update (under secure
+    aggregation: its integer contribution, `ints`), or failed (`reason`)."""
 
     run: int
     schedule: RoundSchedule
     update: Update | None = None
+    ints: IntArray | None = None
     residual: F32Array | None = None
     seconds: float = 0.0
     kernel: str = ""
@@ -119,8 +128,11 @@ class DeviceMachine:
         *,
         marks: Watermarks | None = None,
         join_current_round: bool = True,
+        randomness: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.id = device_id
+        self.randomness = randomness  # its secure aggregation secrets
+        self.member: CohortMember | None = None  # its part in its gateway's cohort
         self.fleet = fleet
         self.gateway = fleet.gateway_of(device_id)
         self.key = key
@@ -155,6 +167,8 @@ class DeviceMachine:
                 return self._on_model(event.payload, now)
             if kind is topics.TopicKind.ROUND_SCHEDULE:
                 return self._on_schedule(event.payload, event.retained, now)
+            if kind is topics.TopicKind.INBOX and self.member is not None:
+                return self.member.on_inbox(event.payload)
             return []
         if isinstance(event, Trained):
             return self._on_trained(event, now)
@@ -199,6 +213,8 @@ class DeviceMachine:
         if stamp <= self._last_round:
             # The schedule again: its gateway (re)subscribed. Resend what this device
             # sent for the round, in case it was lost with a broker or the gateway.
+            if self.member is not None and self.member.stamp == stamp and now < schedule.deadline:
+                return out + self.member.resend()
             if self._sent is not None and self._sent[0] == stamp and now < schedule.deadline:
                 out.append(self._publish(self._sent[1]))
             return out
@@ -231,12 +247,54 @@ class DeviceMachine:
         self._residual_before = (s.round, carried)
         self._training = True
         self._activity = Activity.TRAINING
-        return [Train(run, s, self.model, carried), self._status(self._detail)]
+        out = self._join_cohort(run, s)
+        own = self.fleet.gateways[self.gateway].devices
+        cohort = sum(1 for d in own if s.participants is None or d in s.participants)
+        return [*out, Train(run, s, self.model, carried, max(cohort, 1)),
+                self._status(self._detail)]  # fmt: skip
+
+    def _join_cohort(self, run: int, s: RoundSchedule) -> list[object]:
+        """Under secure aggregation: advertise this device's keys to its gateway."""
+        self.member = None
+        if s.secagg is None or self.model is None:
+            return []
+        try:
+            cohort = cohort_of(self.fleet, self.gateway, s, run, self.model.spec)
+        except TernError as exc:
+            return [self._skipped(s.round, f"no cohort: {exc}")]
+        if cohort is None or self.id not in cohort.members:
+            return []
+        self.member = CohortMember(
+            cohort, self.id, self.key, link=Link.DOWN,
+            topic=topics.update(self.fleet.fleet, self.gateway, self.id),
+            stamp=(run, s.round, s.deadline), randomness=self.randomness, refused=self.rejected,
+        )  # fmt: skip
+        return self.member.start()
 
     def _on_trained(self, done: Trained, now: float) -> list[object]:
         self._training = False
-        out = self._on_failure(done, now) if done.update is None else self._on_update(done)
+        if done.ints is not None:
+            out = self._on_contribution(done, now)
+        elif done.update is not None:
+            out = self._on_update(done)
+        else:
+            out = self._on_failure(done, now)
         return out + self._maybe_train(now)  # a newer schedule may have come meanwhile
+
+    def _on_contribution(self, done: Trained, now: float) -> list[object]:
+        """Under secure aggregation: mask the contribution into the cohort."""
+        assert done.ints is not None
+        s = done.schedule
+        member = self.member
+        if member is None or member.stamp != (done.run, s.round, s.deadline):
+            gone = replace(done, reason="secagg_no_cohort", error="its cohort is gone")
+            return self._on_failure(gone, now)
+        self._residual = done.residual
+        out = member.contribute(done.ints)
+        outcome = RoundOutcome(s.round, s.model_version, self.samples, member.masked_bytes,
+                               done.seconds, kernel=done.kernel)  # fmt: skip
+        self._activity, self._done_round, self._error = Activity.IDLE, s.round, ""
+        return [*out, RoundDone(outcome), self._status("")]
 
     def _on_update(self, done: Trained) -> list[object]:
         assert done.update is not None

@@ -17,6 +17,7 @@ taken once.
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,16 +27,19 @@ from nacl.signing import SigningKey
 from tern import __version__, topics
 from tern.admit import Terms, peers_of
 from tern.aggregators import aggregator_for
-from tern.envelope import Envelope, Kind, seal
 from tern.errors import TernError
 from tern.feed import CoordinatorFeed
 from tern.fleet import Fleet
 from tern.freshness import Order, Stamp, Watermarks, model_stamp
-from tern.messages import Failure, GlobalModel, RoundSchedule, cohort_message, open_kernel
+from tern.messages import GlobalModel, RoundSchedule
 from tern.reports import RoundMetrics, State, Status
 from tern.rounds.collecting import CollectingRound, offer_to
 from tern.rounds.device import SaveMarks
 from tern.rounds.events import CancelTimer, Link, Linked, Note, Publish, Received, SetTimer, Timer
+from tern.rounds.gateway_parts import close_cohort, failure_up, relay_kernel
+from tern.rounds.gateway_secagg import join_parent, open_secagg, step_secagg
+from tern.rounds.secagg_member import CohortMember
+from tern.rounds.secagg_round import SecAggRound
 from tern.rounds.stages import Stage
 
 __all__ = ["CohortClosed", "GatewayMachine", "ModelTaken"]
@@ -77,8 +81,10 @@ class GatewayMachine:
         marks: Watermarks | None = None,
         refusals: Callable[[], Counter[str]] = Counter,
         counted: Callable[[], Counter[str]] = Counter,
+        randomness: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.id = gateway_id
+        self.randomness = randomness  # its secure aggregation secrets, as a member
         self.fleet = fleet
         self.key = key
         self.parent = fleet.gateways[gateway_id].parent
@@ -92,7 +98,9 @@ class GatewayMachine:
         self._schedule_stamp: Stamp | None = None
         self._pending: tuple[int, RoundSchedule] | None = None
         self._last_opened: tuple[int, int, float] = (-1, -1, 0.0)
-        self.round: CollectingRound | None = None
+        self.round: CollectingRound | SecAggRound | None = None
+        self.member: CohortMember | None = None  # its part in its parent's cohort
+        self.inboxes: dict[str, bytes] = {}  # the last stage's messages to its members
         self._outside: Counter[str] = Counter()  # rejected while no round was open
         self._counted: Counter[str] = Counter()  # intake and broker refusals reported
         self._bytes_down = 0
@@ -105,6 +113,8 @@ class GatewayMachine:
         if isinstance(event, Received):
             return self._on_message(event, now)
         if isinstance(event, Timer) and event.key == STAGE_TIMER:
+            if isinstance(self.round, SecAggRound):
+                return step_secagg(self, self.round, now)
             return self._close(now) if self.round is not None else []
         if isinstance(event, Linked):
             return self._restore(event.link, event.again)
@@ -120,7 +130,9 @@ class GatewayMachine:
             if kind is K.ROUND_SCHEDULE:
                 return self._on_schedule(event.payload, now)
             if kind is K.KERNEL and parsed is not None and parsed.digest is not None:
-                return self._on_kernel(parsed.digest, event.payload)
+                return relay_kernel(self, parsed.digest, event.payload)
+            if kind is K.INBOX and self.member is not None:
+                return self.member.on_inbox(event.payload)
             return []
         return self._on_contribution(event, parsed, now)
 
@@ -129,7 +141,12 @@ class GatewayMachine:
         if link is Link.DOWN:
             if not again:
                 return []
-            return [Publish(Link.DOWN, t, data, retain=True) for t, data in self._retained.items()]
+            f = self.fleet.fleet
+            kept: list[object] = [
+                Publish(Link.DOWN, t, d, retain=True) for t, d in self._retained.items()
+            ]
+            inboxes = sorted(self.inboxes.items())  # the open stage's, for members that missed them
+            return kept + [Publish(Link.DOWN, topics.inbox(f, m, self.id), d) for m, d in inboxes]
         out: list[object] = [self._status()]
         if self._metrics is not None:
             out.append(Publish(Link.UP, topics.metrics(self.fleet.fleet, self.id),
@@ -168,20 +185,6 @@ class GatewayMachine:
         out.append(ModelTaken(stamp.run, stamp.version, taken.value))
         return out
 
-    def _on_kernel(self, digest: str, data: bytes) -> list[object]:
-        topic = topics.kernel(self.fleet.fleet, digest)
-        if self._retained.get(topic) == data:
-            return []  # relayed already (a retained copy after a reconnect)
-        try:
-            open_kernel(data, self.fleet, digest)
-        except TernError as exc:
-            self.feed.rejected[f"kernel_{exc.reason}"] += 1
-            return self._refused("kernel", exc)
-        kernels = [t for t in self._retained if t.kind is topics.TopicKind.KERNEL]
-        for old in kernels[:-3]:  # the kernels in use lately are enough to restore
-            del self._retained[old]
-        return [self._relay(topic, data)]
-
     def _on_schedule(self, data: bytes, now: float) -> list[object]:
         try:
             taken = self.feed.take_schedule(data)
@@ -194,6 +197,8 @@ class GatewayMachine:
             # partial, in case the broker lost it.
             sent = self._sent_up
             key = (taken.envelope.run, s.round, s.deadline)
+            if self.member is not None and self.member.stamp == key and now < s.deadline:
+                return self.member.resend()
             if sent is not None and sent[0] == key and now < s.deadline:
                 return [Publish(Link.UP, sent[1], sent[2])]
             return []
@@ -228,6 +233,12 @@ class GatewayMachine:
             return [*out, Note(logging.WARNING, "", "late",
                                "gateway %s: round %d closed before it reached us",
                                (self.id, s.round))]  # fmt: skip
+        if s.secagg is not None:
+            return (
+                out
+                + open_secagg(self, run, s, model, peers, now)
+                + join_parent(self, run, s, model.spec)
+            )
         try:
             aggregator = aggregator_for(s.policy.cohort)
         except TernError as exc:
@@ -252,7 +263,7 @@ class GatewayMachine:
     ) -> list[object]:
         """A policy this gateway cannot run: the parent learns why, for every device below."""
         self.feed.rejected[f"schedule_{exc.reason}"] += 1
-        self._sent_up = _failure_up(self, run, s, {exc.reason: devices})
+        self._sent_up = failure_up(self, run, s, {exc.reason: devices})
         return [*self._refused("schedule", exc), Publish(Link.UP, *self._sent_up[1:])]
 
     # -- downstream: contributions --------------------------------------------------------
@@ -261,6 +272,8 @@ class GatewayMachine:
         self, event: Received, parsed: topics.Topic | None, now: float
     ) -> list[object]:
         out = offer_to(self.round, self._outside, event, f"gateway {self.id}", parsed)
+        if isinstance(self.round, SecAggRound):
+            return out + (step_secagg(self, self.round, now) if self.round.complete else [])
         if self.round is not None and self.round.complete:
             out += self._close(now)
         return out
@@ -271,36 +284,24 @@ class GatewayMachine:
         if rnd is None:
             return []
         f, s = self.fleet.fleet, rnd.schedule
-        result = rnd.close()
-        collector = rnd.collector
-        failed = dict(sorted(collector.failed.items()))
         out: list[object] = [CancelTimer(STAGE_TIMER)]
-        message = cohort_message(collector.spec, result, failed)
-        data = b""
-        if message is not None:
-            kind, body = message
-            env = Envelope(kind, f, s.round, s.model_version, self.id, body, run=rnd.run)
-            data = seal(env, self.key)
-            topic = topics.partial(f, self.parent, self.id)
-            self._sent_up = (rnd.stamp, topic, data)
-            out.append(Publish(Link.UP, topic, data))
+        self.inboxes = {}
+        sent, data, count, failed, bytes_in = close_cohort(self, rnd)
         metrics = RoundMetrics(
             component=self.id,
             round=s.round,
             model_version=s.model_version,
-            contributors=result.count,
+            contributors=count,
             dropped=rnd.dropped,
             rejected=dict(rnd.rejected + self._new_refusals()),
             failed=failed,
-            bytes_up=collector.bytes_in,  # received from below (topics.md "Metrics")
+            bytes_up=bytes_in,  # received from below (topics.md "Metrics")
             bytes_down=self._bytes_down,
             round_seconds=max(now - rnd.opened_at, 0.0),
         )
-        self._bytes_down = 0
-        self._metrics = metrics.to_json()
-        out.append(Publish(Link.UP, topics.metrics(f, self.id), self._metrics, retain=True))
-        out.append(CohortClosed(metrics, data))  # the process logs its line (broker.logs)
-        return out
+        self._bytes_down, self._metrics = 0, metrics.to_json()
+        metrics_up = Publish(Link.UP, topics.metrics(f, self.id), self._metrics, retain=True)
+        return [*out, *sent, metrics_up, CohortClosed(metrics, data)]  # the process logs it
 
     def _new_refusals(self) -> Counter[str]:
         """Refusals since the last metrics: the coordinator's messages refused
@@ -310,13 +311,3 @@ class GatewayMachine:
         new = refused - self._counted
         self._counted = refused
         return new
-
-
-def _failure_up(
-    g: GatewayMachine, run: int, s: RoundSchedule, failed: dict[str, int]
-) -> tuple[tuple[int, int, float], topics.Topic, bytes]:
-    """(round stamp, topic, sealed failure) for the gateway's parent."""
-    body = Failure(failed).to_body()
-    env = Envelope(Kind.FAILURE, g.fleet.fleet, s.round, s.model_version, g.id, body, run=run)
-    topic = topics.partial(g.fleet.fleet, g.parent, g.id)
-    return ((run, s.round, s.deadline), topic, seal(env, g.key))

@@ -16,9 +16,27 @@ from tern.codecs import CodecName
 from tern.fleet import Fleet
 from tern.messages import Bounds, KernelFile, KernelRef, RoundSchedule, TrainConfig
 from tern.policy import Policy
+from tern.privacy.terms import DpTerms
+from tern.secagg.terms import SecAggTerms
+from tern.spec import ModelSpec
 from tern.strategies import ServerState, Strategy
 
-__all__ = ["RoundSettings", "ServerModel", "sample_participants", "schedule_for"]
+__all__ = [
+    "DEFAULT_SCALE_GAIN",
+    "RoundSettings",
+    "ServerModel",
+    "next_scales",
+    "sample_participants",
+    "schedule_for",
+]
+
+# Secure aggregation's shared scales follow the model's last step: a tensor's trit is
+# worth DEFAULT_SCALE_GAIN times the mean |step| of that tensor in the round before.
+# Measured on the demo's task (MLP 40-100-100-10, MNIST-1D, 20 devices, Dirichlet 0.5,
+# 50 rounds, 8 weight levels): gains of 8, 12, 16 and 24 reach 63.9, 64.8, 64.7 and
+# 64.7 % against 65.9 % for plain ternary with error feedback; fixed scales of 0.005 to
+# 0.08 reach 38.9 to 64.4 %. The scales are computed from the released model only.
+DEFAULT_SCALE_GAIN = 12.0
 
 F32Array = npt.NDArray[np.float32]
 
@@ -40,6 +58,13 @@ class RoundSettings:
     policy: Policy = field(default_factory=Policy)
     rounds: int | None = None
     interval: float = 0.0
+    # Secure aggregation in every cohort (its scales are the first round's; later rounds
+    # follow the model, `next_scales`) and differential privacy, with its budget.
+    secagg: SecAggTerms | None = None
+    dp: DpTerms | None = None
+    dp_epsilon: float | None = None  # the budget: no round opens that would pass it
+    dp_delta: float = 1e-5
+    scale_gain: float = DEFAULT_SCALE_GAIN
 
     def kernel_ref(self, kernel: KernelFile) -> KernelRef:
         return KernelRef(kernel.sha256, kernel.abi, self.kernel_fuel, self.kernel_memory)
@@ -82,11 +107,31 @@ def sample_participants(
     return tuple(sorted(ids[int(i)] for i in picked))
 
 
+def next_scales(
+    spec: ModelSpec, step: F32Array, scales: tuple[float, ...], gain: float
+) -> tuple[float, ...]:
+    """The shared scales after a round whose model moved by `step`: `gain` times each
+    tensor's mean |step|, or the old scale where the tensor did not move."""
+    out: list[float] = []
+    for t, o, old in zip(spec.tensors, spec.offsets, scales, strict=True):
+        moved = float(np.abs(step[o : o + t.size], dtype=np.float64).mean()) if t.size else 0.0
+        new = gain * moved
+        out.append(new if math.isfinite(new) and new > 0 else old)
+    return tuple(out)
+
+
 def schedule_for(
-    settings: RoundSettings, fleet: Fleet, r: int, version: int, now: float, kernel: KernelFile
+    settings: RoundSettings,
+    fleet: Fleet,
+    r: int,
+    version: int,
+    now: float,
+    kernel: KernelFile,
+    secagg: SecAggTerms | None = None,
 ) -> RoundSchedule:
     """Round `r`'s schedule on model `version`, opened at `now`; its sample is drawn from
-    ``default_rng([seed, r])``, so a round run again asks the same devices."""
+    ``default_rng([seed, r])``, so a round run again asks the same devices. `secagg`:
+    this round's secure aggregation terms (the settings' with this round's scales)."""
     participants = sample_participants(
         fleet.devices, settings.fraction, np.random.default_rng([settings.seed, r])
     )
@@ -102,4 +147,6 @@ def schedule_for(
         kernel=settings.kernel_ref(kernel),
         bounds=settings.bounds,
         policy=settings.policy,
+        secagg=secagg if secagg is not None else settings.secagg,
+        dp=settings.dp,
     )

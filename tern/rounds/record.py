@@ -33,6 +33,10 @@ class RoundRecord:
     expected: tuple[str, ...] = ()
     accepted: tuple[str, ...] = ()
     kernel: str = ""  # SHA-256 of the training kernel the round's schedule named
+    # Differential privacy: the noise multiplier of the noise the round's release had
+    # (the survivors' shares only), and epsilon at the configured delta after it.
+    noise_multiplier: float | None = None
+    epsilon: float | None = None
 
     def metrics(self, component: str) -> RoundMetrics:
         return RoundMetrics(
@@ -48,6 +52,7 @@ class RoundRecord:
             accuracy=self.accuracy,
             loss=self.loss,
             round_seconds=self.round_seconds,
+            epsilon=self.epsilon,
         )
 
     def to_json(self) -> str:
