@@ -16,7 +16,6 @@ from tern.fleet import COORDINATOR
 from tern.logins import Login
 from tern.messages import DEFAULT_MAX_NORM, DEFAULT_MAX_WEIGHT, TrainConfig
 from tern.policy import Policy, StrategySpec
-from tern.privacy.terms import DpTerms
 from tern.schedule import privacy_conflict
 from tern.strategies import strategy_from
 
@@ -158,7 +157,6 @@ class CoordinatorConfig:
         if wrong is not None:
             raise ConfigError("privacy", wrong)
         secagg = self.privacy.secagg_terms(self.round_timeout)
-        dp = None if self.privacy.dp_epsilon is None else DpTerms(1.0, 0.0, self.privacy.dp_noise)
-        conflict = privacy_conflict(self.codec, Policy(), secagg, dp)
+        conflict = privacy_conflict(self.codec, Policy(), secagg, self.privacy.dp_terms_unset())
         if conflict is not None:
             raise ConfigError("privacy", conflict)

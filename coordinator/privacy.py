@@ -94,6 +94,10 @@ class PrivacyConfig:
             float(self.weight_cap), stage, stage, stage,
         )  # fmt: skip
 
+    def dp_terms_unset(self) -> DpTerms | None:
+        """The DP terms' shape without their calibrated noise (what checks need)."""
+        return None if self.dp_epsilon is None else DpTerms(1.0, 0.0, self.dp_noise)
+
     def dp_terms(self, rounds: int | None) -> DpTerms | None:
         if self.dp_epsilon is None:
             return None
