@@ -213,6 +213,14 @@ def test_a_masked_contribution_on_the_wire_does_not_decode_as_an_update() -> Non
         with pytest.raises(TernError):
             Update.from_body(env.body)
     assert kinds[Kind.SA_MASKED] == 4 and Kind.UPDATE not in kinds
+    # what crosses the wire does not depend on a device's data: every masked vector has
+    # the same size, whatever its device's samples (16 to 28 here) or its update
+    sizes = {
+        kind: {len(d) for d in sniffed if open_envelope(d, keys, fleet="plant",
+                                                        kinds=tuple(Kind)).kind is kind}
+        for kind in (Kind.SA_KEYS, Kind.SA_MASKED)
+    }  # fmt: skip
+    assert all(len(n) == 1 for n in sizes.values()), sizes
 
 
 def test_secure_aggregation_with_a_float_codec_is_refused_with_the_reason() -> None:
