@@ -22,10 +22,33 @@ from tern.rounds.events import Note, Received
 from tern.rounds.stages import Stage, Stages
 from tern.topics import Topic
 
-__all__ = ["CollectingRound", "Offers", "offer_to"]
+__all__ = ["CollectingRound", "Offers", "StagedRound", "offer_to"]
 
 
-class CollectingRound:
+class StagedRound:
+    """What every round at a receiver has: its run, its schedule and its stages."""
+
+    run: int
+    schedule: RoundSchedule
+    stages: Stages
+
+    @property
+    def stamp(self) -> tuple[int, int, float]:
+        s = self.schedule
+        return (self.run, s.round, s.deadline)
+
+    @property
+    def round(self) -> int:
+        return self.schedule.round
+
+    @property
+    def close_at(self) -> float | None:
+        """When the open stage closes at the latest; None once the round is over."""
+        stage = self.stages.current
+        return None if stage is None else stage.close_at
+
+
+class CollectingRound(StagedRound):
     """Round `schedule.round` of run `run`, opened at `opened_at`, from `peers`."""
 
     def __init__(
@@ -46,21 +69,6 @@ class CollectingRound:
         self.opened_at = opened_at
         self.stands_for = {p.id: p.devices for p in peers.values()}
         self.extra_rejected: Counter[str] = Counter()  # refused outside the collector
-
-    @property
-    def stamp(self) -> tuple[int, int, float]:
-        s = self.schedule
-        return (self.run, s.round, s.deadline)
-
-    @property
-    def round(self) -> int:
-        return self.schedule.round
-
-    @property
-    def close_at(self) -> float | None:
-        """When the open stage closes at the latest; None once the round is over."""
-        stage = self.stages.current
-        return None if stage is None else stage.close_at
 
     def offer(self, data: bytes, topic: Topic | str, *, retained: bool) -> Offer:
         return self.collector.offer(data, topic, retained=retained)

@@ -28,6 +28,7 @@ from tern.collect import MAX_ATTEMPTS, Offer, Outcome, screen
 from tern.envelope import Kind
 from tern.errors import TernError
 from tern.messages import RoundSchedule
+from tern.rounds.collecting import StagedRound
 from tern.rounds.stages import Stage, Stages
 from tern.secagg.crypto import SecAggFailed
 from tern.secagg.graph import Cohort
@@ -44,7 +45,7 @@ _STAGE_OF = {Kind.SA_KEYS: "keys", Kind.SA_SHARES: "shares", Kind.SA_MASKED: "ma
 IntArray = npt.NDArray[np.int64]
 
 
-class SecAggRound:
+class SecAggRound(StagedRound):
     """Round `schedule.round` of run `run` at the gateway signing with `key`, over
     `cohort` (its `peers`), opened at `opened_at` and closing at `close_at`."""
 
@@ -88,19 +89,6 @@ class SecAggRound:
         self._seen: set[bytes] = set()
         self._attempts: Counter[tuple[str, str]] = Counter()
         self.result: IntArray | None = None
-
-    @property
-    def stamp(self) -> tuple[int, int, float]:
-        return (self.run, self.schedule.round, self.schedule.deadline)
-
-    @property
-    def round(self) -> int:
-        return self.schedule.round
-
-    @property
-    def close_at(self) -> float | None:
-        stage = self.stages.current
-        return None if stage is None else stage.close_at
 
     @property
     def stage(self) -> str | None:
