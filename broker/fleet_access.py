@@ -125,7 +125,7 @@ def _child_gateway(
     relayed = (topics.status_all(f).path, topics.telemetry_all(f).path)
     deny = tuple(path for path, member in voiced if member != gateway)
     metrics = topics.metrics(f, gateway).path
-    views = tuple(topics.view(f, g).path for g in _subtree(fleet, gateway))
+    views = tuple(topics.view(f, g).path for g in fleet.gateways_below(gateway))
     # A child gateway is a member of its parent's cohort under secure aggregation.
     inbox = () if parent == COORDINATOR else (topics.inbox(f, gateway, parent).path,)
     return Rights(
@@ -147,14 +147,6 @@ def _own_gateway(f: str, gateway: str) -> Rights:
         topics.view_all(f).path,
     )
     return Rights(publish=(*sent, inboxes), retain=sent, subscribe=heard)
-
-
-def _subtree(fleet: Fleet, gateway: str) -> list[str]:
-    """`gateway` and every gateway below it."""
-    out = [gateway]
-    for child in fleet.children(gateway):
-        out += _subtree(fleet, child)
-    return out
 
 
 def _device(f: str, gateway: str, device: str) -> Rights:

@@ -15,8 +15,7 @@ from tern.errors import TernError
 from tern.fleet import COORDINATOR
 from tern.logins import Login
 from tern.messages import DEFAULT_MAX_NORM, DEFAULT_MAX_WEIGHT, TrainConfig
-from tern.policy import Policy, StrategySpec
-from tern.schedule import privacy_conflict
+from tern.policy import StrategySpec
 from tern.strategies import strategy_from
 
 __all__ = ["ConfigError", "CoordinatorConfig", "CoordinatorError", "RoundTimeout"]
@@ -153,10 +152,6 @@ class CoordinatorConfig:
             strategy_from(self.strategy_spec())
         except (TernError, ValueError) as exc:
             raise ConfigError("strategy", str(exc)) from exc
-        wrong = self.privacy.check(self.rounds)
+        wrong = self.privacy.refusal(self.rounds, self.codec)
         if wrong is not None:
             raise ConfigError("privacy", wrong)
-        secagg = self.privacy.secagg_terms(self.round_timeout)
-        conflict = privacy_conflict(self.codec, Policy(), secagg, self.privacy.dp_terms_unset())
-        if conflict is not None:
-            raise ConfigError("privacy", conflict)

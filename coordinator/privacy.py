@@ -15,9 +15,12 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from tern.codecs import CodecName
 from tern.errors import TernError
+from tern.policy import Policy
 from tern.privacy.terms import DpTerms, Noise
 from tern.rounds.record import RoundRecord
+from tern.schedule import privacy_conflict
 from tern.secagg.terms import SecAggTerms
 
 if TYPE_CHECKING:
@@ -84,6 +87,14 @@ class PrivacyConfig:
         except TernError as exc:
             return exc.message
         return None
+
+    def refusal(self, rounds: int | None, codec: CodecName) -> str | None:
+        """Why these options cannot run (`check`), or cannot run together with `codec`
+        and the coordinator's aggregation (`tern.schedule.privacy_conflict`); None when
+        they can."""
+        return self.check(rounds) or privacy_conflict(
+            codec, Policy(), self.secagg_terms(30.0), self.dp_terms_unset()
+        )
 
     def secagg_terms(self, round_timeout: float) -> SecAggTerms | None:
         if not self.secagg:

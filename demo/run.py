@@ -39,8 +39,6 @@ from tern.fleet import COORDINATOR
 from tern.logins import OBSERVER
 from tern.members import new_members
 from tern.messages import TrainConfig
-from tern.policy import Policy
-from tern.schedule import privacy_conflict
 
 __all__ = ["DemoResult", "main", "run_demo"]
 
@@ -377,9 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     add_privacy_arguments(ap)
     args = ap.parse_args(argv)
     privacy = privacy_from_args(args)
-    wrong = privacy.check(args.rounds) or privacy_conflict(
-        CodecName(args.codec), Policy(), privacy.secagg_terms(20.0), privacy.dp_terms_unset()
-    )
+    wrong = privacy.refusal(args.rounds, CodecName(args.codec))
     if wrong:
         ap.error(wrong)
     result = run_demo(

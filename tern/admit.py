@@ -31,19 +31,21 @@ history (one contribution per sender, duplicates, redeliveries, attempts).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
 from nacl.signing import VerifyKey
 
-from tern.caps import FAILURE_CAPS, contribution_caps
+from tern.caps import contribution_caps
 from tern.cbor import Caps
 from tern.codecs import CodecName
 from tern.envelope import Envelope, Kind, open_envelope
-from tern.errors import PayloadTooLarge, UnexpectedMessage
+from tern.errors import UnexpectedMessage
 from tern.fleet import Fleet
 from tern.messages import MIN_WEIGHT, CheckedUpdate, Failure, RoundSchedule, Update
+from tern.privacy.terms import Noise
+from tern.secagg.graph import Cohort
+from tern.secagg.wire import open_member_message
 from tern.spec import ModelSpec
 from tern.topics import Topic, TopicKind
 
@@ -113,7 +115,7 @@ class Terms:
     @classmethod
     def of(cls, fleet: str, run: int, schedule: RoundSchedule, spec: ModelSpec) -> Terms:
         dp = schedule.dp
-        noise = dp.sigma if dp is not None and dp.noise == "distributed" else 0.0
+        noise = dp.sigma if dp is not None and dp.noise is Noise.DISTRIBUTED else 0.0
         return cls(
             fleet,
             run,
@@ -163,18 +165,15 @@ def peers_of(fleet: Fleet, receiver: str, schedule: RoundSchedule) -> dict[str, 
     """Who `receiver` (a gateway id, or ``coordinator``) waits for in `schedule`'s round:
     its own participating devices, and its child gateways with a participant below."""
 
-    def takes_part(device: str) -> bool:
-        return schedule.participants is None or device in schedule.participants
-
     peers: dict[str, Peer] = {}
     entry = fleet.gateways.get(receiver)
     if entry is not None:
         for d in sorted(entry.devices):
-            if takes_part(d):
+            if schedule.takes_part(d):
                 bound = weight_bound(fleet, d, schedule)
                 peers[d] = Peer(d, Role.DEVICE, entry.devices[d], 1, bound)
     for child in fleet.children(receiver):
-        below = [d for d in fleet.devices_below(child) if takes_part(d)]
+        below = [d for d in fleet.devices_below(child) if schedule.takes_part(d)]
         if below:
             bound = sum(weight_bound(fleet, d, schedule) for d in below)
             peers[child] = Peer(child, Role.GATEWAY, fleet.gateways[child].key, len(below), bound)
@@ -209,41 +208,16 @@ def admit(data: bytes, topic: Topic, peer: Peer, terms: Terms) -> Contribution:
     return Contribution(peer.id, update=_admit_update(env, peer, terms))
 
 
-# What a member of a cohort under secure aggregation sends its gateway: a stage message
-# (tern.secagg), or a failure when it could not train (it still helps unmask the others).
-STAGE_KINDS = (
-    Kind.SA_KEYS, Kind.SA_SHARES, Kind.SA_MASKED, Kind.SA_REVEAL, Kind.FAILURE,
-)  # fmt: skip
-
-
-def admit_stage(
-    data: bytes, topic: Topic, peer: Peer, terms: Terms, caps: Mapping[Kind, Caps]
-) -> Contribution | Envelope:
-    """Open one message of a cohort member under secure aggregation: the same checks in
-    the same order as `admit` (topic; size and items within the largest message of the
-    cohort, `caps` by kind, `tern.secagg.wire.member_caps`, then within its own kind's;
-    envelope; model version). A failure is checked here, a stage message's body by the
+def admit_stage(data: bytes, topic: Topic, peer: Peer, cohort: Cohort) -> Contribution | Envelope:
+    """Open one message of a member of `cohort` under secure aggregation: the topic as in
+    `admit`, then the envelope as the protocol opens it (`tern.secagg.wire.open_member_message`:
+    size and items within the cohort's caps of its kind, signature, fleet, run, round,
+    model version), accepting a failure too (a member that could not train; it still
+    helps unmask the others). A failure is checked here, a stage message's body by the
     protocol (`tern.secagg.server.SecAggServer.offer`), which gets the opened envelope."""
     if topic.kind is not _TOPIC[peer.role] or topic.sender != peer.id:
         raise _refuse("wrong_topic", f"a {peer.role} sends on its own {_TOPIC[peer.role]} topic")
-    every = {**caps, Kind.FAILURE: FAILURE_CAPS}
-    env = open_envelope(
-        data,
-        {peer.id: peer.key},
-        fleet=terms.fleet,
-        kinds=STAGE_KINDS,
-        caps=Caps(max(c.max_bytes for c in every.values()),
-                  max(c.max_items for c in every.values())),
-        round=terms.round,
-        run=terms.run,
-        sender=peer.id,
-    )  # fmt: skip
-    if len(data) > every[env.kind].max_bytes:
-        raise PayloadTooLarge(len(data), every[env.kind].max_bytes)
-    if env.model_version != terms.model_version:
-        raise _refuse(
-            "wrong_model", f"made from model v{env.model_version}, the round is on another"
-        )
+    env = open_member_message(data, cohort, peer.id, failures=True)
     if env.kind is Kind.FAILURE:
         return Contribution(peer.id, failure=_admit_failure(env, peer))
     return env

@@ -128,6 +128,13 @@ class Fleet:
         """Gateways whose parent is `parent` (a gateway id or ``coordinator``), sorted."""
         return sorted(g for g, e in self.gateways.items() if e.parent == parent)
 
+    def gateways_below(self, gateway: str) -> list[str]:
+        """`gateway` and every gateway below it, parents before their children."""
+        out = [gateway]
+        for child in self.children(gateway):
+            out += self.gateways_below(child)
+        return out
+
     def devices_below(self, node: str) -> list[str]:
         """Every device under `node` (its own and its descendants'), sorted."""
         own = list(self.gateways[node].devices) if node in self.gateways else []

@@ -223,6 +223,10 @@ class RoundSchedule:
             dp=dp,
         )
 
+    def takes_part(self, device: str) -> bool:
+        """Whether `device` is a participant of this round (every device when None)."""
+        return self.participants is None or device in self.participants
+
     def privacy_conflict(self) -> str | None:
         """Why this schedule's privacy options cannot run together, or None."""
         return privacy_conflict(self.codec, self.policy, self.secagg, self.dp)

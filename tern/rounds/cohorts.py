@@ -23,11 +23,13 @@ __all__ = ["cohort_of", "noise_cohorts", "sum_noise_int"]
 
 
 def noise_cohorts(fleet: Fleet, server: str, schedule: RoundSchedule) -> int:
-    """How many cohorts' noise a sum at `server` holds: its own, and every cohort below
-    it with a participant (each adds one cohort's worth under distributed noise)."""
-    own = int(any(p.role == "device" for p in peers_of(fleet, server, schedule).values()))
-    return own + sum(noise_cohorts(fleet, c, schedule) for c in fleet.children(server)
-                     if peers_of(fleet, c, schedule))  # fmt: skip
+    """How many cohorts' noise a sum at `server` holds: one for every gateway at or below
+    it with a participating device of its own (under distributed noise, each cohort's
+    devices add one cohort's worth)."""
+    return sum(
+        any(schedule.takes_part(d) for d in fleet.gateways[g].devices)
+        for g in fleet.gateways_below(server)
+    )
 
 
 def sum_noise_int(fleet: Fleet, server: str, schedule: RoundSchedule) -> float:

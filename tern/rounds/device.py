@@ -249,7 +249,7 @@ class DeviceMachine:
         self._activity = Activity.TRAINING
         out = self._join_cohort(run, s)
         own = self.fleet.gateways[self.gateway].devices
-        cohort = sum(1 for d in own if s.participants is None or d in s.participants)
+        cohort = sum(1 for d in own if s.takes_part(d))
         return [*out, Train(run, s, self.model, carried, max(cohort, 1)),
                 self._status(self._detail)]  # fmt: skip
 

@@ -27,16 +27,17 @@ from nacl.signing import SigningKey
 from tern import __version__, topics
 from tern.admit import Terms, peers_of
 from tern.aggregators import aggregator_for
+from tern.envelope import Kind
 from tern.errors import TernError
 from tern.feed import CoordinatorFeed
 from tern.fleet import Fleet
 from tern.freshness import Order, Stamp, Watermarks, model_stamp
-from tern.messages import GlobalModel, RoundSchedule
+from tern.messages import Failure, GlobalModel, RoundSchedule
 from tern.reports import RoundMetrics, State, Status
 from tern.rounds.collecting import CollectingRound, offer_to
 from tern.rounds.device import SaveMarks
 from tern.rounds.events import CancelTimer, Link, Linked, Note, Publish, Received, SetTimer, Timer
-from tern.rounds.gateway_parts import close_cohort, failure_up, relay_kernel
+from tern.rounds.gateway_parts import close_cohort, relay_kernel, send_up
 from tern.rounds.gateway_secagg import join_parent, open_secagg, step_secagg
 from tern.rounds.secagg_member import CohortMember
 from tern.rounds.secagg_round import SecAggRound
@@ -263,8 +264,8 @@ class GatewayMachine:
     ) -> list[object]:
         """A policy this gateway cannot run: the parent learns why, for every device below."""
         self.feed.rejected[f"schedule_{exc.reason}"] += 1
-        self._sent_up = failure_up(self, run, s, {exc.reason: devices})
-        return [*self._refused("schedule", exc), Publish(Link.UP, *self._sent_up[1:])]
+        sent, _ = send_up(self, run, s, Kind.FAILURE, Failure({exc.reason: devices}).to_body())
+        return [*self._refused("schedule", exc), *sent]
 
     # -- downstream: contributions --------------------------------------------------------
 

@@ -19,22 +19,20 @@ import numpy.typing as npt
 
 from tern import topics
 from tern.admit import Peer, Terms
-from tern.envelope import Envelope, Kind, seal
 from tern.errors import TernError
 from tern.fleet import COORDINATOR
-from tern.messages import Failure, GlobalModel, RoundSchedule, cohort_message
+from tern.messages import GlobalModel, RoundSchedule
 from tern.policy import PolicyError
 from tern.rounds.cohorts import cohort_of
 from tern.rounds.events import Link, Note, Publish, SetTimer
 from tern.rounds.secagg_member import CohortMember
 from tern.rounds.secagg_round import SecAggRound
-from tern.secagg.ring import decode_sum
 from tern.spec import ModelSpec
 
 if TYPE_CHECKING:
     from tern.rounds.gateway import GatewayMachine
 
-__all__ = ["close_secagg", "join_parent", "open_secagg", "step_secagg"]
+__all__ = ["join_parent", "open_secagg", "step_secagg"]
 
 STAGE_TIMER = "stage"
 IntArray = npt.NDArray[np.int64]
@@ -103,45 +101,3 @@ def step_secagg(g: GatewayMachine, rnd: SecAggRound, now: float) -> list[object]
     if at is None:
         return out + g._close(now)
     return [*out, SetTimer(STAGE_TIMER, at)]
-
-
-def close_secagg(
-    g: GatewayMachine, rnd: SecAggRound
-) -> tuple[list[object], bytes, int, dict[str, int]]:
-    """What a closed cohort sends up (actions), the bytes it sent, how many devices its
-    sum counts and the failures below it, by reason. A cohort that failed tells its
-    parent why, for every device below (``secagg_<stage>``)."""
-    f, s = g.fleet.fleet, rnd.schedule
-    sa = s.secagg
-    assert sa is not None
-    topic = topics.partial(f, g.parent, g.id)
-    failed = dict(sorted(rnd.failed.items()))
-    if rnd.result is None:
-        stage = (rnd.stages.failure.split(":", 1)[0] or "secagg")[:24]
-        lost = max(sum(rnd.stands_for.values()) - sum(failed.values()), 0)
-        if lost:
-            failed[f"secagg_{stage}"] = failed.get(f"secagg_{stage}", 0) + lost
-        out: list[object] = [Note(logging.WARNING, "", "secagg_failed",
-                                  "gateway %s: round %d: secure aggregation failed (%s)",
-                                  (g.id, s.round, rnd.stages.failure))]  # fmt: skip
-        if not failed:
-            return out, b"", 0, failed
-        body = Failure(failed).to_body()
-        env = Envelope(Kind.FAILURE, f, s.round, s.model_version, g.id, body, run=rnd.run)
-        data = seal(env, g.key)
-        g._sent_up = (rnd.stamp, topic, data)
-        return [*out, Publish(Link.UP, topic, data)], data, 0, failed
-    ints = rnd.result
-    count = int(ints[-1])
-    if g.member is not None and g.member.stamp == rnd.stamp:
-        actions = g.member.contribute(ints)  # masked into the parent's cohort
-        data = g.member.client.last or b""
-        return actions, data, count, failed
-    message = cohort_message(rnd.terms.spec, decode_sum(rnd.terms.spec, ints, sa), failed)
-    if message is None:
-        return [], b"", count, failed
-    kind, body = message
-    env = Envelope(kind, f, s.round, s.model_version, g.id, body, run=rnd.run)
-    data = seal(env, g.key)
-    g._sent_up = (rnd.stamp, topic, data)
-    return [Publish(Link.UP, topic, data)], data, count, failed

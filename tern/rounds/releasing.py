@@ -31,18 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["budget_spent", "kept_share", "release"]
 
 
-def _own_devices(fleet: Fleet, gateway: str, schedule: RoundSchedule) -> int:
-    chosen = schedule.participants
-    return sum(1 for d in fleet.gateways[gateway].devices if chosen is None or d in chosen)
-
-
-def _subtree(fleet: Fleet, gateway: str) -> list[str]:
-    out = [gateway]
-    for child in fleet.children(gateway):
-        out += _subtree(fleet, child)
-    return out
-
-
 def kept_share(
     fleet: Fleet,
     schedule: RoundSchedule,
@@ -55,8 +43,8 @@ def kept_share(
         lost = max(stands_for.get(g, partial.count) - partial.count, 0)
         if not lost:
             continue
-        for h in _subtree(fleet, g):
-            n = _own_devices(fleet, h, schedule)
+        for h in fleet.gateways_below(g):
+            n = sum(1 for d in fleet.gateways[h].devices if schedule.takes_part(d))
             if n == 0:
                 continue
             sa = schedule.secagg

@@ -33,7 +33,6 @@ from tern.rounds.stages import Stage, Stages
 from tern.secagg.crypto import SecAggFailed
 from tern.secagg.graph import Cohort
 from tern.secagg.server import SecAggServer
-from tern.secagg.wire import member_caps
 from tern.topics import Topic
 
 __all__ = ["STAGES", "SecAggRound"]
@@ -79,7 +78,6 @@ class SecAggRound(StagedRound):
         )  # fmt: skip  (StageError when the cohort's times do not fit in the round)
         self.opened_at = opened_at
         self.stands_for = {p.id: p.devices for p in peers.values()}
-        self.caps = member_caps(cohort)
         self.failures: dict[str, Contribution] = {}
         self.rejected: Counter[str] = Counter()
         self.extra_rejected: Counter[str] = Counter()  # refused outside the round
@@ -116,7 +114,7 @@ class SecAggRound(StagedRound):
             return self._reject(sender, "rate_limited", "too many messages in this stage")
         self._attempts[(peer.id, stage)] += 1
         try:
-            opened = admit_stage(data, parsed, peer, self.terms, self.caps)
+            opened = admit_stage(data, parsed, peer, self.cohort)
             if isinstance(opened, Contribution):
                 self._seen.add(digest)
                 if peer.id in self.failures:

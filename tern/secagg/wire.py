@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey
 
+from tern.caps import FAILURE_CAPS
 from tern.cbor import Caps, head
 from tern.envelope import SCHEMA_VERSIONS, Envelope, Kind, canonical, open_envelope, seal
 from tern.errors import PayloadTooLarge
@@ -97,13 +98,21 @@ def _check_size(data: bytes, kind: Kind, caps: Mapping[Kind, Caps]) -> None:
         raise PayloadTooLarge(len(data), caps[kind].max_bytes)
 
 
-def open_member_message(data: bytes, cohort: Cohort, sender: str) -> Envelope:
-    """A member's stage message, as the gateway receives it on `sender`'s topic."""
+def open_member_message(
+    data: bytes, cohort: Cohort, sender: str, *, failures: bool = False
+) -> Envelope:
+    """A member's stage message, as the gateway receives it on `sender`'s topic; with
+    `failures`, also the `failure` a member sends when it could not train (the round
+    machines' trust boundary, `tern.admit.admit_stage`, takes both)."""
     if sender not in cohort.graph:
         raise SecAggError("a message from outside the cohort", "not_member")
     caps = member_caps(cohort)
+    kinds = MEMBER_KINDS
+    if failures:
+        caps[Kind.FAILURE] = FAILURE_CAPS
+        kinds = kinds | {Kind.FAILURE}
     env = open_envelope(
-        data, cohort.keys, fleet=cohort.fleet, kinds=MEMBER_KINDS, caps=_union(caps),
+        data, cohort.keys, fleet=cohort.fleet, kinds=kinds, caps=_union(caps),
         round=cohort.round, run=cohort.run, sender=sender,
     )  # fmt: skip
     _check_size(data, env.kind, caps)
