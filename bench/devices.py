@@ -36,8 +36,10 @@ class DevicePool:
     """The simulated devices of one gateway: on each new schedule (verified with the
     coordinator's key) every participating device seals its precomputed update body for
     that round with its own key and publishes it, QoS 1, on its own update topic, over
-    its own connection. The first device also receives the model and the schedule (the
-    others do not train, so one copy per pool is enough)."""
+    its own connection. The first device also receives what a real device follows, the
+    model's deltas and the schedule (the others do not train, so one copy per pool is
+    enough): `bytes_in` counts its deliveries' payloads, what every device of the pool
+    would receive, and `bytes_out` the payloads of every update sent."""
 
     def __init__(
         self,
@@ -55,6 +57,8 @@ class DevicePool:
         self.errors = 0
         self.messages_in = 0
         self.messages_out = 0
+        self.bytes_in = 0  # the first device's deliveries (payload bytes)
+        self.bytes_out = 0  # every device's updates (payload bytes)
         self._last_round = -1
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -100,9 +104,7 @@ class DevicePool:
         await asyncio.gather(*(connect(d) for d in self.devices))
         first = self._clients[self.devices[0]]
         f = self.fleet.fleet
-        await first.subscribe(
-            [(topics.global_model(f).path, 1), (topics.round_schedule(f).path, 1)]
-        )
+        await first.subscribe([(topics.model_delta(f).path, 1), (topics.round_schedule(f).path, 1)])
         self._tasks.append(asyncio.create_task(self._listen(first)))
 
     async def _disconnect_all(self) -> None:
@@ -120,8 +122,9 @@ class DevicePool:
             if message is None:
                 continue
             self.messages_in += 1
+            self.bytes_in += len(message.data)
             if message.topic != schedule_topic:
-                continue  # the model: nothing to do, its delivery is counted
+                continue  # a delta: nothing to do, its delivery is counted
             try:
                 env, schedule = open_schedule(bytes(message.data), self.fleet)
             except TernError:
@@ -142,6 +145,7 @@ class DevicePool:
             try:
                 await self._clients[device].publish(topic, data, qos=1)
                 self.messages_out += 1
+                self.bytes_out += len(data)
             except Exception:  # a lost device is data here, not the end of the bench
                 log.exception("device %s: publish failed", device)
                 self.errors += 1

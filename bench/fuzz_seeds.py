@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # imported by valid_world, after instrumentation
     from tern.spec import ModelSpec
 
 __all__ = [
+    "SPARSE_DENSITY",
     "World",
     "cbor_hostile",
     "envelope_fields",
@@ -40,8 +41,11 @@ __all__ = [
     "mcu_hostile",
     "mutate",
     "random_input",
+    "sparse_hostile",
     "valid_world",
 ]
+
+SPARSE_DENSITY = 0.25  # what the fuzzed sparse decoders accept (a schedule's density)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +86,13 @@ def valid_world() -> World:
     from kernels.reference import init_weights, mlp_spec
     from tern import mcu
     from tern.aggregate import Partial
-    from tern.codecs import CodecName, Float16Codec, Float32Codec, TernaryCodec
+    from tern.codecs import (
+        CodecName,
+        Float16Codec,
+        Float32Codec,
+        SparseTernaryCodec,
+        TernaryCodec,
+    )
     from tern.envelope import Envelope, Kind, canonical, seal
     from tern.fleet import COORDINATOR, Fleet, GatewayEntry
     from tern.freshness import Stamp, Watermarks
@@ -160,6 +170,7 @@ def valid_world() -> World:
         "schedule-policy": replace(schedule, policy=policy).to_body(),
         "update": update_body(TernaryCodec(), 100.0),
         "update16": update_body(Float16Codec(), 40.0),
+        "update-sparse": update_body(SparseTernaryCodec(SPARSE_DENSITY), 100.0),
         "partial": update_body(Float32Codec(), 200.0, late=1),
         "failure": Failure({"kernel_trap": 1}).to_body(),
         "kernel": kernel.to_body(),
@@ -287,6 +298,26 @@ def cbor_hostile() -> list[bytes]:
         b"\x62\xc3\x28",  # text that is not UTF-8
         b"\xd8\x28\x82\x81\x1a\x10\x00\x00\x00\xd8\x55\x40",  # tag 40, huge shape, no data
     ]
+
+
+def sparse_hostile(wire: dict[str, Any], n: int) -> list[bytes]:
+    """A valid sparse tensor of `n` values (tern.sparse) with one thing wrong each: count
+    past the density, another Rice parameter, a position past the end, set padding bits,
+    trailing or huge byte strings, a bad scale or shape, an extra key."""
+    from tern.envelope import canonical
+
+    gaps, signs, count = wire["gaps"], wire["signs"], wire["count"]
+    variants: list[dict[str, object]] = [
+        {"count": n}, {"count": count + 1}, {"count": 2**64 - 1},
+        {"rice": 0}, {"rice": 63}, {"rice": 2**40},
+        {"gaps": b"\x00" * len(gaps) + b"\x80"},  # one long last gap: past the end
+        {"gaps": gaps[:-1] + bytes([gaps[-1] | 1])},  # an extra code in the padding
+        {"gaps": gaps + b"\x00"}, {"gaps": b"\xff" * (len(gaps) + 4096)},
+        {"signs": signs[:-1] + bytes([signs[-1] | 1])}, {"signs": signs + b"\x00"},
+        {"scale": -1.0}, {"scale": float("inf")}, {"scale": 0.0}, {"shape": [n + 1]},
+        {"extra": 0},
+    ]  # fmt: skip
+    return [canonical({**wire, **v}) for v in variants]
 
 
 _JSON_NUMBER = re.compile(

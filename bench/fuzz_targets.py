@@ -19,13 +19,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from bench.fuzz_chunks import chunks_table
+from bench.fuzz_downlink import downlink_table
 from bench.fuzz_secagg import secagg_table
 from bench.fuzz_seeds import (
+    SPARSE_DENSITY,
     cbor_hostile,
     envelope_fields,
     envelope_with_body,
     json_hostile,
     mcu_hostile,
+    sparse_hostile,
     valid_world,
 )
 
@@ -101,10 +105,13 @@ def _firmware() -> ModuleType:
 
 def build_targets() -> dict[str, Target]:
     """Every decoder, with its seeds: imports the protocol layer (instrument before)."""
+    import numpy as np
+
     from gateway.boards import Boards, BoardsError
     from tern import mcu
     from tern.admit import Terms, admit, peers_of
     from tern.cbor import Caps, decode, decode_signed_map
+    from tern.codecs import SparseTernaryCodec
     from tern.collect import Collector
     from tern.envelope import Kind, canonical, open_envelope
     from tern.errors import TernError
@@ -219,6 +226,20 @@ def build_targets() -> dict[str, Target]:
     def text(decoder: Callable[[str], object]) -> Prepare:
         return lambda data: _bind(decoder, data.decode("utf-8", "replace"))
 
+    sparse = SparseTernaryCodec(SPARSE_DENSITY)
+    sparse_update = w.bodies["update-sparse"]
+    first = spec.tensors[0]
+    first_wire = sparse_update["tensors"][0]  # type: ignore[index]
+    sparse_seeds = [canonical(first_wire), *sparse_hostile(first_wire, first.size), *cbor_bad]
+
+    def sparse_update_check(b: Any) -> object:
+        return Update.from_body(b).check(spec, density=SPARSE_DENSITY)
+
+    def sparse_check(b: Any) -> object:  # decode and scatter: what a receiver does with it
+        acc = np.zeros(first.size, dtype=np.float32)
+        sparse.check(b, first.shape, "t").add_to(acc)
+        return acc
+
     board_key, board, mcu_body, mcu_sealed = w.board_key, w.board, w.mcu_body, w.mcu_sealed
     mcu_bad = mcu_hostile(mcu_body)
     current = firmware.mark(run, rnd - 1)
@@ -276,6 +297,9 @@ def build_targets() -> dict[str, Target]:
         ("body.RoundSchedule", [*body_seeds, *cbor_bad], body(RoundSchedule.from_body), ()),
         ("body.Update", [*body_seeds, *cbor_bad],
          body(lambda b: Update.from_body(b).check(spec)), ()),
+        ("body.Update/sparse", [canonical(sparse_update), *body_seeds, *cbor_bad],
+         body(sparse_update_check), ()),
+        ("codecs.sparse", sparse_seeds, body(sparse_check), ()),
         ("body.Failure", [*body_seeds, *cbor_bad], body(Failure.from_body), ()),
         ("body.KernelFile", [*body_seeds, *cbor_bad], body(KernelFile.from_body), ()),
         ("body.ModelSpec", [canonical(spec.to_cbor()), *cbor_bad], body(ModelSpec.from_cbor), ()),
@@ -301,6 +325,8 @@ def build_targets() -> dict[str, Target]:
         ("boards.Boards", json_seeds("boards"), text(Boards.from_json), boards_error),
     ]  # fmt: skip
     table += secagg_table(_resign)  # issue 12: both receivers of secure aggregation
+    table += downlink_table(_resign)  # issue 13: the compressed downlink
+    table += chunks_table(_resign)  # issue 13: big messages in chunks
     targets = {}
     for name, seeds, prepare, errors in table:
         max_len = max(4096, max(len(s) for s in seeds) + 1024)

@@ -30,8 +30,19 @@ each secure-aggregation stage message class against accepting a valid message of
 stage, and a flood of --secagg-messages around one round, which must still close with
 exactly the sum of its devices' contributions.
 
+Part d, the compressed downlink (bench.hostile_downlink): the refusal cost of each hostile
+delta or full model at a device's and a gateway's model follower against accepting a
+valid message of the same size (a ternary delta, a float32 delta for an oversize one, a
+full model); every refusal carries its named reason, is counted (``delta_<reason>``,
+``model_<reason>``) and leaves the follower holding what it held.
+
+Part e, chunked messages (bench.hostile_chunks): the refusal cost of each hostile manifest
+or chunk at a gateway's chunking transport against taking a valid chunked update, and a
+flood of --chunk-messages through which every honest update must arrive whole.
+
     python -m bench.hostile [--repeat N] [--samples N] [--messages 10000] [--strangers N]
-                            [--secagg-messages N] [--skip-gateway] [--skip-secagg] [--json]
+                            [--secagg-messages N] [--skip-gateway] [--skip-secagg]
+                            [--skip-downlink] [--skip-chunks] [--chunk-messages N] [--json]
 """
 
 from __future__ import annotations
@@ -41,10 +52,15 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from nacl.signing import SigningKey
+
+from bench.hostile_chunks import chunks_part
 from bench.hostile_classes import AttackClass, Scenario, demo_fleet
 from bench.hostile_costs import measure_costs
+from bench.hostile_downlink import Downlink, downlink_costs
 from bench.hostile_gateway import flood_gateway
 from bench.hostile_secagg import secagg_costs, secagg_flood, world
+from tern.fleet import Fleet
 
 __all__ = ["AttackClass", "Scenario", "demo_fleet", "flood_gateway", "main", "measure_costs"]
 
@@ -62,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--skip-gateway", action="store_true", help="no part b")
     ap.add_argument("--skip-secagg", action="store_true", help="no part c")
     ap.add_argument("--secagg-messages", type=int, default=2000, help="hostile messages (c)")
+    ap.add_argument("--skip-downlink", action="store_true", help="no part d")
+    ap.add_argument("--skip-chunks", action="store_true", help="no part e")
+    ap.add_argument("--chunk-messages", type=int, default=2000, help="hostile messages (e)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="also print one JSON object last")
     args = ap.parse_args(argv)
@@ -99,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {**costs}
     if not args.skip_secagg:
         result["secagg"] = _secagg_part(args.repeat, args.samples, args.secagg_messages, args.seed)
+    if not args.skip_downlink:
+        result["downlink"] = _downlink_part(fleet, keys, args.repeat, args.samples, args.seed)
+    if not args.skip_chunks:
+        result["chunks"] = chunks_part(args.repeat, args.samples, args.chunk_messages)
     if not args.skip_gateway:
         rss = flood_gateway(args.messages, args.strangers, args.seed)
         result["rss"] = rss
@@ -162,6 +185,32 @@ def _secagg_part(repeat: int, samples: int, messages: int, seed: int) -> dict[st
         f"of {flood['survivors']} survivors (every honest member: {flood['honest_in_sum']})"
     )
     return sa
+
+
+def _downlink_part(
+    fleet: Fleet, keys: dict[str, SigningKey], repeat: int, samples: int, seed: int
+) -> dict[str, Any]:
+    """Part d (bench.hostile_downlink): a device's and a gateway's model followers."""
+    d = downlink_costs(Downlink(fleet, keys, seed), repeat, samples)
+    sizes = d["message_bytes"]
+    accepted = "; ".join(
+        f"{r}: " + ", ".join(f"{b} {us:.1f} µs ({sizes[b]:,} B)" for b, us in bs.items())
+        for r, bs in d["accept_us"].items()
+    )
+    print(f"\npart d: the compressed downlink ({d['params']:,} parameters), accept: {accepted}")
+    head_ = f"{'attack class':<58} {'bytes':>7} {'refuse µs':>10} {'ratio':>6} {'vs':>16}  reason"
+    print(head_)
+    print("-" * len(head_))
+    for name, r in sorted(d["classes"].items(), key=lambda kv: kv[1]["ratio"]):
+        mark = "" if r["reason"] == r["expected"] else f" (expected {r['expected']})"
+        mark += "" if r["counted"] and r["kept"] else " (NOT counted once / models changed)"
+        print(
+            f"{name:<58} {r['bytes']:>7,} {r['refuse_us']:>10.1f} {r['ratio']:>6.2f} "
+            f"{r['baseline']:>16}  {r['reason']}{mark}"
+        )
+    worst = max(r["ratio"] for r in d["classes"].values())
+    print(f"target: ratio <= 1: worst {worst:.2f} ({'met' if worst <= 1 else 'MISSED'})")
+    return d
 
 
 if __name__ == "__main__":

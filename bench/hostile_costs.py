@@ -27,6 +27,7 @@ from bench.hostile_classes import (
     Scenario,
     flip_signature,
 )
+from bench.hostile_sparse import SparseRound
 from tern import topics
 from tern.admit import Terms, peers_of
 from tern.aggregate import Accumulator
@@ -73,6 +74,8 @@ def measure_costs(scenario: Scenario, repeat: int, samples: int) -> dict[str, An
     attack class, and the ratio; medians of `samples`, then of `repeat` repeats."""
     s = scenario
     terms = Terms.of(FLEET, RUN, s.schedule, s.spec)
+    sparse = SparseRound(s)  # a round on the sparse codec: its own receiver and classes
+    sparse_terms = Terms.of(FLEET, RUN, sparse.schedule, s.spec)
     peers = peers_of(s.fleet, GATEWAY, s.schedule)
     own = topics.update(FLEET, GATEWAY, ATTACKER).path
     marks = Watermarks(Stamp(RUN, s.round), Stamp(RUN, s.round, s.schedule.deadline))
@@ -83,12 +86,13 @@ def measure_costs(scenario: Scenario, repeat: int, samples: int) -> dict[str, An
         "schedule": s.schedule_message(newer_schedule),
         "status": s.status(0, detail="d" * 500, last_error="e" * 200),  # the largest valid
         "view": s.view(0, MAX_VIEW_MEMBERS),  # the largest valid view
+        "sparse": sparse.update(0),
     }
-    classes = s.classes()
+    classes = s.classes() + sparse.classes()
     spent = [flip_signature(s.update(1000 + k)) for k in range(MAX_ATTEMPTS)]
 
-    def collector(history: str) -> Collector:
-        c = Collector(terms=terms, peers=peers)
+    def collector(history: str, sparse_round: bool = False) -> Collector:
+        c = Collector(terms=sparse_terms if sparse_round else terms, peers=peers)
         if history == "accepted":
             c.offer(valid["update"], own)
         elif history == "spent":
@@ -110,12 +114,12 @@ def measure_costs(scenario: Scenario, repeat: int, samples: int) -> dict[str, An
         return accept
 
     def one(case: AttackClass | None, receiver: Receiver, data: bytes) -> tuple[int, str]:
-        if receiver in ("update", "offer"):
+        if receiver in ("update", "offer", "sparse"):
             sender = ATTACKER if case is None else case.topic
             topic = topics.update(FLEET, GATEWAY, sender).path
-            c = collector("" if case is None else case.history)
+            c = collector("" if case is None else case.history, receiver == "sparse")
             offer = offer_once(c, data, topic, case is not None and case.retained)
-            folds = case is None and receiver == "update"
+            folds = case is None and receiver in ("update", "sparse")
             return _timed(fold_too(c, offer) if folds else offer)
         if receiver in ("status", "view"):
             sender = CHILD if receiver == "view" else ATTACKER if case is None else case.topic
@@ -154,6 +158,7 @@ def measure_costs(scenario: Scenario, repeat: int, samples: int) -> dict[str, An
         "accept_schedule_us": round(base["schedule"], 2),
         "accept_status_us": round(base["status"], 2),
         "accept_view_us": round(base["view"], 2),
+        "accept_sparse_us": round(base["sparse"], 2),
         "update_bytes": len(valid["update"]),
         "model_bytes": len(valid["model"]),
         "classes": {},

@@ -58,7 +58,7 @@ from broker.fleet_access import broker_policy
 from broker.lifecycle import quiet_third_party_logs
 from broker.mosquitto import MosquittoProcess, find_mosquitto
 from broker.mosquitto_config import write_mosquitto_config
-from broker.transport import MqttTransport
+from broker.transport import Transport
 from coordinator import Coordinator, CoordinatorConfig
 from coordinator.store import RoundRecord
 from gateway import Gateway, GatewayConfig
@@ -123,11 +123,15 @@ def _update_bodies(devices: Sequence[str], seed: int) -> dict[str, object]:
     return {d: _BODIES[seed, d] for d in devices}
 
 
+HOPS = ("device_to_gateway", "gateway_to_parent", "parent_to_gateway", "gateway_to_device")
+
+
 @dataclass(frozen=True)
 class _Closed:
     record: RoundRecord
     at: float  # monotonic seconds
     messages: int  # every client's published + delivered so far
+    hops: dict[str, int]  # payload bytes so far on each hop (HOPS), every member together
 
 
 def _run_fleet(
@@ -166,7 +170,7 @@ def _run_fleet(
             stops.append(embedded.stop)
             coord_url = embedded.url
 
-        counted: list[MqttTransport] = []
+        counted: list[Transport] = []
         pools: list[DevicePool] = []  # their own counts: bench.devices are not paho clients
         gateways: list[Gateway] = []
         for g, gw in enumerate(kit.layout):
@@ -192,8 +196,20 @@ def _run_fleet(
             paho = sum(t.stats.messages_in + t.stats.messages_out for t in counted)
             return paho + sum(p.messages_in + p.messages_out for p in pools)
 
+        def hops() -> dict[str, int]:
+            """Payload bytes at the clients, delivery by delivery: what every device
+            sent and received (a pool's first device receives what each of its devices
+            would), what every gateway sent and received upstream."""
+            ups = [g.upstream for g in gateways if g.upstream is not None]
+            return {
+                "device_to_gateway": sum(p.bytes_out for p in pools),
+                "gateway_to_parent": sum(t.stats.bytes_out for t in ups),
+                "parent_to_gateway": sum(t.stats.bytes_in for t in ups),
+                "gateway_to_device": sum(p.bytes_in * len(p.devices) for p in pools),
+            }
+
         def on_round(record: RoundRecord) -> None:
-            closed.append(_Closed(record, time.monotonic(), messages()))
+            closed.append(_Closed(record, time.monotonic(), messages(), hops()))
 
         coord_config = CoordinatorConfig(
             broker_url=coord_url,
@@ -240,6 +256,8 @@ def measure(kind: str, n: int, args: argparse.Namespace, mosquitto: str | None) 
         closes = _run_fleet(kind, n, args, mosquitto, Path(tmp))
     by_round = {c.record.round: c for c in closes}
     round_s, msgs_s, updates_s = [], [], []
+    per_member: dict[str, list[float]] = {h: [] for h in HOPS}
+    gateways = math.ceil(n / args.devices_per_gateway)
     complete = 0
     for r in range(2, 2 + args.rounds):
         this, prev = by_round.get(r), by_round.get(r - 1)
@@ -251,9 +269,13 @@ def measure(kind: str, n: int, args: argparse.Namespace, mosquitto: str | None) 
         round_s.append(secs)
         updates_s.append(rec.contributors / secs)
         msgs_s.append((this.messages - prev.messages) / max(this.at - prev.at, 1e-3))
+        for h in HOPS:  # per device (device hops) or per gateway, in this round
+            members = n if h in ("device_to_gateway", "gateway_to_device") else gateways
+            per_member[h].append((this.hops[h] - prev.hops[h]) / members)
     if not round_s:
         nan = float("nan")
-        figures = ("round_s", "round_s_min", "round_s_max", "msgs_s", "updates_s")
+        figures = ("round_s", "round_s_min", "round_s_max", "msgs_s", "updates_s",
+                   *(f"bytes_{h}" for h in HOPS))  # fmt: skip
         return {**dict.fromkeys(figures, nan), "rounds": 0, "complete": 0}
     return {
         "round_s": statistics.median(round_s),
@@ -263,6 +285,7 @@ def measure(kind: str, n: int, args: argparse.Namespace, mosquitto: str | None) 
         "updates_s": statistics.median(updates_s),
         "rounds": len(round_s),
         "complete": complete,
+        **{f"bytes_{h}": statistics.median(v) for h, v in per_member.items()},
     }
 
 
@@ -352,6 +375,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['round_s_min']:>6.3f}-{r['round_s_max']:<6.3f} {r['msgs_s']:>9,.0f} "
                 f"{r['updates_s']:>10,.0f} {int(r['complete']):>4}/{int(r['rounds']):<3} {shown}"
             )
+    params = mlp_spec(LAYERS).size
+    print(f"\nbytes per hop per round (payloads as delivered; per device or per gateway), "
+          f"bits per parameter of the {params:,}-parameter model in brackets")  # fmt: skip
+    head = f"{'broker':<10} {'devices':>7} " + " ".join(f"{h.replace('_', ' '):>24}" for h in HOPS)
+    print(head)
+    print("-" * len(head))
+    for kind in BROKERS:
+        for key, r in results[kind].items():
+            cells = []
+            for h in HOPS:
+                b = r[f"bytes_{h}"]
+                cells.append(f"{b:>12,.0f} ({8 * b / params:>6.2f})" if math.isfinite(b) else
+                             f"{'n/a':>24}")  # fmt: skip
+            print(f"{kind:<10} {int(key):>7,} " + " ".join(f"{c:>24}" for c in cells))
     for note in notes:
         print(note)
     if args.json:

@@ -70,11 +70,11 @@ def broker_policy(fleet: Fleet, broker: str, boards: Boards | None = None) -> Ac
         for path in (topics.status(f, m).path, topics.telemetry(f, m).path)
     )
     if broker == COORDINATOR:
-        rights[COORDINATOR] = _coordinator(f)
+        rights[COORDINATOR] = _coordinator(fleet)
         for gw in fleet.children(COORDINATOR):
             rights[gw] = _child_gateway(fleet, COORDINATOR, gw, voiced)
     else:
-        rights[broker] = _own_gateway(f, broker)
+        rights[broker] = _own_gateway(fleet, broker)
         for device in fleet.gateways[broker].devices:
             rights[device] = _device(f, broker, device)
         for child in fleet.children(broker):
@@ -98,21 +98,35 @@ def broker_policy(fleet: Fleet, broker: str, boards: Boards | None = None) -> Ac
     return AccessPolicy(accounts, reserved, anonymous=None)
 
 
-def _coordinator(f: str) -> Rights:
-    me = COORDINATOR
+def _coordinator(fleet: Fleet) -> Rights:
+    f, me = fleet.fleet, COORDINATOR
     own = (
         topics.global_model(f).path,
+        topics.model_delta(f).path,
         topics.round_schedule(f).path,
         topics.kernels(f).path,
         topics.metrics(f, me).path,
         topics.status(f, me).path,
+        _chunks(f, me),
     )
-    return Rights(publish=own, retain=own, subscribe=(topics.partials_to(f, me).path,))
+    heard = (topics.partials_to(f, me).path, *(_chunks(f, g) for g in fleet.children(me)))
+    return Rights(publish=own, retain=own, subscribe=heard)
+
+
+def _chunks(f: str, member: str) -> str:
+    """The chunks `member` keeps (retained) of its messages too large for the broker
+    (tern.chunks): its own to publish, its peers' to read."""
+    return topics.chunks_of(f, member).path
 
 
 def _downlink(f: str) -> tuple[str, ...]:
     """What a gateway relays down to everyone below it, retained."""
-    return topics.global_model(f).path, topics.round_schedule(f).path, topics.kernels(f).path
+    return (
+        topics.global_model(f).path,
+        topics.model_delta(f).path,
+        topics.round_schedule(f).path,
+        topics.kernels(f).path,
+    )
 
 
 def _child_gateway(
@@ -128,16 +142,18 @@ def _child_gateway(
     views = tuple(topics.view(f, g).path for g in fleet.gateways_below(gateway))
     # A child gateway is a member of its parent's cohort under secure aggregation.
     inbox = () if parent == COORDINATOR else (topics.inbox(f, gateway, parent).path,)
+    chunks = _chunks(f, gateway)
     return Rights(
-        publish=(topics.partial(f, parent, gateway).path, metrics, *relayed, *views),
-        retain=(metrics, topics.status_all(f).path, *views),
-        subscribe=(*_downlink(f), *inbox),
+        publish=(topics.partial(f, parent, gateway).path, metrics, *relayed, *views, chunks),
+        retain=(metrics, topics.status_all(f).path, *views, chunks),
+        subscribe=(*_downlink(f), *inbox, _chunks(f, parent)),
         deny=deny,
     )
 
 
-def _own_gateway(f: str, gateway: str) -> Rights:
-    sent = (*_downlink(f), topics.mcu_models(f).path)
+def _own_gateway(fleet: Fleet, gateway: str) -> Rights:
+    f = fleet.fleet
+    sent = (*_downlink(f), topics.mcu_models(f).path, _chunks(f, gateway))
     inboxes = topics.inbox(f, None, gateway).path  # its cohort's secure aggregation
     heard = (
         topics.updates_to(f, gateway).path,
@@ -145,16 +161,17 @@ def _own_gateway(f: str, gateway: str) -> Rights:
         topics.telemetry_all(f).path,
         topics.status_all(f).path,
         topics.view_all(f).path,
+        *(_chunks(f, m) for m in (*fleet.gateways[gateway].devices, *fleet.children(gateway))),
     )
     return Rights(publish=(*sent, inboxes), retain=sent, subscribe=heard)
 
 
 def _device(f: str, gateway: str, device: str) -> Rights:
-    status = topics.status(f, device).path
+    status, chunks = topics.status(f, device).path, _chunks(f, device)
     return Rights(
-        publish=(topics.update(f, gateway, device).path, status),
-        retain=(status,),
-        subscribe=(*_downlink(f), topics.inbox(f, device, gateway).path),
+        publish=(topics.update(f, gateway, device).path, status, chunks),
+        retain=(status, chunks),
+        subscribe=(*_downlink(f), topics.inbox(f, device, gateway).path, _chunks(f, gateway)),
     )
 
 

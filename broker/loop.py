@@ -32,8 +32,10 @@ from tern.rounds.events import (
     Publish,
     Received,
     SetTimer,
+    Subscribe,
     Timer,
     Unlinked,
+    Unsubscribe,
 )
 
 __all__ = ["Loop", "Machine"]
@@ -133,6 +135,8 @@ class Loop:
                 self.timers.pop(action.key, None)
             elif isinstance(action, Note):
                 self._note(action)
+            elif isinstance(action, Subscribe | Unsubscribe):
+                self._subscription(action)
             else:
                 self.executors[type(action)](action)
         except Exception:
@@ -148,6 +152,19 @@ class Loop:
         except BrokerError as exc:  # one lost message must not end the round
             self._logs.log(self.logger, str(p.topic), "publish_failed",
                            "%s: publish to %s failed: %s", self.name, p.topic, exc)  # fmt: skip
+
+    def _subscription(self, action: Subscribe | Unsubscribe) -> None:
+        transport = self.links.get(action.link)
+        if transport is None:
+            return
+        try:
+            if isinstance(action, Subscribe):
+                transport.subscribe(action.topic, self.handler(action.link))
+            else:
+                transport.unsubscribe(action.topic)
+        except BrokerError as exc:  # kept by the transport: sent again on reconnect
+            self._logs.log(self.logger, str(action.topic), "subscribe_failed",
+                           "%s: subscription to %s: %s", self.name, action.topic, exc)  # fmt: skip
 
     def _note(self, note: Note) -> None:
         if not note.key:

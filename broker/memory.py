@@ -181,6 +181,9 @@ class MemoryTransport:
         if self._connected:
             self.bus._retained_for(self, flt, handler)
 
+    def unsubscribe(self, filter: Topic | str) -> None:
+        self._subs.pop(str(filter), None)
+
     def close(self, timeout: float = 5.0) -> None:
         self._closed = True
         self._connected = False

@@ -53,6 +53,10 @@ class Subscriptions:
         with self._lock:
             self._by_filter[sub.filter.path] = sub
 
+    def remove(self, path: str) -> None:
+        with self._lock:
+            self._by_filter.pop(path, None)
+
     def handlers(self, topic: str) -> list[Handler]:
         """The handlers of every subscription whose filter matches `topic`."""
         with self._lock:

@@ -224,6 +224,14 @@ class MqttTransport:
         if ack is not None and not self._subscriptions.in_handler():
             self._subscriptions.await_ack(sub, ack, timeout, timeout)
 
+    def unsubscribe(self, filter: Topic) -> None:
+        """Forget `filter`: no more deliveries to its handler, not subscribed again after a
+        reconnect; an UNSUBSCRIBE goes out now when connected (its ack is not awaited)."""
+        with self._lock:
+            self._subscriptions.remove(filter.path)
+            if self._connected:
+                self._client.unsubscribe(filter.path)
+
     def close(self, timeout: float = 5.0) -> None:
         """Disconnect cleanly (the broker does not publish the will) and stop the loop."""
         if self._closing.is_set():

@@ -75,6 +75,10 @@ class Transport(Protocol):
         self, filter: Topic, handler: Handler, *, qos: int = 1, timeout: float = 10.0
     ) -> None: ...
 
+    def unsubscribe(self, filter: Topic) -> None:
+        """Stop delivering `filter`'s messages (and stop subscribing after reconnects)."""
+        ...
+
     def close(self, timeout: float = 5.0) -> None: ...
 
 

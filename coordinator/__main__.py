@@ -20,12 +20,18 @@ from types import FrameType
 
 import numpy as np
 
+from broker.chunking import add_max_message_argument
 from broker.cli import load_member, seconds, start_unless_stopped
 from broker.errors import BrokerError
 from broker.lifecycle import load_login, stop_on_signals
 from broker.logs import add_log_arguments, setup_logging
 from broker.tls import add_client_arguments, client_tls_from_args
 from broker.urls import parse_url
+from coordinator.compression import (
+    add_compression_arguments,
+    downlink_from_args,
+    partials_from_args,
+)
 from coordinator.config import ConfigError, CoordinatorConfig, CoordinatorError
 from coordinator.privacy import add_privacy_arguments, privacy_from_args
 from coordinator.service import Coordinator, TestSet, check_test_set
@@ -175,6 +181,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=".npz with x_test, y_test (or x, y) to evaluate every model on",
     )
     add_privacy_arguments(p)
+    add_compression_arguments(p)
+    add_max_message_argument(p)
     add_client_arguments(p)
     add_log_arguments(p)
 
@@ -219,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
     its broker."""
     with _hangups() as hangup:
         parse_url(args.broker)  # TransportError: before anything is read or locked
+        privacy = privacy_from_args(args)
         config = CoordinatorConfig(
             broker_url=args.broker,
             state_dir=args.state_dir,
@@ -244,7 +253,11 @@ def run(args: argparse.Namespace) -> int:
             connect_timeout=args.connect_timeout,
             keep_models=args.keep_models,
             tls=client_tls_from_args(args, args.broker, COORDINATOR),
-            privacy=privacy_from_args(args),
+            privacy=privacy,
+            partials=partials_from_args(args, privacy.dp_terms_unset()),
+            density=args.density,
+            downlink=downlink_from_args(args),
+            max_message_bytes=args.max_message_bytes,
         )
         fleet, key = load_member(args.fleet_file, args.key, COORDINATOR)
         test_set = None if args.test_set is None else load_test_set(args.test_set, args.layers)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from broker.errors import TransportError
 from broker.transport import TlsClient, parse_url
+from coordinator.compression import compression_refusal
 from coordinator.privacy import PrivacyConfig
 from kernels.wasm import DEFAULT_FUEL, DEFAULT_MEMORY_LIMIT
 from tern.codecs import CodecName
@@ -83,6 +84,14 @@ class CoordinatorConfig:
     tls: TlsClient | None = None
     # Secure aggregation and differential privacy (coordinator.privacy): off by default.
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    # The gateways' partials (tern.rounds.uplink; float32: the exact sum) and a sparse
+    # codec's density (coordinator.compression; the command line's default is ternary).
+    partials: CodecName = CodecName.FLOAT32
+    density: float | None = None
+    # How models go down (tern.downlink): deltas in this codec; None: full models (exact).
+    downlink: CodecName | None = None
+    # Messages whose MQTT packet exceeds this many bytes go in chunks (broker.chunking).
+    max_message_bytes: int | None = None
 
     def strategy_spec(self) -> StrategySpec:
         """The server step as the schedule's policy names it (defaults left out)."""
@@ -155,3 +164,8 @@ class CoordinatorConfig:
         wrong = self.privacy.refusal(self.rounds, self.codec)
         if wrong is not None:
             raise ConfigError("privacy", wrong)
+        refused = compression_refusal(
+            self.codec, self.partials, self.density, self.privacy.dp_terms_unset(), self.downlink
+        )
+        if refused is not None:
+            raise ConfigError(*refused)

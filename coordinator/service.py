@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from nacl.signing import SigningKey
 
+from broker.chunking import ChunkedTransport, fleet_bound
 from broker.errors import BrokerError
 from broker.logs import RunTally, log_round
 from broker.loop import Loop
@@ -31,7 +32,8 @@ from coordinator.store import RoundRecord, StateStore
 from kernels.reference import evaluate, init_weights, mlp_spec
 from kernels.wasm import ABI_VERSION, KernelError, load_kernel, packaged_kernel
 from tern import __version__, topics
-from tern.fleet import Fleet
+from tern.downlink import DOWNLINK_BUFFER, downlink_strategy
+from tern.fleet import COORDINATOR, Fleet
 from tern.messages import Bounds, KernelFile, KernelRef
 from tern.policy import Policy
 from tern.reports import State, Status
@@ -46,6 +48,7 @@ from tern.rounds.coordinator import (
 )
 from tern.rounds.events import Link
 from tern.rounds.opening import RoundSettings, ServerModel
+from tern.spec import ModelSpec
 from tern.strategies import ServerState, Strategy, strategy_from
 
 __all__ = ["Coordinator", "TestSet", "check_test_set"]
@@ -113,7 +116,33 @@ def settings_of(config: CoordinatorConfig) -> RoundSettings:
         dp=config.privacy.dp_terms(config.rounds),
         dp_epsilon=config.privacy.dp_epsilon,
         dp_delta=config.privacy.dp_delta,
+        partials=config.partials,
+        density=config.density,
+        downlink=config.downlink,
     )
+
+
+def strategy_of(settings: RoundSettings, spec: ModelSpec) -> Strategy:
+    """The server step the settings name, its models sent down as deltas when they say so."""
+    inner = strategy_from(settings.policy.strategy)
+    return downlink_strategy(inner, settings.downlink, spec, settings.density)
+
+
+def resume(
+    store: StateStore, spec: ModelSpec, init_seed: int, strategy: Strategy
+) -> tuple[ServerModel, int]:
+    """The model to start from and the round to open first: the state directory's last,
+    or the initial model (round 1) on an empty one. A state saved with full models only
+    resumes with the downlink's residual at zero."""
+    names = tuple(strategy.init_state(spec.size).buffers)
+    snapshot = store.latest(spec.size, names, fresh=(DOWNLINK_BUFFER,))
+    if snapshot is None:
+        weights = init_weights(spec, np.random.default_rng(init_seed))
+        return ServerModel(0, weights, strategy.init_state(spec.size)), 1
+    log.info("resuming at round %d on model v%d", snapshot.last_round + 1,
+             snapshot.model_version)  # fmt: skip
+    state = ServerState(snapshot.model_version, snapshot.buffers)
+    return ServerModel(snapshot.model_version, snapshot.weights, state), snapshot.last_round + 1
 
 
 class Coordinator:
@@ -141,7 +170,7 @@ class Coordinator:
         if test_set is not None:
             check_test_set(test_set.x, test_set.y, config.layers)
         self.settings = settings_of(config)
-        strategy = strategy_from(self.settings.policy.strategy)
+        strategy = strategy_of(self.settings, self.spec)
         self.store = StateStore(config.state_dir, keep_models=config.keep_models)
         self._key = key
         self._clock = clock
@@ -154,7 +183,9 @@ class Coordinator:
         self._callbacks: queue.SimpleQueue[RoundRecord | object | None] = queue.SimpleQueue()
         self._caller: threading.Thread | None = None
         self.run = self.store.run(clock)
-        model, next_round = self._resume(config, strategy)
+        model, next_round = resume(self.store, self.spec, config.init_seed, strategy)
+        if next_round == 1:
+            self.store.save_state(model.version, model.weights, model.state.buffers)
         x_y = None if test_set is None else (test_set.x, test_set.y)
         self.machine = CoordinatorMachine(
             fleet,
@@ -171,13 +202,18 @@ class Coordinator:
             ledger=ledger_for(config.privacy, self.store),
         )
         login = config.login
-        self._transport = MqttTransport(
+        mqtt = MqttTransport(
             config.broker_url,
             config.client_id,
             will=(topics.status(fleet.fleet, config.client_id), self._status(State.OFFLINE)),
             login=None if login is None else (login.username, login.password),
             tls=config.tls,
         )
+        # big messages in chunks (broker.chunking), kept under its member id
+        self._transport = ChunkedTransport(
+            mqtt, fleet=fleet.fleet, sender=COORDINATOR, max_message=config.max_message_bytes,
+            limit=fleet_bound(fleet), max_pending=len(fleet.children(COORDINATOR)) + 8,
+        )  # fmt: skip
         self.loop = Loop(
             "coordinator",
             self.machine.handle,
@@ -200,19 +236,6 @@ class Coordinator:
     @strategy.setter
     def strategy(self, strategy: Strategy) -> None:
         self.machine.strategy = strategy
-
-    def _resume(self, config: CoordinatorConfig, strategy: Strategy) -> tuple[ServerModel, int]:
-        names = tuple(strategy.init_state(self.spec.size).buffers)
-        snapshot = self.store.latest(self.spec.size, names)
-        if snapshot is None:
-            weights = init_weights(self.spec, np.random.default_rng(config.init_seed))
-            model = ServerModel(0, weights, strategy.init_state(self.spec.size))
-            self._save_model(SaveModel(model))
-            return model, 1
-        log.info("resuming at round %d on model v%d", snapshot.last_round + 1,
-                 snapshot.model_version)  # fmt: skip
-        state = ServerState(snapshot.model_version, snapshot.buffers)
-        return ServerModel(snapshot.model_version, snapshot.weights, state), snapshot.last_round + 1
 
     def _save_model(self, action: SaveModel) -> None:
         m = action.model

@@ -287,9 +287,12 @@ class StateStore:
     def round_numbers(self) -> list[int]:
         return sorted(int(p.stem) for p in self.rounds.glob("*.json") if p.stem.isdigit())
 
-    def latest(self, size: int, names: Sequence[str] = ("momentum",)) -> Snapshot | None:
+    def latest(
+        self, size: int, names: Sequence[str] = ("momentum",), *, fresh: Sequence[str] = ()
+    ) -> Snapshot | None:
         """The state after the last closed round, with the server-state buffers `names`;
-        None for an empty directory."""
+        None for an empty directory. A buffer named in `fresh` that this state was saved
+        without (a state from before it existed) starts at zeros."""
         rounds = self.round_numbers()
         last, version = (0, 0)
         if rounds:
@@ -297,5 +300,9 @@ class StateStore:
             last, version = record.round, record.model_version
         elif not (self.models / "v0.npy").exists():
             return None
-        weights, buffers = self.load_state(version, size, names)
+        absent = [n for n in names if n in fresh
+                  and not (self.models / _buffer_file(version, n)).exists()]  # fmt: skip
+        kept = [n for n in names if n not in absent]
+        weights, buffers = self.load_state(version, size, kept)
+        buffers.update({n: np.zeros(size, dtype=np.float32) for n in absent})
         return Snapshot(last, version, weights, buffers)

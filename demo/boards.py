@@ -17,7 +17,7 @@ import statistics
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import numpy.typing as npt
@@ -34,7 +34,7 @@ from tern.errors import TernError
 from tern.mcu import DEFAULT_IN_EXP, quantize_window
 from tern.reports import Telemetry
 
-__all__ = ["BoardTally", "DemoBoards"]
+__all__ = ["BoardTally", "DemoBoards", "print_boards"]
 
 WINDOWS_PER_BOARD = 200
 
@@ -195,3 +195,33 @@ class DemoBoards:
             row["refused"] = dict(sim.stats.get("rejected", {})) if sim is not None else {}
             row["tls"] = sim is not None and "tls" in sim.config  # it connects only with TLS
         return rows
+
+
+def print_boards(boards: list[dict[str, Any]], skipped: str | None, out: TextIO) -> None:
+    """The demo's table of its boards (`DemoBoards.rows`), and why none ran if none did."""
+    if skipped is not None:
+        print(f"boards: none ran ({skipped})", file=out)
+    if not boards:
+        return
+    print(
+        "\nboards (firmware under CPython; int8 model from their gateway; "
+        "accuracy of the last model they ran, on their replayed test windows):",
+        file=out,
+    )
+    print(
+        f"{'board':>6} {'gateway':>8} {'predictions':>12} {'model':>6} {'accuracy':>9} "
+        f"{'latency':>10} refused",
+        file=out,
+    )
+    for b in boards:
+        acc = (
+            "n/a" if b["accuracy_last_model"] is None else f"{100 * b['accuracy_last_model']:.1f}%"
+        )
+        lat = "n/a" if b["latency_us_median"] is None else f"{b['latency_us_median']:,.0f} us"
+        version = "none" if b["model_version"] is None else f"v{b['model_version']}"
+        refused = ", ".join(f"{k} {v}" for k, v in sorted(b["refused"].items())) or "-"
+        print(
+            f"{b['device']:>6} {b['gateway']:>8} {b['predictions']:>12,} {version:>6} "
+            f"{acc:>9} {lat:>10} {refused}",
+            file=out,
+        )

@@ -28,6 +28,7 @@ from gateway.view import subscribe_above
 from kernels.reference import evaluate, init_weights, mlp_spec
 from kernels.wasm import ABI_VERSION, WasmTrainer, packaged_kernel
 from tern import topics
+from tern.downlink import downlink_strategy
 from tern.fleet import COORDINATOR, Fleet
 from tern.freshness import Watermarks
 from tern.members import Members
@@ -46,10 +47,10 @@ from tern.rounds.events import Link
 from tern.rounds.gateway import CohortClosed, GatewayMachine, ModelTaken
 from tern.rounds.opening import RoundSettings, ServerModel
 from tern.rounds.record import RoundRecord
+from tern.strategies import strategy_from
 
 if TYPE_CHECKING:
     from tern.privacy.ledger import PrivacyLedger
-from tern.strategies import strategy_from
 
 __all__ = ["START", "MemoryFleet"]
 
@@ -149,7 +150,11 @@ class MemoryFleet:
         self, key: SigningKey, run: int, settings: RoundSettings
     ) -> CoordinatorMachine:
         """A coordinator of run `run` from the initial model (a fresh state directory)."""
-        strategy = strategy_from(settings.policy.strategy)
+        strategy = downlink_strategy(
+            strategy_from(settings.policy.strategy),
+            settings.downlink,
+            self.spec,
+        )
         model = ServerModel(0, self._initial, strategy.init_state(self.spec.size))
         return CoordinatorMachine(
             self.fleet, key, run=run, spec=self.spec, settings=settings, strategy=strategy,
@@ -239,6 +244,7 @@ class MemoryFleet:
         t = self.buses[dev.machine.gateway].transport(d)
         dev.loop.links[Link.DOWN] = t
         t.subscribe(topics.global_model(f), dev.loop.handler(Link.DOWN))
+        t.subscribe(topics.model_delta(f), dev.loop.handler(Link.DOWN))
         t.subscribe(topics.round_schedule(f), dev.loop.handler(Link.DOWN))
         t.subscribe(topics.inbox(f, d, dev.machine.gateway), dev.loop.handler(Link.DOWN))
         t.connect()

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -22,11 +22,19 @@ from broker.access import AccessControl
 from broker.embedded import EmbeddedBroker
 from broker.fleet_access import broker_policy
 from broker.limits import fleet_limits
+from coordinator.compression import (
+    add_compression_arguments,
+    compression_refusal,
+    default_partials,
+    downlink_from_args,
+    partials_from_args,
+)
 from coordinator.config import CoordinatorConfig
 from coordinator.privacy import PrivacyConfig, add_privacy_arguments, privacy_from_args
 from coordinator.service import Coordinator, TestSet
 from coordinator.store import RoundRecord
-from demo.boards import DemoBoards
+from demo.boards import DemoBoards, print_boards
+from demo.report import DemoResult, HopCounter, summary
 from demo.security import DemoTls, make_demo_tls
 from demo.watching import OnReady, announce, open_watch_points
 from device.agent import DeviceAgent
@@ -43,35 +51,6 @@ from tern.messages import TrainConfig
 __all__ = ["DemoResult", "main", "run_demo"]
 
 LAYERS = (40, 100, 100, 10)
-
-
-@dataclass
-class DemoResult:
-    codec: str
-    params: int
-    trainer: str = "wasm"  # shown in the summary; the JSON keeps its documented keys
-    rounds: list[dict[str, Any]] = field(default_factory=list)
-    boards: list[dict[str, Any]] = field(default_factory=list)  # simulated ESP32 boards
-    boards_skipped: str | None = None  # why no board ran, when none did
-    tls: bool = False  # every link spoke TLS (tern demo --tls)
-    secagg: bool = False  # secure aggregation in every cohort (tern demo --secagg)
-    dp: dict[str, Any] | None = None  # differential privacy: its terms and what was spent
-
-    @property
-    def final_accuracy(self) -> float | None:
-        return self.rounds[-1]["accuracy"] if self.rounds else None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "codec": self.codec,
-            "params": self.params,
-            "final_accuracy": self.final_accuracy,
-            "rounds": self.rounds,
-            "boards": self.boards,
-            "tls": self.tls,
-            "secagg": self.secagg,
-            "dp": self.dp,
-        }
 
 
 def _bar(done: int, total: int, width: int = 24) -> str:
@@ -96,6 +75,9 @@ def run_demo(
     on_ready: OnReady | None = None,
     tls: bool = False,
     privacy: PrivacyConfig | None = None,
+    partials: CodecName | None = None,
+    density: float | None = None,
+    downlink: CodecName | None = CodecName.TERNARY,
 ) -> DemoResult:
     """`trainer`: "wasm" (devices run the kernel the coordinator publishes, as in a real
     fleet) or "numpy" (the reference trainer on every device). `boards`: simulated ESP32
@@ -104,7 +86,10 @@ def run_demo(
     listener on the top broker). Where to watch is printed to `out` and given to
     `on_ready` before the first round. `tls`: every broker listens on TLS only (the demo
     fleet's own CA, demo.security) and every client verifies it. `privacy`: secure
-    aggregation and differential privacy (off by default: coordinator.privacy)."""
+    aggregation and differential privacy (off by default: coordinator.privacy).
+    `partials`: the codec gateways send their partials in (None: ternary, or float32 under
+    central noise), `density` a sparse codec's; `downlink`: the codec of the coordinator's
+    deltas (None: full models every round)."""
     if gateways < 1 or devices < gateways:
         raise ValueError("need at least one gateway and at least one device per gateway")
     if trainer not in ("wasm", "numpy"):
@@ -120,7 +105,10 @@ def run_demo(
     )
     fleet, keys, logins = members.fleet, members.keys, members.logins
     privacy = privacy or PrivacyConfig()
-    result = DemoResult(str(codec), 0, trainer, tls=tls, secagg=privacy.secagg)
+    partials = partials or default_partials(privacy.dp_terms_unset())
+    result = DemoResult(str(codec), 0, trainer, tls=tls, secagg=privacy.secagg,
+                        partials=str(partials), downlink=str(downlink or "full"),
+                        devices=devices, gateways=gateways)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="tern-demo-") as state, ExitStack() as watch:
         secure: DemoTls | None = (
             make_demo_tls(Path(state), "demo", [COORDINATOR, *gw_ids]) if tls else None
@@ -196,8 +184,12 @@ def run_demo(
             login=logins[COORDINATOR],
             tls=client_tls,
             privacy=privacy,
+            partials=partials,
+            density=density,
+            downlink=downlink,
         )
         started = time.monotonic()
+        hops = HopCounter(agents, gws)
 
         def progress(rec: RoundRecord) -> None:
             gw_metrics = [g.wait_for_round(rec.round, timeout=5.0) for g in gws]
@@ -208,9 +200,12 @@ def run_demo(
                 "contributors": rec.contributors,
                 "bytes_device_to_gateway": up,
                 "bytes_gateway_to_coordinator": rec.bytes_up,
-                "bytes_downlink": rec.bytes_down + sum(m.bytes_down for m in gw_metrics),
                 "seconds": round(rec.round_seconds, 3),
+                "hops": hops.take(),  # demo.report: every hop, delivery by delivery
             }
+            row["bytes_downlink"] = (
+                row["hops"]["parent_to_gateway"] + row["hops"]["gateway_to_device"]
+            )
             if rec.noise_multiplier is not None:
                 row["epsilon"] = rec.epsilon
             result.rounds.append(row)
@@ -270,72 +265,6 @@ def run_demo(
     return result
 
 
-def _summary(result: DemoResult, out: TextIO) -> None:
-    rows = result.rounds
-    print(
-        f"\ntern demo: {len(rows)} rounds, codec {result.codec}, {result.params:,} params, "
-        f"{result.trainer} trainer"
-        + (", secure aggregation in every cohort" if result.secagg else "")
-        + ("" if result.dp is None else f", DP ({result.dp['noise']} noise, epsilon "
-           f"{(rows[-1].get('epsilon') if rows else None) or 0:.3g} of "
-           f"{result.dp['epsilon_budget']:g} at delta {result.dp['delta']:g})"),
-        file=out,
-    )  # fmt: skip
-    print(
-        f"{'round':>5} {'accuracy':>9} {'devices':>8} {'dev->gw B':>11} "
-        f"{'gw->coord B':>12} {'down B':>10} {'s':>6}",
-        file=out,
-    )
-    step = max(1, len(rows) // 10)
-    for r in rows[step - 1 :: step] if len(rows) > 10 else rows:
-        acc = "n/a" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
-        print(
-            f"{r['round']:>5} {acc:>9} {r['contributors']:>8} {r['bytes_device_to_gateway']:>11,} "
-            f"{r['bytes_gateway_to_coordinator']:>12,} {r['bytes_downlink']:>10,} "
-            f"{r['seconds']:>6.2f}",
-            file=out,
-        )
-    if rows:
-        per_dev = sum(r["bytes_device_to_gateway"] for r in rows) / max(
-            1, sum(r["contributors"] for r in rows)
-        )
-        print(
-            f"final accuracy {100 * (result.final_accuracy or 0):.1f}%; "
-            f"{per_dev:,.0f} bytes per device update "
-            f"({8 * per_dev / result.params:.2f} bits/param)",
-            file=out,
-        )
-
-
-def _boards_summary(result: DemoResult, out: TextIO) -> None:
-    if result.boards_skipped is not None:
-        print(f"boards: none ran ({result.boards_skipped})", file=out)
-    if not result.boards:
-        return
-    print(
-        "\nboards (firmware under CPython; int8 model from their gateway; "
-        "accuracy of the last model they ran, on their replayed test windows):",
-        file=out,
-    )
-    print(
-        f"{'board':>6} {'gateway':>8} {'predictions':>12} {'model':>6} {'accuracy':>9} "
-        f"{'latency':>10} refused",
-        file=out,
-    )
-    for b in result.boards:
-        acc = (
-            "n/a" if b["accuracy_last_model"] is None else f"{100 * b['accuracy_last_model']:.1f}%"
-        )
-        lat = "n/a" if b["latency_us_median"] is None else f"{b['latency_us_median']:,.0f} us"
-        version = "none" if b["model_version"] is None else f"v{b['model_version']}"
-        refused = ", ".join(f"{k} {v}" for k, v in sorted(b["refused"].items())) or "-"
-        print(
-            f"{b['device']:>6} {b['gateway']:>8} {b['predictions']:>12,} {version:>6} "
-            f"{acc:>9} {lat:>10} {refused}",
-            file=out,
-        )
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tern demo", description=__doc__)
     ap.add_argument("--devices", type=int, default=20)
@@ -373,11 +302,19 @@ def main(argv: list[str] | None = None) -> int:
         "and refuses plaintext; every client verifies it (and logs in, as always)",
     )
     add_privacy_arguments(ap)
+    add_compression_arguments(ap)
     args = ap.parse_args(argv)
     privacy = privacy_from_args(args)
     wrong = privacy.refusal(args.rounds, CodecName(args.codec))
     if wrong:
         ap.error(wrong)
+    partials = partials_from_args(args, privacy.dp_terms_unset())
+    downlink = downlink_from_args(args)
+    refused = compression_refusal(
+        CodecName(args.codec), partials, args.density, privacy.dp_terms_unset(), downlink
+    )
+    if refused is not None:
+        ap.error(refused[1])
     result = run_demo(
         devices=args.devices,
         gateways=args.gateways,
@@ -390,9 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         dashboard=args.dashboard,
         tls=args.tls,
         privacy=privacy,
+        partials=partials,
+        density=args.density,
+        downlink=downlink,
     )
-    _summary(result, sys.stdout)
-    _boards_summary(result, sys.stdout)
+    summary(result, sys.stdout)
+    print_boards(result.boards, result.boards_skipped, sys.stdout)
     if args.json:
         print(json.dumps(result.to_json()))
     return 0

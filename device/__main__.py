@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from broker.chunking import add_max_message_argument
 from broker.cli import load_member, seconds, start_unless_stopped
 from broker.errors import TransportError
 from broker.lifecycle import load_login, stop_on_signals
@@ -68,6 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="pause S seconds before each training: a straggler, for drills (default 0)",
     )
+    add_max_message_argument(p)
     add_client_arguments(p)
     add_log_arguments(p)
 
@@ -102,6 +104,7 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
             state_dir=args.state_dir or default_state_dir(fleet.fleet, args.id),
             slowdown=args.slowdown,
             tls=client_tls_from_args(args, args.gateway_url, args.id),
+            max_message_bytes=args.max_message_bytes,
         )
         if not start_unless_stopped(lambda: agent.start(args.connect_timeout), stop):
             agent.stop()  # stopped while it waited for its gateway's broker

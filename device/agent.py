@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 from nacl.signing import SigningKey
 
+from broker.chunking import ChunkedTransport, fleet_bound
 from broker.errors import TransportError
 from broker.logs import log_device_round
 from broker.loop import Loop
@@ -162,7 +163,9 @@ class DeviceAgent:
     drills, stragglers). `join_current_round`: take part in a round already open when
     it starts, if its deadline is still ahead (default), or wait for the next one.
     `transport`: its connection to the gateway's broker (default: MQTT to gateway_url,
-    over TLS with `tls` for an ``mqtts://`` one).
+    over TLS with `tls` for an ``mqtts://`` one), always behind a ChunkedTransport
+    (broker.chunking): it reassembles chunked messages, and sends a message whose packet
+    exceeds `max_message_bytes` in chunks (None: every message whole).
     """
 
     def __init__(
@@ -186,6 +189,7 @@ class DeviceAgent:
         slowdown: float = 0.0,
         transport: Transport | None = None,
         tls: TlsClient | None = None,
+        max_message_bytes: int | None = None,
     ) -> None:
         if not slowdown >= 0:
             raise DeviceError(f"slowdown must be >= 0 seconds, got {slowdown}")
@@ -236,7 +240,14 @@ class DeviceAgent:
                 rng=rng,
                 tls=tls,
             )
-        self.transport = transport
+        try:
+            self.transport = ChunkedTransport(
+                transport, fleet=fleet.fleet, sender=device_id, max_message=max_message_bytes,
+                limit=fleet_bound(fleet),
+            )  # fmt: skip
+        except TransportError as exc:
+            raise DeviceError(str(exc)) from exc
+        transport = self.transport
         self.loop = Loop(
             f"device-{device_id}",
             self.machine.handle,
@@ -253,15 +264,18 @@ class DeviceAgent:
     @property
     def rejected(self) -> dict[str, int]:
         """Messages from upstream refused, as ``model_<reason>``, ``schedule_<reason>``,
-        ``kernel_<reason>``."""
-        return dict(self.machine.rejected)
+        ``kernel_<reason>``, and chunked ones as ``chunk_<reason>`` (broker.chunking)."""
+        return {**self.machine.rejected, **self.transport.rejected()}
 
     # -- life cycle ---------------------------------------------------------------------
 
     def start(self, timeout: float | None = 10.0) -> DeviceAgent:
         """Connect, subscribe to model and schedule, start the loop and the worker."""
         f = self.fleet.fleet
+        # the full model until a schedule says deltas come, then only while it cannot
+        # follow them (tern.rounds.follow unsubscribes and subscribes again)
         self.transport.subscribe(topics.global_model(f), self.loop.handler(Link.DOWN))
+        self.transport.subscribe(topics.model_delta(f), self.loop.handler(Link.DOWN))
         self.transport.subscribe(topics.round_schedule(f), self.loop.handler(Link.DOWN))
         # its gateway's secure aggregation messages to it (only under secure aggregation)
         inbox = topics.inbox(f, self.id, self.gateway)

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
 
+from broker.chunking import add_max_message_argument
 from broker.cli import (
     listen_failure,
     load_member,
@@ -92,6 +93,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="give up (exit 1) if the upstream broker is not reached within S seconds"
         " (default: wait without end, logging each retry)",
     )
+    add_max_message_argument(p)
+    p.add_argument(
+        "--max-packet-bytes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the largest MQTT packet its own broker (--listen) takes (default: as large as"
+        " the fleet's largest model); with --max-message-bytes below it, big messages"
+        " travel in chunks",
+    )
     p.add_argument(
         "--verbose", "-v", action="store_true", help="log amqtt's own messages and tracebacks"
     )
@@ -148,6 +159,8 @@ def _serve(args: argparse.Namespace, stop: threading.Event, hangup: threading.Ev
             mcu_in_exp=args.mcu_in_exp,
             login=load_login(args.key),
             state_dir=state_dir,
+            max_message_bytes=args.max_message_bytes,
+            max_packet_bytes=args.max_packet_bytes,
             **tls_settings(args),
         )
         gateway = Gateway(config, fleet, key)

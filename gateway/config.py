@@ -36,6 +36,10 @@ class GatewayConfig:
     to it (broker.embedded); `downstream_tls` is what its own client uses on the
     downstream broker: required when that one speaks TLS (an ``mqtts://``
     `downstream_url`, or `listen_tls`), refused otherwise.
+
+    Big messages (broker.chunking): `max_message_bytes` sends a message whose MQTT packet
+    exceeds it in chunks, on both links (None: every message whole); `max_packet_bytes`
+    caps the packets its own broker takes (None: as large as the fleet's largest model).
     """
 
     id: str
@@ -54,6 +58,8 @@ class GatewayConfig:
     downstream_tls: TlsClient | None = None
     listen_tls: TlsServer | None = None
     ws_port: int | None = None
+    max_message_bytes: int | None = None
+    max_packet_bytes: int | None = None
 
     def __post_init__(self) -> None:
         validate_id(self.id, "gateway")
@@ -73,6 +79,12 @@ class GatewayConfig:
         if not own and (self.listen_tls is not None or self.ws_port is not None):
             raise GatewayError("TLS and WebSockets listeners are its own broker's, not an"
                                " external downstream broker's")  # fmt: skip
+        if not own and self.max_packet_bytes is not None:
+            raise GatewayError("max_packet_bytes is its own broker's, not an external one's")
+        for name in ("max_message_bytes", "max_packet_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not value >= 1024):
+                raise GatewayError(f"{name} must be at least 1024 bytes")
         if self.margin < 0:
             raise GatewayError("margin must be non-negative")
         if not -128 <= self.mcu_in_exp <= 127:

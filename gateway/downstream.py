@@ -18,7 +18,7 @@ from broker.access import AccessControl
 from broker.acl import AccessPolicy
 from broker.embedded import EmbeddedBroker
 from broker.errors import BrokerError
-from broker.limits import fleet_limits
+from broker.limits import fleet_limits, sized_for_packets
 from broker.tls import client_tls_from_args, server_tls_from_args
 from broker.urls import format_url
 from gateway.access import gateway_policy
@@ -50,6 +50,8 @@ class OwnBroker:
         # Packets as large as the fleet's largest model; the gateway's own client (which
         # relays every board's model at once) and its child gateways are not rate-limited.
         limits = fleet_limits(fleet, config.id)
+        if config.max_packet_bytes is not None:  # a broker with a message limit (chunks)
+            limits = sized_for_packets(limits, config.max_packet_bytes)
         self._broker = EmbeddedBroker(
             config.listen_host,
             config.listen_port,

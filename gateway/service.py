@@ -19,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 from nacl.signing import SigningKey
 
+from broker.chunking import ChunkedTransport, fleet_bound
 from broker.errors import BrokerError, TransportError
 from broker.logs import log_round
 from broker.loop import Loop
@@ -72,7 +73,8 @@ class Gateway:
             raise GatewayError(str(exc)) from exc
         self.machine = GatewayMachine(
             self.id, fleet, key, depth=self.depth, margin=config.margin, marks=marks,
-            refusals=lambda: self.access_refused, counted=lambda: self.view.rejected,
+            refusals=lambda: self.access_refused,
+            counted=lambda: self.view.rejected + _chunks_refused(self.upstream, self.downstream),
         )  # fmt: skip
         self.view = ViewMachine(fleet, self.id)  # what is below, published upstream
         self._cond = threading.Condition()
@@ -81,8 +83,8 @@ class Gateway:
         self._stopping = threading.Event()
         self._broker: OwnBroker | None = None
         self._rng = rng if rng is not None else np.random.default_rng()
-        self.upstream: MqttTransport | None = None
-        self.downstream: MqttTransport | None = None
+        self.upstream: ChunkedTransport | None = None
+        self.downstream: ChunkedTransport | None = None
         self._boards: BoardRelay | None = None  # with config.boards_file: its ESP32 boards
         # a restarted downstream broker lost the boards' models: publish them again
         again = lambda: None if self._boards is None else self._boards.republish()  # noqa: E731
@@ -138,7 +140,7 @@ class Gateway:
                 boards = None if self._boards is None else self._boards.boards
                 self._broker = OwnBroker(cfg, self.fleet, boards).start(local)
             jitter = self._rng.spawn(2)
-            down = MqttTransport(
+            down = _chunked(self, MqttTransport(
                 self.downstream_url,
                 client_id(f, self.id, "down"),
                 login=login,
@@ -146,7 +148,7 @@ class Gateway:
                 backoff_min=cfg.backoff_min,
                 backoff_max=cfg.backoff_max,
                 rng=jitter[0],
-            )
+            ), below=True)  # fmt: skip
             self.downstream = down
             self.loop.links[Link.DOWN] = down
             subscribe_below(down, f, self.id, self.loop.handler(Link.DOWN), self._boards)
@@ -155,7 +157,7 @@ class Gateway:
             self.loop.linked(Link.DOWN)
             if self._stopping.is_set():  # stopped (a signal) while it waited
                 raise GatewayError(f"gateway {self.id} stopped while starting")
-            up = MqttTransport(
+            up = _chunked(self, MqttTransport(
                 cfg.upstream_url,
                 client_id(f, self.id, "up"),
                 will=(topics.status(f, self.id), self._status(State.OFFLINE)),
@@ -164,7 +166,7 @@ class Gateway:
                 backoff_min=cfg.backoff_min,
                 backoff_max=cfg.backoff_max,
                 rng=jitter[1],
-            )
+            ), below=False)  # fmt: skip
             self.upstream = up
             if self._stopping.is_set():
                 up.close()
@@ -297,7 +299,7 @@ class Gateway:
 
 def _send(
     gateway: str,
-    transport: MqttTransport | None,
+    transport: ChunkedTransport | None,
     topic: topics.Topic,
     data: bytes,
     *,
@@ -312,3 +314,19 @@ def _send(
         transport.publish(topic, data, qos=qos, retain=retain)
     except TransportError as exc:
         log.warning("gateway %s: publish to %s failed: %s", gateway, topic, exc)
+
+
+def _chunked(g: Gateway, inner: MqttTransport, *, below: bool) -> ChunkedTransport:
+    """`inner` sending and reassembling chunks (broker.chunking) for gateway `g`: room
+    for a reassembly from each of its devices and child gateways `below`, and a few more
+    (what comes from above)."""
+    senders = len(g.fleet.gateways[g.id].devices) + len(g.fleet.children(g.id)) if below else 0
+    return ChunkedTransport(
+        inner, fleet=g.fleet.fleet, sender=g.id, max_message=g.config.max_message_bytes,
+        limit=fleet_bound(g.fleet), max_pending=senders + 8,
+    )  # fmt: skip
+
+
+def _chunks_refused(*links: ChunkedTransport | None) -> Counter[str]:
+    """Chunked messages refused on `links`, by reason (``chunk_<reason>``)."""
+    return sum((t.rejected() for t in links if t is not None), Counter())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from broker.transport import Message, MqttTransport, Transport
+from broker.transport import Message, Transport
 from gateway.mcu import BoardRelay
 from tern import topics
 from tern.fleet import COORDINATOR, Fleet
@@ -28,7 +28,10 @@ def subscribe_above(up: Transport, fleet: Fleet, gateway: str, handler: Handler)
     kernels, and, below another gateway, that gateway's secure aggregation messages to it
     (a member of its parent's cohort)."""
     f = fleet.fleet
-    for flt in (topics.global_model(f), topics.round_schedule(f), topics.kernels(f)):
+    # the full model until a schedule says deltas come, then only while it cannot follow
+    # them (tern.rounds.follow unsubscribes and subscribes again)
+    for flt in (topics.global_model(f), topics.model_delta(f), topics.round_schedule(f),
+                topics.kernels(f)):  # fmt: skip
         up.subscribe(flt, handler)
     parent = fleet.gateways[gateway].parent
     if parent != COORDINATOR:
@@ -36,7 +39,7 @@ def subscribe_above(up: Transport, fleet: Fleet, gateway: str, handler: Handler)
 
 
 def subscribe_below(
-    down: MqttTransport, fleet: str, gateway: str, handler: Handler, boards: BoardRelay | None
+    down: Transport, fleet: str, gateway: str, handler: Handler, boards: BoardRelay | None
 ) -> None:
     """Everything `gateway` hears on its own broker, posted by `handler` to its loop: its
     devices' updates, its child gateways' partials and views, and every status and

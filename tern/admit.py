@@ -15,8 +15,8 @@ order, cheapest first (topics.md "Trust boundary"):
    ``partial`` or ``failure``: ``wrong_kind``), the signer is the topic's sender
    (``wrong_sender``), the signature (``bad_signature``), the run and round
    (``stale_run``, ``stale_round``, ...) and the model version (``wrong_model``);
-4. the body: the codec is the schedule's for a device and float32 for a partial
-   (``wrong_codec``); counts (``count_bound``): a device counts 1 and reports no
+4. the body: the codec is the schedule's `codec` for a device and its `partials` for
+   a partial (``wrong_codec``); counts (``count_bound``): a device counts 1 and reports no
    failures below it, a gateway counts at most the participating devices below it,
    failures included; weights (``weight_bound``): at least 1 per contributor, at most
    the device's bound (the fleet file's, else the schedule's), for a gateway the sum
@@ -51,7 +51,6 @@ from tern.topics import Topic, TopicKind
 
 __all__ = [
     "NORM_TOLERANCE",
-    "PARTIAL_CODEC",
     "Contribution",
     "Peer",
     "Refused",
@@ -63,7 +62,6 @@ __all__ = [
     "weight_bound",
 ]
 
-PARTIAL_CODEC = CodecName.FLOAT32  # gateways send their partials in float32 (topics.md)
 # Float32 folds round: a partial of updates that each keep to the bound may exceed it by
 # a few ulps. Far below anything an attacker could use.
 NORM_TOLERANCE = 1e-4
@@ -111,6 +109,8 @@ class Terms:
     # Distributed DP: the standard deviation of the noise on one cohort's sum, per unit
     # weight (z * clip); honest contributions carry their share of it (0 otherwise).
     noise: float = 0.0
+    partials: CodecName = CodecName.FLOAT32  # the gateways' codec
+    density: float | None = None  # a sparse codec's share of entries kept
 
     @classmethod
     def of(cls, fleet: str, run: int, schedule: RoundSchedule, spec: ModelSpec) -> Terms:
@@ -125,7 +125,14 @@ class Terms:
             spec,
             schedule.bounds.max_norm,
             noise,
+            schedule.partials,
+            schedule.density,
         )
+
+    def codec_of(self, role: Role) -> CodecName:
+        """The codec a sender of `role` must use: the schedule's `codec` for a device's
+        update, its `partials` for a gateway's partial."""
+        return self.codec if role is Role.DEVICE else self.partials
 
     def norm_bound(self, count: int) -> float:
         """The largest mean-delta norm of a contribution of `count` devices: `max_norm`,
@@ -136,8 +143,10 @@ class Terms:
         return self.max_norm + self.noise * (math.sqrt(self.spec.size) + 10) / math.sqrt(count)
 
     def caps(self, role: Role) -> Caps:
-        codec = self.codec if role is Role.DEVICE else PARTIAL_CODEC
-        return contribution_caps(self.spec, codec, partial=role is Role.GATEWAY)
+        partial = role is Role.GATEWAY
+        return contribution_caps(
+            self.spec, self.codec_of(role), partial=partial, density=self.density
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +244,7 @@ def _admit_failure(env: Envelope, peer: Peer) -> Failure:
 
 def _admit_update(env: Envelope, peer: Peer, terms: Terms) -> CheckedUpdate:
     update = Update.from_body(env.body)
-    codec = terms.codec if peer.role is Role.DEVICE else PARTIAL_CODEC
+    codec = terms.codec_of(peer.role)
     if update.codec != codec:
         raise _refuse("wrong_codec", f"a {peer.role}'s {update.codec} where {codec} is expected")
     failed = sum(update.failed.values())
@@ -253,7 +262,7 @@ def _admit_update(env: Envelope, peer: Peer, terms: Terms) -> CheckedUpdate:
             f"weight {update.weight:.6g} outside [{update.count * MIN_WEIGHT:g}, "
             f"{peer.max_weight:g}] for {update.count} contributor(s)",
         )
-    checked = update.check(terms.spec)
+    checked = update.check(terms.spec, density=terms.density)
     try:
         norm = math.sqrt(checked.sq_norm()) / update.weight
     except OverflowError:  # pragma: no cover - float64 holds any float32 tensor's norm

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from tern.cbor import Caps
 from tern.codecs import CodecName
+from tern.sparse import max_count, sparse_payload_bound
 from tern.spec import MAX_TENSORS, ModelSpec
 
 __all__ = [
@@ -43,6 +44,11 @@ KERNEL_CAPS = Caps(_ENVELOPE_BYTES + 256 + MAX_KERNEL_BYTES, _ENVELOPE_ITEMS + 1
 _ELEMENT = {CodecName.FLOAT32: 4.0, CodecName.FLOAT16: 2.0, CodecName.TERNARY: 0.2}
 _TENSOR_BYTES = {CodecName.FLOAT32: 16, CodecName.FLOAT16: 16, CodecName.TERNARY: 48}
 _TENSOR_ITEMS = {CodecName.FLOAT32: 5, CodecName.FLOAT16: 5, CodecName.TERNARY: 8}
+# A sparse tensor (tern.sparse): a map of six keys (34 bytes with their heads), a double
+# scale, count and rice as integers up to 2**32, two byte-string heads; its payload bytes
+# come from the count its density allows (`sparse_payload_bound`).
+_SPARSE_BYTES = 72
+_SPARSE_ITEMS = 13
 _DIM_BYTES = 9  # a dimension up to 2**28 takes at most 5 bytes; room to spare
 _UPDATE_BYTES = 64  # the update body's own keys and scalars
 _UPDATE_ITEMS = 10
@@ -68,29 +74,47 @@ _PRIVACY_BYTES = 16 + 9 * MAX_TENSORS + 8 * (16 + 9) + 4 * (16 + 12)
 _PRIVACY_ITEMS = 4 + MAX_TENSORS + 2 * 8 + 2 * 4
 
 
+# The schedule's compression keys: `partials` and `downlink` (codec names), `density` (a
+# float) and `model_hash` (32 bytes), with their keys.
+_COMPRESSION_BYTES = 128
+_COMPRESSION_ITEMS = 8
+
+
 def schedule_caps(devices: int) -> Caps:
     """A round schedule of a fleet of `devices` devices (it may list every one)."""
     return Caps(
-        _ENVELOPE_BYTES + 1024 + _POLICY_BYTES + _PRIVACY_BYTES + 66 * devices,
-        _ENVELOPE_ITEMS + 64 + _POLICY_ITEMS + _PRIVACY_ITEMS + devices,
+        _ENVELOPE_BYTES + 1024 + _POLICY_BYTES + _PRIVACY_BYTES + _COMPRESSION_BYTES + 66 * devices,
+        _ENVELOPE_ITEMS + 64 + _POLICY_ITEMS + _PRIVACY_ITEMS + _COMPRESSION_ITEMS + devices,
     )
 
 
-def _update_caps(spec: ModelSpec, codec: CodecName, tally: bool) -> Caps:
+def _payload_bytes(codec: CodecName, n: int, density: float | None) -> int:
+    if codec is CodecName.SPARSE:
+        if density is None:
+            raise ValueError("the caps of a sparse codec need the schedule's density")
+        return _SPARSE_BYTES + sparse_payload_bound(n, max_count(density, n))
+    return _TENSOR_BYTES[codec] + int(_ELEMENT[codec] * n)
+
+
+def _update_caps(spec: ModelSpec, codec: CodecName, tally: bool, density: float | None) -> Caps:
     size = _ENVELOPE_BYTES + _UPDATE_BYTES + (_TALLY_BYTES if tally else 0)
     items = _ENVELOPE_ITEMS + _UPDATE_ITEMS + (_TALLY_ITEMS if tally else 0)
+    per_items = _SPARSE_ITEMS if codec is CodecName.SPARSE else _TENSOR_ITEMS[codec]
     for t in spec.tensors:
         dims = len(t.shape)
-        size += _TENSOR_BYTES[codec] + dims * _DIM_BYTES + int(_ELEMENT[codec] * t.size) + 1
-        items += _TENSOR_ITEMS[codec] + dims
+        size += _payload_bytes(codec, t.size, density) + dims * _DIM_BYTES + 1
+        items += per_items + dims
     return Caps(size, items)
 
 
-def contribution_caps(spec: ModelSpec, codec: CodecName, *, partial: bool) -> Caps:
+def contribution_caps(
+    spec: ModelSpec, codec: CodecName, *, partial: bool, density: float | None = None
+) -> Caps:
     """What a sender below a receiver may send in a round on model `spec`: an update in
     the round's `codec` (a device's, or a gateway's `partial` with its failure tally),
-    or a failure report, whichever is larger."""
-    update = _update_caps(spec, codec, tally=partial)
+    or a failure report, whichever is larger. A sparse codec needs the schedule's
+    `density` (ValueError without); the other codecs ignore it."""
+    update = _update_caps(spec, codec, partial, density)
     return Caps(
         max(update.max_bytes, FAILURE_CAPS.max_bytes),
         max(update.max_items, FAILURE_CAPS.max_items),

@@ -54,6 +54,10 @@ _DOUBLE = struct.Struct(">d")
 # smallest argument that needs each head length: anything below is not the shortest form
 _SHORTEST = {24: 24, 25: 1 << 8, 26: 1 << 16, 27: 1 << 32}
 _WIDTH = {24: 1, 25: 2, 26: 4, 27: 8}
+# Short UTF-8 texts already decoded (map keys, codec and tensor names): bytes -> str. A
+# hostile sender can fill it with junk, never grow it past _MAX_TEXTS.
+_TEXTS: dict[bytes, str] = {}
+_MAX_TEXTS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,23 +115,46 @@ class _Decoder:
         return major, info, arg
 
     def item(self, depth: int) -> Any:
-        major, info, arg = self._head()
+        # The head is read inline (this is the hot path of every receiver): the same
+        # checks as `_head`, without a tuple and a call per item.
+        pos, data = self.pos, self.data
+        if pos >= self.end:
+            raise MalformedMessage(f"CBOR truncated at byte {pos}: an item is missing")
+        self.items += 1
+        if self.items > self.max_items:
+            raise TooComplex(f"more than {self.max_items} CBOR data items")
+        ib = data[pos]
+        major, info = ib >> 5, ib & 0x1F
+        self.pos = pos + 1
+        if info < 24:
+            arg = info
+        else:
+            self.pos = pos
+            self.items -= 1
+            major, info, arg = self._head()
+        if major == 3:
+            start = self._take(arg)
+            raw = data[start : start + arg]
+            known = _TEXTS.get(raw)
+            if known is not None:
+                return known
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise MalformedMessage(f"CBOR text at byte {start} is not UTF-8") from None
+            if arg <= 32 and len(_TEXTS) < _MAX_TEXTS:
+                _TEXTS[raw] = text  # map keys and names repeat in every message
+            return text
         if major == 0:
             return arg
+        if major == 2:
+            start = self._take(arg)
+            return data[start : start + arg]
         if major == 1:
             value = -1 - arg
             if value < _INT_MIN:
                 raise MalformedMessage("a CBOR integer is below -2**63")
             return value
-        if major == 2:
-            start = self._take(arg)
-            return self.data[start : start + arg]
-        if major == 3:
-            start = self._take(arg)
-            try:
-                return self.data[start : start + arg].decode("utf-8")
-            except UnicodeDecodeError:
-                raise MalformedMessage(f"CBOR text at byte {start} is not UTF-8") from None
         if major == 7:
             return self._simple(info)
         if depth >= MAX_DEPTH:

@@ -1,4 +1,4 @@
-"""Tensor codecs behind one interface: float32, float16 and ternary.
+"""Tensor codecs behind one interface: float32, float16, ternary and sparse ternary.
 
 A codec turns one float32 tensor into its wire value and back. Receiving is split in
 two steps, `check` then `CheckedTensor.add_to`, so that a component validates every
@@ -8,6 +8,7 @@ leave the first ones half-added.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -19,7 +20,8 @@ from cbor2 import CBORTag
 
 from tern import trits as trit_pack
 from tern.errors import MalformedMessage, NonFiniteValue, ShapeMismatch, UnknownCodec, brief
-from tern.quantize import DEFAULT_RULE, TernaryRule, ternarize
+from tern.quantize import DEFAULT_RULE, TernaryRule, optimal_cut, ternarize
+from tern.sparse import check_sparse, encode_sparse, max_count
 from tern.spec import parse_shape
 from tern.tensors import TypedArrayTag, decode_array, encode_array
 
@@ -29,6 +31,7 @@ __all__ = [
     "CodecName",
     "Float16Codec",
     "Float32Codec",
+    "SparseTernaryCodec",
     "TernaryCodec",
     "codec_for",
     "decode",
@@ -41,6 +44,7 @@ class CodecName(StrEnum):
     FLOAT32 = "float32"
     FLOAT16 = "float16"
     TERNARY = "ternary"
+    SPARSE = "sparse"  # sparse ternary: top-k trits, positions Rice-coded (tern.sparse)
 
 
 class CheckedTensor(Protocol):
@@ -71,8 +75,11 @@ def decode(codec: Codec, wire: object, shape: tuple[int, ...], what: str = "tens
 
 
 def _finite(x: F32Array, what: str) -> F32Array:
-    with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf, caught below
-        a = np.asarray(x, dtype=np.float32)
+    if isinstance(x, np.ndarray) and x.dtype == np.float32:
+        a = x  # the usual case; errstate costs more than the check on a small tensor
+    else:
+        with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf, caught below
+            a = np.asarray(x, dtype=np.float32)
     if not np.isfinite(a).all():
         raise NonFiniteValue(f"{what}: cannot encode NaN or infinity")
     return a
@@ -145,14 +152,38 @@ class TernaryCodec:
     name: ClassVar[CodecName] = CodecName.TERNARY
 
     def encode(self, x: F32Array) -> tuple[object, F32Array]:
+        if self.rule is TernaryRule.OPTIMAL and isinstance(x, np.ndarray) and x.dtype == np.float32:
+            fast = self._encode_optimal(x)
+            if fast is not None:
+                return fast
         a = _finite(x, "ternary tensor")
         t, scale = ternarize(a, self.rule, self.rng)
-        wire = {
-            "shape": list(a.shape),
+        decoded = np.multiply(t, scale, dtype=np.float32)
+        return self._wire(a.shape, scale, trit_pack.pack(t)), decoded
+
+    def _encode_optimal(self, x: F32Array) -> tuple[object, F32Array] | None:
+        """The device's hot path (issue 13), the same bytes as the general one: the trits
+        go straight from the threshold to packed digits, and the rule's float64 sums make
+        the scale finite exactly when every value is, so finiteness costs no pass. None
+        when ties at the cut are left out: then the general path."""
+        flat = x.reshape(-1)
+        cut, scale, _, exact = optimal_cut(flat)
+        if not math.isfinite(scale):
+            raise NonFiniteValue("ternary tensor: cannot encode NaN or infinity")
+        if not exact:
+            return None
+        packed, digits = trit_pack.pack_cut(flat, cut)
+        trits = digits.view(np.int8) - np.int8(1)
+        decoded = np.multiply(trits, scale, dtype=np.float32).reshape(x.shape)
+        return self._wire(x.shape, scale, packed), decoded
+
+    @staticmethod
+    def _wire(shape: tuple[int, ...], scale: np.float32, packed: bytes) -> dict[str, object]:
+        return {
+            "shape": list(shape),
             "scale": float(scale),
-            "trits": CBORTag(int(TypedArrayTag.UINT8), trit_pack.pack(t)),
+            "trits": CBORTag(int(TypedArrayTag.UINT8), packed),
         }
-        return wire, t.astype(np.float32) * scale
 
     def check(self, wire: object, shape: tuple[int, ...], what: str) -> CheckedTensor:
         if not isinstance(wire, Mapping) or set(wire) != _TERNARY_KEYS:
@@ -183,12 +214,44 @@ class TernaryCodec:
         return _Ternary(packed, s32)
 
 
-def codec_for(name: str, rng: np.random.Generator | None = None) -> Codec:
-    """The codec a fleet or an update names; UnknownCodec for anything else."""
+@dataclass(frozen=True, slots=True)
+class SparseTernaryCodec:
+    """Top-k trits of each tensor, k = `max_count(density, n)`; wire form in tern.sparse.
+
+    Encoding keeps the k largest magnitudes as +-mean, the rest zero; it returns what the
+    receiver decodes so that callers keep the rest as error feedback. A receiver refuses
+    a tensor keeping more than k entries: `density` is the schedule's.
+    """
+
+    density: float
+    name: ClassVar[CodecName] = CodecName.SPARSE
+
+    def __post_init__(self) -> None:
+        max_count(self.density, 1)  # ValueError unless in (0, 1]
+
+    def encode(self, x: F32Array) -> tuple[object, F32Array]:
+        a = _finite(x, "sparse tensor")
+        return encode_sparse(a, max_count(self.density, a.size))
+
+    def check(self, wire: object, shape: tuple[int, ...], what: str) -> CheckedTensor:
+        most = max_count(self.density, math.prod(shape))
+        return check_sparse(wire, shape, most, what)
+
+
+def codec_for(
+    name: str, rng: np.random.Generator | None = None, *, density: float | None = None
+) -> Codec:
+    """The codec a fleet or an update names; UnknownCodec for anything else. The sparse
+    codec needs the schedule's `density`: without one (a round that gives none) a sparse
+    update is refused as UnknownCodec too; the other codecs ignore it."""
     if name == CodecName.FLOAT32:
         return Float32Codec()
     if name == CodecName.FLOAT16:
         return Float16Codec()
     if name == CodecName.TERNARY:
         return TernaryCodec(rng=rng)
+    if name == CodecName.SPARSE:
+        if density is None:
+            raise UnknownCodec("codec 'sparse' needs a density, and this round gives none")
+        return SparseTernaryCodec(density)
     raise UnknownCodec(f"codec {brief(name)} is not one of {[str(c) for c in CodecName]}")

@@ -56,6 +56,7 @@ _U64 = 2**64
 
 class Kind(StrEnum):
     MODEL = "model"
+    MODEL_DELTA = "model_delta"  # tern.downlink
     SCHEDULE = "schedule"
     UPDATE = "update"
     PARTIAL = "partial"

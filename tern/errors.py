@@ -12,6 +12,7 @@ from collections.abc import Mapping
 __all__ = [
     "BadSignature",
     "DigestMismatch",
+    "InvalidSparse",
     "InvalidTrits",
     "MalformedMessage",
     "NonFiniteValue",
@@ -122,6 +123,13 @@ class InvalidTrits(TernError):
     """Packed ternary bytes are out of range (a byte above 242) or padding is not zero."""
 
     reason = "invalid_trits"
+
+
+class InvalidSparse(TernError):
+    """A sparse ternary tensor whose count, Rice parameter, gap codes, positions or sign
+    bits are not what its shape and the receiver's density allow."""
+
+    reason = "invalid_sparse"
 
 
 class BadSignature(TernError):

@@ -20,7 +20,14 @@ from tern.aggregate import Accumulator, Partial
 from tern.caps import KERNEL_CAPS, MAX_KERNEL_BYTES, model_caps, schedule_caps
 from tern.codecs import CheckedTensor, Codec, CodecName, Float32Codec, codec_for
 from tern.envelope import Envelope, Kind, open_envelope, seal
-from tern.errors import DigestMismatch, MalformedMessage, PayloadTooLarge, ShapeMismatch, Unsigned
+from tern.errors import (
+    DigestMismatch,
+    MalformedMessage,
+    PayloadTooLarge,
+    ShapeMismatch,
+    UnknownCodec,
+    Unsigned,
+)
 from tern.fields import body_map, codec_field, digest_field, number_field, tally_field, uint_field
 from tern.fleet import COORDINATOR, Fleet
 from tern.policy import Policy, StrategySpec
@@ -152,13 +159,16 @@ class Update:
             failed=tally_field(m["failed"], "update.failed") if "failed" in m else {},
         )
 
-    def check(self, spec: ModelSpec) -> CheckedUpdate:
-        """Validate every tensor against `spec` before anything is accumulated."""
+    def check(self, spec: ModelSpec, *, density: float | None = None) -> CheckedUpdate:
+        """Validate every tensor against `spec` before anything is accumulated; `density`:
+        the schedule's, which bounds a sparse tensor's entries."""
         if len(self.tensors) != len(spec.tensors):
             raise ShapeMismatch(
                 f"update has {len(self.tensors)} tensors, spec has {len(spec.tensors)}"
             )
-        codec = codec_for(self.codec)
+        if self.codec is CodecName.SPARSE and density is None:
+            raise UnknownCodec("a sparse update where the round names no density")
+        codec = codec_for(self.codec, density=density)
         checked = tuple(
             codec.check(wire, t.shape, f"tensor {t.name!r}")
             for t, wire in zip(spec.tensors, self.tensors, strict=True)
@@ -254,13 +264,14 @@ def encode_update(
 
 
 def cohort_message(
-    spec: ModelSpec, result: Partial, failed: Mapping[str, int]
+    spec: ModelSpec, result: Partial, failed: Mapping[str, int], encoded: Update | None = None
 ) -> tuple[Kind, dict[str, object]] | None:
-    """What a gateway sends its parent for a closed round: its fold as a float32
-    ``partial`` (with the failures below it), or, when nothing was folded but some
-    devices reported failures, a ``failure`` with their reasons; None when neither."""
+    """What a gateway sends its parent for a closed round: its fold as a ``partial``,
+    `encoded` (by default the exact float32 sum), with the failures below it; or, when
+    nothing was folded but some devices reported failures, a ``failure`` with their
+    reasons; None when neither."""
     if result.count > 0:
-        update, _ = encode_update(Float32Codec(), spec, result)
+        update = encoded if encoded is not None else encode_update(Float32Codec(), spec, result)[0]
         return Kind.PARTIAL, replace(update, failed=dict(failed)).to_body()
     if failed:  # nothing to fold, but the parent learns why and stops waiting
         return Kind.FAILURE, Failure(dict(failed)).to_body()

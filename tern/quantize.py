@@ -12,7 +12,7 @@ from enum import StrEnum
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["DEFAULT_RULE", "TernaryRule", "ternarize"]
+__all__ = ["DEFAULT_RULE", "TernaryRule", "optimal_cut", "ternarize"]
 
 F32Array = npt.NDArray[np.float32]
 Int8Array = npt.NDArray[np.int8]
@@ -58,6 +58,52 @@ class TernaryRule(StrEnum):
 DEFAULT_RULE = TernaryRule.OPTIMAL
 
 
+_COUNTS = np.arange(1, 4097, dtype=np.float64)  # 1..n for a small tensor, not reallocated
+
+
+def optimal_cut(flat: F32Array) -> tuple[np.float32, np.float32, int, bool]:
+    """The OPTIMAL rule's threshold on flat float32 `flat`: (cut, scale, kept, exact).
+
+    The kept set is the `kept` largest |x|, kept - 1 the k that maximises S_k^2 / (k + 1)
+    (S_k the float64 sum of the k + 1 largest, largest first), ties at the cut-off broken
+    by position: the same as a stable argsort of -|x|, from a value sort ~4x faster than
+    an argsort. `exact`: the kept set is exactly {|x| >= cut} (no tie at the cut is left
+    out), so the trits are two comparisons with the cut. An all-zero tensor gives
+    (inf, 0, 0, True): nothing kept. Float64 holds the sum of any float32 values, so the
+    scale is finite exactly when every value is: callers check that, not each value.
+    """
+    n = flat.size
+    s = np.abs(flat)
+    s.sort()
+    if n == 0 or s[-1] == 0:
+        return np.float32(np.inf), np.float32(0.0), 0, True
+    if n <= _COUNTS.size:  # one call; a large tensor sums faster from a contiguous copy
+        csum = np.add.accumulate(s[::-1], dtype=np.float64)
+    else:
+        csum = s[::-1].astype(np.float64, order="C")
+        np.add.accumulate(csum, out=csum)
+    obj = csum * csum
+    obj /= _COUNTS[:n] if n <= _COUNTS.size else np.arange(1, n + 1, dtype=np.float64)
+    k = int(obj.argmax())
+    low = n - 1 - k  # s[low:] is kept; exact unless the value below it ties with the cut
+    cut = s[low]
+    return cut, np.float32(csum[k] / (k + 1)), k + 1, low == 0 or bool(s[low - 1] != cut)
+
+
+def _optimal(flat: F32Array, shape: tuple[int, ...]) -> tuple[Int8Array, np.float32]:
+    cut, scale, kept, exact = optimal_cut(flat)
+    if exact:  # two comparisons, no mask indexing: the device's hot path (issue 13)
+        trits = (flat >= cut).view(np.int8)
+        trits -= flat <= -cut
+    else:  # more ties at the cut than room: the first ones by position
+        a = np.abs(flat)
+        keep = a > cut
+        keep[np.flatnonzero(a == cut)[: kept - int(np.count_nonzero(keep))]] = True
+        trits = keep.view(np.int8)
+        np.negative(trits, out=trits, where=flat < 0)
+    return trits.reshape(shape), scale
+
+
 def ternarize(
     x: npt.ArrayLike,
     rule: TernaryRule = DEFAULT_RULE,
@@ -66,23 +112,13 @@ def ternarize(
     """Quantize a tensor to (trits with x's shape, non-negative float32 scale)."""
     v = np.asarray(x, dtype=np.float32)
     flat = v.reshape(-1)
+    if rule is TernaryRule.OPTIMAL:
+        return _optimal(flat, v.shape)
     a = np.abs(flat)
     trits = np.zeros(flat.shape, dtype=np.int8)
     if flat.size == 0 or not np.any(a):
         return trits.reshape(v.shape), np.float32(0.0)
-    if rule is TernaryRule.OPTIMAL:
-        # A value sort is ~4x faster than an argsort. The kept set is the k+1 largest with
-        # ties at the cut-off broken by position, the same as a stable argsort of -|x|.
-        desc = np.sort(a)[::-1]
-        csum = np.cumsum(desc, dtype=np.float64)
-        k = int(np.argmax(csum * csum / np.arange(1, a.size + 1)))
-        cut = desc[k]
-        keep = a > cut
-        ties = np.flatnonzero(a == cut)[: k + 1 - int(np.count_nonzero(keep))]
-        keep[ties] = True
-        scale = np.float32(csum[k] / (k + 1))
-        trits[keep] = np.sign(flat[keep]).astype(np.int8)
-    elif rule is TernaryRule.THRESHOLD:
+    if rule is TernaryRule.THRESHOLD:
         mask = a > np.float32(0.7) * a.mean(dtype=np.float64)
         if not mask.any():
             mask = a == a.max()

@@ -36,6 +36,7 @@ __all__ = [
     "RoundSchedule",
     "SecAggTerms",
     "TrainConfig",
+    "partials_conflict",
     "privacy_conflict",
 ]
 
@@ -152,6 +153,25 @@ class RoundSchedule:
     # tern.privacy.terms): per-fleet options, on the wire only when set.
     secagg: SecAggTerms | None = None
     dp: DpTerms | None = None
+    # Compression: the codec gateways send their partials in (float32, the exact sum, is
+    # the default and then not on the wire), the share of entries a sparse codec keeps,
+    # and the SHA-256 of the model version the round trains from (`tern.downlink`), which
+    # every receiver checks the model it holds against.
+    partials: CodecName = CodecName.FLOAT32
+    density: float | None = None
+    model_hash: bytes | None = None
+    # The codec of the coordinator's deltas when it sends them (None: full models only,
+    # which receivers then stay subscribed to: tern.rounds.follow).
+    downlink: CodecName | None = None
+
+    def __post_init__(self) -> None:
+        sparse = CodecName.SPARSE in (self.codec, self.partials)
+        if sparse != (self.density is not None):
+            raise MalformedMessage("a schedule gives a density exactly when a codec is sparse")
+        if self.density is not None and not 0 < self.density <= 1:
+            raise MalformedMessage("schedule.density must be in (0, 1]")
+        if self.model_hash is not None and len(self.model_hash) != 32:
+            raise MalformedMessage("schedule.model_hash must be 32 bytes")
 
     def to_body(self) -> dict[str, object]:
         body: dict[str, object] = {
@@ -172,6 +192,14 @@ class RoundSchedule:
             body["secagg"] = self.secagg.to_cbor()
         if self.dp is not None:
             body["dp"] = self.dp.to_cbor()
+        if self.partials is not CodecName.FLOAT32:
+            body["partials"] = str(self.partials)
+        if self.density is not None:
+            body["density"] = float(self.density)
+        if self.model_hash is not None:
+            body["model_hash"] = self.model_hash
+        if self.downlink is not None:
+            body["downlink"] = str(self.downlink)
         return body
 
     @classmethod
@@ -190,7 +218,10 @@ class RoundSchedule:
                 "bounds",
             }
         )
-        m = body_map(body, keys, "schedule", frozenset({"policy", "secagg", "dp"}))
+        optional = frozenset(
+            {"policy", "secagg", "dp", "partials", "density", "model_hash", "downlink"}
+        )
+        m = body_map(body, keys, "schedule", optional)
         policy = Policy()
         if "policy" in m:
             policy = Policy.from_cbor(m["policy"])
@@ -207,6 +238,17 @@ class RoundSchedule:
                 raise MalformedMessage("schedule participants repeat an id")
         secagg = None if "secagg" not in m else SecAggTerms.from_cbor(m["secagg"])
         dp = None if "dp" not in m else DpTerms.from_cbor(m["dp"])
+        partials = CodecName.FLOAT32
+        if "partials" in m:
+            partials = codec_field(m["partials"])
+            if partials is CodecName.FLOAT32:  # one encoding per schedule
+                raise MalformedMessage("a schedule names its partials' codec only if not float32")
+        density = None
+        if "density" in m:
+            density = number_field(m["density"], "schedule.density", positive=True)
+        model_hash = None
+        if "model_hash" in m:
+            model_hash = bytes.fromhex(digest_field(m["model_hash"], "schedule.model_hash"))
         return cls(
             round=uint_field(m["round"], "schedule.round"),
             model_version=uint_field(m["model"], "schedule.model"),
@@ -221,6 +263,10 @@ class RoundSchedule:
             policy=policy,
             secagg=secagg,
             dp=dp,
+            partials=partials,
+            density=density,
+            model_hash=model_hash,
+            downlink=None if "downlink" not in m else codec_field(m["downlink"]),
         )
 
     def takes_part(self, device: str) -> bool:
@@ -229,18 +275,43 @@ class RoundSchedule:
 
     def privacy_conflict(self) -> str | None:
         """Why this schedule's privacy options cannot run together, or None."""
-        return privacy_conflict(self.codec, self.policy, self.secagg, self.dp)
+        return privacy_conflict(
+            self.codec, self.policy, self.secagg, self.dp, partials=self.partials
+        )
 
 
 # Cohort aggregators that fold a sum, which is all a gateway sees under secure aggregation.
 _SUMS = frozenset({"sum"})
 
 
+def partials_conflict(partials: CodecName, dp: DpTerms | None) -> str | None:
+    """Why gateways cannot send partials in `partials` under `dp` (a sentence), or None.
+
+    Central noise is calibrated to what one device can move the fleet's sum by, its clip;
+    a quantized partial can move by more, and carries a device's data into later rounds
+    through the gateway's residual (tern.rounds.uplink)."""
+    if dp is not None and dp.noise is Noise.CENTRAL and partials is not CodecName.FLOAT32:
+        return (
+            f"central noise is calibrated to what one device can move the sum by; a {partials} "
+            "partial quantizes its cohort's sum (and carries it into later rounds), so it "
+            "can move by more: use --partial-codec float32, or distributed noise"
+        )
+    return None
+
+
 def privacy_conflict(
-    codec: CodecName, policy: Policy, secagg: SecAggTerms | None, dp: DpTerms | None
+    codec: CodecName,
+    policy: Policy,
+    secagg: SecAggTerms | None,
+    dp: DpTerms | None,
+    *,
+    partials: CodecName = CodecName.FLOAT32,
 ) -> str | None:
-    """Why secure aggregation, differential privacy, the codec and the policy cannot run
+    """Why secure aggregation, differential privacy, the codecs and the policy cannot run
     together (a sentence, safe to log), or None when they can."""
+    conflict = partials_conflict(partials, dp)
+    if conflict is not None:
+        return conflict
     if secagg is not None:
         if policy.cohort not in _SUMS:
             return (

@@ -18,6 +18,8 @@ __all__ = [
     "ROOT",
     "Topic",
     "TopicKind",
+    "chunk",
+    "chunks_of",
     "everything",
     "global_model",
     "inbox",
@@ -26,6 +28,7 @@ __all__ = [
     "mcu_model",
     "mcu_models",
     "metrics",
+    "model_delta",
     "parse",
     "parse_in",
     "partial",
@@ -54,6 +57,7 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 class TopicKind(StrEnum):
     GLOBAL_MODEL = "model"
+    MODEL_DELTA = "delta"
     ROUND_SCHEDULE = "schedule"
     UPDATE = "update"
     PARTIAL = "partial"
@@ -64,11 +68,13 @@ class TopicKind(StrEnum):
     KERNEL = "kernel"
     VIEW = "view"
     INBOX = "inbox"
+    CHUNK = "chunk"
 
 
 # kind -> names of the id levels after "tern/<fleet>/<kind>"
 _LEVELS: dict[TopicKind, tuple[str, ...]] = {
     TopicKind.GLOBAL_MODEL: (),
+    TopicKind.MODEL_DELTA: (),
     TopicKind.ROUND_SCHEDULE: (),
     TopicKind.UPDATE: ("receiver", "sender"),
     TopicKind.PARTIAL: ("receiver", "sender"),
@@ -79,6 +85,7 @@ _LEVELS: dict[TopicKind, tuple[str, ...]] = {
     TopicKind.KERNEL: ("digest",),
     TopicKind.VIEW: ("sender",),
     TopicKind.INBOX: ("receiver", "sender"),
+    TopicKind.CHUNK: ("sender", "digest"),
 }
 
 _LEVEL_NAMES = ("receiver", "sender", "digest")
@@ -194,6 +201,11 @@ def global_model(fleet: str) -> Topic:
     return Topic(TopicKind.GLOBAL_MODEL, fleet)
 
 
+def model_delta(fleet: str) -> Topic:
+    """The change from the previous model version to the current one (tern.downlink)."""
+    return Topic(TopicKind.MODEL_DELTA, fleet)
+
+
 def round_schedule(fleet: str) -> Topic:
     return Topic(TopicKind.ROUND_SCHEDULE, fleet)
 
@@ -265,6 +277,17 @@ def status_all(fleet: str) -> Topic:
 def kernel(fleet: str, digest: str) -> Topic:
     """Where the coordinator publishes (retained) the signed kernel whose SHA-256 is `digest`."""
     return _concrete(Topic(TopicKind.KERNEL, fleet, digest=digest))
+
+
+def chunk(fleet: str, sender: str, digest: str) -> Topic:
+    """Where `sender` keeps (retained) one chunk of a message too large for its broker,
+    named by the chunk's SHA-256 (tern.chunks)."""
+    return _concrete(Topic(TopicKind.CHUNK, fleet, sender=sender, digest=digest))
+
+
+def chunks_of(fleet: str, sender: str | None) -> Topic:
+    """Filter for every chunk `sender` keeps (every sender's when None)."""
+    return Topic(TopicKind.CHUNK, fleet, sender=sender)
 
 
 def kernels(fleet: str) -> Topic:

@@ -26,6 +26,7 @@ __all__ = [
     "accumulate_packed",
     "count_nonzero",
     "pack",
+    "pack_cut",
     "packed_size",
     "unpack",
     "validate_packed",
@@ -38,6 +39,7 @@ _DIGITS = ((np.arange(243)[:, None] // 3 ** np.arange(5)) % 3 - 1).astype(np.int
 _HEAD_F32 = np.ascontiguousarray(_DIGITS[:, :4], dtype=np.float32)
 _TAIL_F32 = np.ascontiguousarray(_DIGITS[:, 4], dtype=np.float32)
 _HEAD_WEIGHTS = np.array([1, 3, 9, 27], dtype=np.uint8)
+_SMALL = 512  # packed bytes up to which pack() takes the matmul form (same bytes)
 _NONZERO = np.count_nonzero(_DIGITS, axis=1).astype(np.int64)  # non-zero trits per byte
 
 Int8Array = npt.NDArray[np.int8]
@@ -53,17 +55,51 @@ def packed_size(n: int) -> int:
 def pack(trits: npt.ArrayLike) -> bytes:
     """Pack a flat sequence of -1/0/+1 into bytes (layout in the module docstring)."""
     t = np.asarray(trits).reshape(-1)
-    if t.size and not np.isin(t, (-1, 0, 1)).all():  # also refuses NaN and fractions
-        raise ValueError("trits must be exactly -1, 0 or +1")
-    nb = packed_size(t.size)
+    n = t.size
+    nb = packed_size(n)
     digits = np.ones(5 * nb, dtype=np.uint8)  # digit 1 is trit 0: the padding
-    digits[: t.size] = t + 1
-    head = digits[: 4 * nb].reshape(nb, 4)
-    tail = digits[4 * nb :]
-    # Largest value 2*(1+3+9+27) + 2*81 = 242 fits a uint8 at every step.
-    out = head @ _HEAD_WEIGHTS
-    out += tail * np.uint8(81)
-    return out.astype(np.uint8).tobytes()
+    if t.dtype == np.int8:  # the codec's case: one wrapping uint8 add, -1 -> 0 .. 1 -> 2
+        np.add(t.view(np.uint8), np.uint8(1), out=digits[:n])
+        if n and int(digits[:n].max()) > 2:
+            raise ValueError("trits must be exactly -1, 0 or +1")
+    else:
+        if n and not np.isin(t, (-1, 0, 1)).all():  # also refuses NaN and fractions
+            raise ValueError("trits must be exactly -1, 0 or +1")
+        digits[:n] = t + 1
+    return _combine(digits, nb)
+
+
+def pack_cut(x: F32Array, cut: np.float32) -> tuple[bytes, UInt8Array]:
+    """`pack` of the trits of flat float32 `x` at threshold `cut` (+1 where x >= cut, -1
+    where x <= -cut, else 0; `cut` > 0), without an int8 trit array in between; returns
+    the bytes and the n digits (trit + 1), a view for the caller's decoded value."""
+    n = x.size
+    nb = packed_size(n)
+    digits = np.ones(5 * nb, dtype=np.uint8)
+    d = digits[:n]
+    np.greater_equal(x, cut, out=d.view(np.bool_))
+    d += np.uint8(1)
+    d -= x <= -cut
+    return _combine(digits, nb), d
+
+
+def _combine(digits: UInt8Array, nb: int) -> bytes:
+    """The packed bytes of 5 * nb digits 0..2 (layout in the module docstring)."""
+    if nb <= _SMALL:  # one uint8 matmul: fewest calls for a small tensor
+        out = digits[: 4 * nb].reshape(nb, 4) @ _HEAD_WEIGHTS
+        out += digits[4 * nb :] * np.uint8(81)
+        return out.tobytes()
+    head = digits[: 4 * nb]
+    # byte i = d[4i] + 3 d[4i+1] + 9 d[4i+2] + 27 d[4i+3] + 81 tail[i], Horner's rule on
+    # strided views, in uint8 (at most 242): no matmul, no wider temporaries.
+    out = head[3::4] * np.uint8(3)
+    out += head[2::4]
+    out *= np.uint8(3)
+    out += head[1::4]
+    out *= np.uint8(3)
+    out += head[0::4]
+    out += digits[4 * nb :] * np.uint8(81)
+    return out.tobytes()
 
 
 def validate_packed(packed: bytes, n: int, what: str = "trits") -> UInt8Array:

@@ -52,7 +52,7 @@ class ProtocolKit:
         return Partial(values, 2.0, 2)
 
     def update(self, codec: CodecName) -> Update:
-        update, _ = encode_update(codec_for(codec), self.spec, self.partial())
+        update, _ = encode_update(codec_for(codec, density=0.5), self.spec, self.partial())
         return update
 
     def sealed_update(self, codec: CodecName, kind: Kind = Kind.UPDATE) -> bytes:

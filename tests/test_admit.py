@@ -288,12 +288,14 @@ def test_caps_hold_the_largest_valid_contribution_of_each_role(kit: FleetKit) ->
     tally = {f"r{i:02d}" + "x" * 61: 1 for i in range(64)}
     spec = ModelSpec.of({"w" * 128: (3, 4, 5, 6, 7, 2, 2, 2), "b": (1,)})
     for codec in CodecName:
+        density = 1.0 if codec is CodecName.SPARSE else None  # a sparse codec at its largest
         p = Partial(np.full(spec.size, 3.0, np.float32), 1e6, 10**6)
-        body = replace(encode_update(codec_for(codec), spec, p)[0], failed=tally).to_body()
+        encoded = encode_update(codec_for(codec, density=density), spec, p)[0]
+        body = replace(encoded, failed=tally).to_body()
         env = Envelope(Kind.PARTIAL, "f" * 64, 2**32 - 1, 2**32 - 1, "g" * 64, body, run=2**64 - 1)
         data = seal(env, kit.keys["gw-1"])
 
-        caps = contribution_caps(spec, codec, partial=True)
+        caps = contribution_caps(spec, codec, partial=True, density=density)
         assert len(data) <= caps.max_bytes, codec
     failure = seal(
         Envelope(Kind.FAILURE, "f" * 64, 1, 1, "d" * 64, Failure(tally).to_body(), run=2**64 - 1),
@@ -317,9 +319,11 @@ def test_no_contribution_is_larger_than_the_largest_message_of_its_fleet(
     tally = {f"r{i:02d}" + "x" * 61: 1 for i in range(64)}
     largest = largest_message(spec.size, 1)
     for codec in CodecName:
-        caps = contribution_caps(spec, codec, partial=True)
+        density = 1.0 if codec is CodecName.SPARSE else None  # a sparse codec at its largest
+        caps = contribution_caps(spec, codec, partial=True, density=density)
         p = Partial(np.full(spec.size, 3.0, np.float32), 1e6, 10**6)
-        body = replace(encode_update(codec_for(codec), spec, p)[0], failed=tally).to_body()
+        encoded = encode_update(codec_for(codec, density=density), spec, p)[0]
+        body = replace(encoded, failed=tally).to_body()
         env = Envelope(Kind.PARTIAL, "f" * 64, 2**32 - 1, 2**32 - 1, "g" * 64, body, run=2**64 - 1)
 
         assert len(seal(env, kit.keys["gw-1"])) <= caps.max_bytes <= largest, codec

@@ -6,35 +6,6 @@ import json
 
 import pytest
 
-from bench import codec
-
-
-def test_codec_benchmark_prints_table_and_json_last_line(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    assert codec.main(["--params", "20000", "--repeats", "1", "--json"]) == 0
-
-    lines = capsys.readouterr().out.strip().splitlines()
-    result = json.loads(lines[-1])
-    assert set(result) == {"ternary", "float16", "float32"}
-    for figures in result.values():
-        assert {"bits_per_param", "encode_mparams_s", "decode_accumulate_mparams_s"} <= set(figures)
-    assert result["ternary"]["bits_per_param"] < result["float16"]["bits_per_param"]
-    assert any(line.startswith("codec ") for line in lines)
-
-
-def test_compression_benchmark_prints_accuracy_series_as_json(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    from bench import compression
-
-    assert compression.main(["--rounds", "10", "--json"]) == 0
-
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["rounds"] == [10]
-    assert set(result["accuracy"]) == {"float32", "ternary", "ternary_ef"}
-    assert all(len(v) == 1 and 0 <= v[0] <= 100 for v in result["accuracy"].values())
-
 
 def test_soak_benchmark_shows_retention_keeps_the_state_dir_from_growing(
     capsys: pytest.CaptureFixture[str],

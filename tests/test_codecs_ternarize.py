@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cbor2 import CBORTag
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
+from tern.codecs import TernaryCodec
+from tern.errors import NonFiniteValue
 from tern.quantize import TernaryRule, ternarize
-from tests.codec_strategies import ALL_RULES, f32_arrays
+from tern.tensors import TypedArrayTag
+from tern.trits import pack
+from tests.codec_strategies import ALL_RULES, f32_arrays, finite_f32, shapes
 from tests.helpers import make_rng
 
 DETERMINISTIC_RULES = [r for r in TernaryRule if r is not TernaryRule.STOCHASTIC]
@@ -196,3 +202,62 @@ def test_deterministic_rules_ignore_the_generator(rule: TernaryRule) -> None:
     # assert
     np.testing.assert_array_equal(without[0], with_rng[0])
     assert without[1] == with_rng[1]
+
+
+# == the fast OPTIMAL path (issue 13) keeps the bytes ===============================
+
+# values with many exact ties and zeros, so the cut-off often falls inside a tie
+tied_f32 = st.sampled_from([0.0, -0.0, 0.5, -0.5, 1.0, -1.0, 2.0, 1e-40, -3e38]) | finite_f32
+
+
+def _optimal_by_argsort(x: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """The OPTIMAL rule as first written: a stable argsort of -|x|, masks and signs."""
+    flat = x.reshape(-1).astype(np.float32)
+    a = np.abs(flat)
+    trits = np.zeros(flat.shape, dtype=np.int8)
+    if flat.size == 0 or not a.any():
+        return trits.reshape(x.shape), np.float32(0.0)
+    order = np.argsort(-a, kind="stable")
+    csum = np.cumsum(a[order], dtype=np.float64)
+    k = int(np.argmax(csum * csum / np.arange(1, a.size + 1)))
+    keep = order[: k + 1]
+    trits[keep] = np.sign(flat[keep]).astype(np.int8)
+    return trits.reshape(x.shape), np.float32(csum[k] / (k + 1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(x=hnp.arrays(np.float32, shapes, elements=tied_f32) | f32_arrays())
+def test_optimal_rule_is_the_stable_argsort_definition_bit_for_bit(x: np.ndarray) -> None:
+    # act
+    trits, scale = ternarize(x, TernaryRule.OPTIMAL)
+
+    # assert
+    want_trits, want_scale = _optimal_by_argsort(x)
+    assert trits.dtype == np.int8 and trits.shape == x.shape
+    np.testing.assert_array_equal(trits, want_trits)
+    assert scale.tobytes() == want_scale.tobytes()
+
+
+@settings(max_examples=300, deadline=None)
+@given(x=hnp.arrays(np.float32, shapes, elements=tied_f32) | f32_arrays())
+def test_ternary_codec_fast_path_sends_the_bytes_of_ternarize_and_pack(x: np.ndarray) -> None:
+    # prepare
+    trits, scale = ternarize(x)
+
+    # act
+    wire, decoded = TernaryCodec().encode(x)
+
+    # assert
+    assert wire == {
+        "shape": list(x.shape),
+        "scale": float(scale),
+        "trits": CBORTag(int(TypedArrayTag.UINT8), pack(trits)),
+    }
+    assert decoded.dtype == np.float32 and decoded.shape == x.shape
+    assert decoded.tobytes() == (trits.astype(np.float32) * scale).tobytes()
+
+
+def test_ternary_codec_fast_path_refuses_non_finite_values() -> None:
+    for bad in ([np.nan], [1.0, np.inf], [-np.inf, 0.0], [np.inf, -np.inf], [0.0, np.nan]):
+        with pytest.raises(NonFiniteValue):
+            TernaryCodec().encode(np.array(bad, dtype=np.float32))

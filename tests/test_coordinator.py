@@ -26,7 +26,7 @@ from coordinator.strategy import sample_participants
 from kernels.reference import init_weights, mlp_spec
 from tern import topics
 from tern.aggregate import Partial, fold_sorted, mean
-from tern.codecs import CodecName, Float32Codec
+from tern.codecs import CodecName, Float32Codec, codec_for
 from tern.envelope import Envelope, Kind, open_envelope, seal
 from tern.fleet import COORDINATOR, Fleet, GatewayEntry
 from tern.keys import signing_key_to_text
@@ -181,9 +181,12 @@ class AutoGateways:
             if s.round in self.answered or (self.rounds is not None and s.round not in self.rounds):
                 return
             self.answered.add(s.round)
+        codec = codec_for(s.partials, density=s.density)  # as a gateway encodes its partial
         for i, gw in enumerate(self.gateways):
             part = gw_partial(gw, s.round * 10 + i)
-            payload = sealed_partial(gw, s.round, s.model_version, part, run=run_of(message))
+            body = encode_update(codec, SPEC, part)[0].to_body()
+            payload = sealed_partial(gw, s.round, s.model_version, part, run=run_of(message),
+                                     body=body)  # fmt: skip
             self.transport.publish(topics.partial(FLEET, COORDINATOR, gw), payload)
 
 

@@ -400,10 +400,13 @@ def test_mosquitto_files_say_the_same_rights() -> None:
     assert block == [
         f"topic write {topics.update(F, 'gw-1', 'dev-01').path}",
         f"topic write {topics.status(F, 'dev-01').path}",
+        f"topic write {topics.chunks_of(F, 'dev-01').path}",
         f"topic read {MODEL}",
+        f"topic read {topics.model_delta(F).path}",
         f"topic read {SCHEDULE}",
         f"topic read {KERNELS}",
         f"topic read {topics.inbox(F, 'dev-01', 'gw-1').path}",
+        f"topic read {topics.chunks_of(F, 'gw-1').path}",
     ]
     assert f"topic deny {topics.status(F, 'dev-01').path}" in acl.split("user gw-1a\n")[1]
     assert f"topic write {topics.view(F, 'gw-1a').path}\n" in acl.split("user gw-1a\n")[1]

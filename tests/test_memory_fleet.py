@@ -24,10 +24,16 @@ from tern.messages import TrainConfig
 from tern.policy import Policy
 from tern.rounds.opening import RoundSettings
 
-# The demo (seed 0: 20 devices, 2 gateways, 50 rounds, ternary, the Wasm kernel): the
-# global model's SHA-256 after round 50. The round engine v2 kept the bytes of before
-# (cccdd4e2...); then each device's data order became one per round (training_rng).
-DEMO_MODEL_SHA256 = "6b99f4902cb3fbea26ce33ce2054cb5c38d07cf8de2d7faee7344a9174ec3575"
+# The demo (seed 0: 20 devices, 2 gateways, 50 rounds, ternary updates and partials, the
+# Wasm kernel): the global model's SHA-256 after round 50. The round engine v2 kept the
+# bytes of before (cccdd4e2...); then each device's data order became one per round
+# (training_rng: 6b99f490...); then gateways sent ternary partials with their own error
+# feedback (the same run with float32 partials still ends on 6b99f490...; with ternary
+# ones every round's model is the fold of the gateways' decoded partials:
+# tests/test_partials_compact.py: e250edd5...); then the coordinator sent its models down
+# as ternary deltas with its own error feedback (the published model, which every device
+# holds bit for bit: tests/test_downlink_fleet.py).
+DEMO_MODEL_SHA256 = "f86f9461727cc4dfadd70aa224dcd70146916e16393178115bf81f20e2604ada"
 
 SMALL = (8, 6, 3)
 
@@ -49,7 +55,8 @@ def demo_fleet(
     settings = RoundSettings(
         codec=CodecName.TERNARY, round_timeout=20.0, min_contributors=devices // 2, seed=seed,
         train=TrainConfig(epochs=1, batch_size=32, lr=0.5), kernel_fuel=DEFAULT_FUEL,
-        kernel_memory=DEFAULT_MEMORY_LIMIT, rounds=rounds,
+        kernel_memory=DEFAULT_MEMORY_LIMIT, rounds=rounds, partials=CodecName.TERNARY,
+        downlink=CodecName.TERNARY,
     )  # fmt: skip
     return MemoryFleet(
         new_members("demo", layout),
@@ -63,7 +70,11 @@ def demo_fleet(
 
 
 def small_fleet(
-    layout: dict[str, tuple[str, list[str]]], *, rounds: int = 3, policy: Policy | None = None
+    layout: dict[str, tuple[str, list[str]]],
+    *,
+    rounds: int = 3,
+    policy: Policy | None = None,
+    downlink: CodecName | None = None,
 ) -> MemoryFleet:
     rng = np.random.default_rng(7)
     devices = sorted(d for _, devs in layout.values() for d in devs)
@@ -72,7 +83,7 @@ def small_fleet(
     settings = RoundSettings(
         codec=CodecName.TERNARY, round_timeout=10.0, min_contributors=1, rounds=rounds,
         train=TrainConfig(epochs=1, batch_size=8, lr=0.1), policy=policy or Policy(),
-        kernel_fuel=DEFAULT_FUEL, kernel_memory=DEFAULT_MEMORY_LIMIT,
+        kernel_fuel=DEFAULT_FUEL, kernel_memory=DEFAULT_MEMORY_LIMIT, downlink=downlink,
     )  # fmt: skip
     return MemoryFleet(new_members("plant", layout), data, settings, layers=SMALL,
                        trainer=NumpyTrainer)  # fmt: skip

@@ -9,7 +9,15 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from tern.errors import InvalidTrits, TernError
-from tern.trits import MAX_BYTE, accumulate_packed, pack, packed_size, unpack, validate_packed
+from tern.trits import (
+    MAX_BYTE,
+    accumulate_packed,
+    pack,
+    pack_cut,
+    packed_size,
+    unpack,
+    validate_packed,
+)
 
 trit_arrays = hnp.arrays(
     np.int8,
@@ -303,3 +311,38 @@ def test_accumulate_packed_touches_only_the_tensor_view() -> None:
     np.testing.assert_array_equal(buffer[3:10], 5.0 + 2.0 * trits)
     np.testing.assert_array_equal(buffer[:3], 5.0)
     np.testing.assert_array_equal(buffer[10:], 5.0)
+
+
+# -- the fast paths (issue 13): int8 input, small and large tensors, pack_cut ----------
+
+
+@settings(max_examples=200, deadline=None)
+@given(trits=hnp.arrays(np.int8, st.integers(0, 6000), elements=st.integers(-1, 1)))
+def test_pack_of_int8_trits_is_the_bytes_of_any_integer_dtype(trits: np.ndarray) -> None:
+    # act
+    fast = pack(trits)
+
+    # assert: the int8 fast path and the generic path (int64, lists) agree, at every size
+    assert fast == pack(trits.astype(np.int64)) == pack(trits.tolist())
+    np.testing.assert_array_equal(unpack(fast, trits.size), trits)
+
+
+@pytest.mark.parametrize("bad", [2, -2, 127, -128])
+def test_pack_refuses_an_int8_value_that_is_not_a_trit(bad: int) -> None:
+    with pytest.raises(ValueError, match="trits"):
+        pack(np.array([0, bad, 1], dtype=np.int8))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    x=hnp.arrays(np.float32, st.integers(0, 6000), elements=st.floats(-4, 4, width=32)),
+    cut=st.floats(min_value=0.125, max_value=5, width=32),
+)
+def test_pack_cut_packs_the_trits_of_its_threshold(x: np.ndarray, cut: float) -> None:
+    c = np.float32(cut)
+    trits = (x >= c).astype(np.int8) - (x <= -c).astype(np.int8)
+
+    packed, digits = pack_cut(x, c)
+
+    assert packed == pack(trits)
+    np.testing.assert_array_equal(digits.astype(np.int8) - 1, trits)

@@ -29,6 +29,7 @@ from nacl.signing import SigningKey
 from tern import __version__, topics
 from tern.admit import Terms, peers_of
 from tern.aggregators import aggregator_for
+from tern.downlink import ModelDelta, model_hash
 from tern.envelope import Envelope, Kind, seal
 from tern.fleet import COORDINATOR, Fleet
 from tern.messages import GlobalModel, KernelFile, seal_kernel
@@ -36,6 +37,7 @@ from tern.reports import State, Status
 from tern.rounds.collecting import CollectingRound, offer_to
 from tern.rounds.events import CancelTimer, Link, Linked, Note, Publish, Received, SetTimer, Timer
 from tern.rounds.opening import RoundSettings, ServerModel, next_scales, schedule_for
+from tern.rounds.publishing import next_model, seal_delta
 from tern.rounds.record import RoundRecord
 from tern.rounds.releasing import budget_spent, release
 from tern.rounds.stages import Stage
@@ -126,6 +128,8 @@ class CoordinatorMachine:
         self._last_open_at: float | None = None
         self._outside: Counter[str] = Counter()  # refused while no round was open
         self._retained: dict[topics.Topic, bytes] = {}
+        self._delta: ModelDelta | None = None  # the delta that made the current model
+        self._delta_version = -1  # the version whose delta is retained on the broker
         self.finished = False
         self.stopped = ""  # why it stopped opening rounds early (the privacy budget)
         # Differential privacy: what was spent (None without DP) and the generator of the
@@ -207,11 +211,18 @@ class CoordinatorMachine:
 
     # -- a round ------------------------------------------------------------------------
 
-    def _sealed_model(self, r: int) -> bytes:
+    def _publish_model(self, r: int) -> list[Publish]:
+        """The current model as round `r` opens: its delta from the version before (when
+        there is one), then the full model (for those who cannot follow)."""
+        f, v = self.fleet.fleet, self.model.version
         body = GlobalModel(self.spec, self.model.weights).to_body()
-        v = self.model.version
-        return seal(Envelope(Kind.MODEL, self.fleet.fleet, r, v, COORDINATOR, body, run=self.run),
-                    self.key)  # fmt: skip
+        full = seal(Envelope(Kind.MODEL, f, r, v, COORDINATOR, body, run=self.run), self.key)
+        out = [self._retain(topics.global_model(f), full)]
+        delta, topic = self._delta, topics.model_delta(f)
+        if delta is not None and self._delta_version != v:
+            self._delta_version = v
+            out.insert(0, self._retain(topic, seal_delta(delta, f, r, v, self.run, self.key)))
+        return out
 
     def _open(self, now: float) -> list[object]:
         if self.round is not None or self.finished:
@@ -220,7 +231,8 @@ class CoordinatorMachine:
         sa = self.settings.secagg
         this = None if sa is None else replace(sa, scales=self.scales)
         schedule = schedule_for(self.settings, self.fleet, r, v, now, self.kernel, this)
-        sealed_model = self._sealed_model(r)
+        schedule = replace(schedule, model_hash=model_hash(self.spec, self.model.weights))
+        published = self._publish_model(r)
         env = Envelope(Kind.SCHEDULE, f, r, v, COORDINATOR, schedule.to_body(), run=self.run)
         sealed_schedule = seal(env, self.key)
         peers = peers_of(self.fleet, COORDINATOR, schedule)
@@ -236,10 +248,10 @@ class CoordinatorMachine:
         self.round.extra_rejected, self._outside = self._outside, Counter()
         chosen = self.fleet.devices if schedule.participants is None else schedule.participants
         self._expected_devices = len(set(chosen))
-        self._bytes_down = len(sealed_model) + len(sealed_schedule)
+        self._bytes_down = sum(len(p.payload) for p in published) + len(sealed_schedule)
         self._last_open_at = now
         out: list[object] = [
-            self._retain(topics.global_model(f), sealed_model),
+            *published,
             self._retain(topics.round_schedule(f), sealed_schedule),
             Note(logging.DEBUG, "", "open", "round %d open on v%d, expecting %s",
                  (r, v, ", ".join(sorted(peers)) or "nobody")),
@@ -270,7 +282,7 @@ class CoordinatorMachine:
             )  # fmt: skip
             if multiplier is not None and self.ledger is not None:
                 epsilon = self.ledger.record(multiplier)
-            new = self.model.step(self.strategy, partial)
+            new, self._delta = next_model(self.model, self.strategy, partial)
             if new is None:  # a non-finite model is never saved or published
                 rnd.extra_rejected["non_finite_model"] += 1
                 out.append(Note(logging.ERROR, "", "non_finite",
@@ -320,7 +332,7 @@ class CoordinatorMachine:
         if ok and (self._done(r) or self.settings.interval > 0):
             # The next round does not open right away (or ever): publish the new model
             # now, so gateways derive their boards' models and dashboards see it.
-            out.append(self._retain(topics.global_model(f), self._sealed_model(r)))
+            out += self._publish_model(r)
         # The next round opens before anyone is told this one closed: the fleet never
         # waits for what a listener does with the news. The last round is told first,
         # then finished.

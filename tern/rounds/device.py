@@ -30,11 +30,12 @@ from tern.envelope import Envelope, Kind, seal
 from tern.errors import TernError
 from tern.feed import CoordinatorFeed
 from tern.fleet import Fleet
-from tern.freshness import Order, Stamp, Watermarks, model_stamp
+from tern.freshness import Order, Stamp, Watermarks
 from tern.messages import Failure, GlobalModel, RoundSchedule, Update
 from tern.reports import MAX_ERROR_CHARS, Activity, State, Status
 from tern.rounds.cohorts import cohort_of
 from tern.rounds.events import Link, Linked, Note, Publish, Received
+from tern.rounds.follow import Adopted, ModelFollower
 from tern.rounds.secagg_member import CohortMember
 
 __all__ = [
@@ -139,6 +140,7 @@ class DeviceMachine:
         self.samples = samples
         self.join_current_round = join_current_round
         self.feed = CoordinatorFeed(fleet, marks)
+        self.follower = ModelFollower(self.feed, self.gateway, Link.DOWN)
         self.rejected: dict[str, int] = {}
         self.model: GlobalModel | None = None
         self.model_stamp: Stamp | None = None
@@ -164,7 +166,9 @@ class DeviceMachine:
             parsed = topics.parse_in(event.topic, self.fleet.fleet)
             kind = None if parsed is None else parsed.kind
             if kind is topics.TopicKind.GLOBAL_MODEL:
-                return self._on_model(event.payload, now)
+                return self._on_model(event.payload, now, full=True)
+            if kind is topics.TopicKind.MODEL_DELTA:
+                return self._on_model(event.payload, now, full=False)
             if kind is topics.TopicKind.ROUND_SCHEDULE:
                 return self._on_schedule(event.payload, event.retained, now)
             if kind is topics.TopicKind.INBOX and self.member is not None:
@@ -189,16 +193,22 @@ class DeviceMachine:
         self._detail_at[(what, exc.reason)] = now  # what a dashboard sees, now and then
         return [note, self._status(f"refused a {what}: {exc.reason}")]
 
-    def _on_model(self, data: bytes, now: float) -> list[object]:
+    def _on_model(self, data: bytes, now: float, *, full: bool) -> list[object]:
+        """A full model or a delta (tern.rounds.follow): train once it gives the model the
+        schedule names."""
         try:
-            taken = self.feed.take_model(data)
+            adopted = self.follower.on_full(data) if full else self.follower.on_delta(data)[1]
         except TernError as exc:
-            return self._refused("model", exc, now)
-        stamp = model_stamp(taken.envelope)
-        if taken.order is Order.SAME and stamp == self.model_stamp:
-            return []  # the model held: a retained copy after a reconnect
-        self.model_stamp, self.model = stamp, taken.value
-        return [SaveMarks(self.feed.marks), *self._maybe_train(now)]
+            return self._refused("model" if full else "delta", exc, now)
+        return [*self._adopt(adopted), *self.follower.subscription(), *self._maybe_train(now)]
+
+    def _adopt(self, adopted: list[Adopted]) -> list[object]:
+        if not adopted:
+            return []
+        latest = self.follower.latest()
+        assert latest is not None
+        self.model_stamp, self.model = latest
+        return [SaveMarks(self.feed.marks)]
 
     def _on_schedule(self, data: bytes, retained: bool, now: float) -> list[object]:
         try:
@@ -209,6 +219,8 @@ class DeviceMachine:
         if taken.order is Order.NEWER:
             out.append(SaveMarks(self.feed.marks))
         run, schedule = taken.envelope.run, taken.value
+        out += self._adopt(self.follower.on_schedule(run, schedule))
+        out += self.follower.subscription()
         stamp = (run, schedule.round, schedule.deadline)
         if stamp <= self._last_round:
             # The schedule again: its gateway (re)subscribed. Resend what this device
@@ -234,7 +246,8 @@ class DeviceMachine:
         if s.participants is not None and self.id not in s.participants:
             self._last_round = stamp
             return [self._skipped(s.round, "not sampled")]
-        if self.model is None or self.model_stamp != Stamp(run, s.model_version):
+        model = self.follower.model(Stamp(run, s.model_version))
+        if model is None:
             return []  # wait for the model the schedule names
         self._last_round = stamp
         if now >= s.deadline:
@@ -250,7 +263,7 @@ class DeviceMachine:
         out = self._join_cohort(run, s)
         own = self.fleet.gateways[self.gateway].devices
         cohort = sum(1 for d in own if s.takes_part(d))
-        return [*out, Train(run, s, self.model, carried, max(cohort, 1)),
+        return [*out, Train(run, s, model, carried, max(cohort, 1)),
                 self._status(self._detail)]  # fmt: skip
 
     def _join_cohort(self, run: int, s: RoundSchedule) -> list[object]:

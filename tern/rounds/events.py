@@ -23,8 +23,10 @@ __all__ = [
     "Publish",
     "Received",
     "SetTimer",
+    "Subscribe",
     "Timer",
     "Unlinked",
+    "Unsubscribe",
 ]
 
 
@@ -83,6 +85,22 @@ class Publish:
     payload: bytes
     retain: bool = False
     qos: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Subscribe on `link` to `topic` (its messages arrive as `Received`), until an
+    `Unsubscribe`: what a component asks of its broker only now and then (the full
+    model, when it cannot follow the deltas)."""
+
+    link: Link
+    topic: Topic
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    link: Link
+    topic: Topic
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,17 +31,20 @@ from tern.envelope import Kind
 from tern.errors import TernError
 from tern.feed import CoordinatorFeed
 from tern.fleet import Fleet
-from tern.freshness import Order, Stamp, Watermarks, model_stamp
+from tern.freshness import Order, Stamp, Watermarks
 from tern.messages import Failure, GlobalModel, RoundSchedule
 from tern.reports import RoundMetrics, State, Status
 from tern.rounds.collecting import CollectingRound, offer_to
 from tern.rounds.device import SaveMarks
 from tern.rounds.events import CancelTimer, Link, Linked, Note, Publish, Received, SetTimer, Timer
+from tern.rounds.follow import ModelFollower
+from tern.rounds.gateway_models import on_model, passed_down
 from tern.rounds.gateway_parts import close_cohort, relay_kernel, send_up
 from tern.rounds.gateway_secagg import join_parent, open_secagg, step_secagg
 from tern.rounds.secagg_member import CohortMember
 from tern.rounds.secagg_round import SecAggRound
 from tern.rounds.stages import Stage
+from tern.rounds.uplink import Uplink
 
 __all__ = ["CohortClosed", "GatewayMachine", "ModelTaken"]
 
@@ -94,10 +97,10 @@ class GatewayMachine:
         self.feed = CoordinatorFeed(fleet, marks)
         self._refusals = refusals
         self._counted_by_process = counted  # refusals the process counts itself (view_...)
-        self._models: dict[Stamp, GlobalModel] = {}  # the current model and the previous
+        self.follower = ModelFollower(self.feed, self.parent, Link.UP)  # the models it holds
         self._retained: dict[topics.Topic, bytes] = {}  # relayed down, restored on reconnect
         self._schedule_stamp: Stamp | None = None
-        self._pending: tuple[int, RoundSchedule] | None = None
+        self._pending: tuple[int, RoundSchedule, bytes] | None = None
         self._last_opened: tuple[int, int, float] = (-1, -1, 0.0)
         self.round: CollectingRound | SecAggRound | None = None
         self.member: CohortMember | None = None  # its part in its parent's cohort
@@ -106,6 +109,7 @@ class GatewayMachine:
         self._counted: Counter[str] = Counter()  # intake and broker refusals reported
         self._bytes_down = 0
         self._sent_up: tuple[tuple[int, int, float], topics.Topic, bytes] | None = None
+        self.uplink = Uplink()  # its partials' error feedback
         self._metrics: bytes | None = None  # the last metrics, retained upstream
 
     # -- events -------------------------------------------------------------------------
@@ -126,8 +130,8 @@ class GatewayMachine:
         kind = None if parsed is None else parsed.kind
         K = topics.TopicKind
         if event.link is Link.UP:
-            if kind is K.GLOBAL_MODEL:
-                return self._on_model(event.payload, now)
+            if kind is K.GLOBAL_MODEL or kind is K.MODEL_DELTA:
+                return on_model(self, event.payload, now, full=kind is K.GLOBAL_MODEL)
             if kind is K.ROUND_SCHEDULE:
                 return self._on_schedule(event.payload, now)
             if kind is K.KERNEL and parsed is not None and parsed.digest is not None:
@@ -169,23 +173,6 @@ class GatewayMachine:
 
     # -- upstream: model, schedule, kernels -----------------------------------------------
 
-    def _on_model(self, data: bytes, now: float) -> list[object]:
-        try:
-            taken = self.feed.take_model(data)
-        except TernError as exc:
-            return self._refused("model", exc)
-        stamp = model_stamp(taken.envelope)
-        if taken.order is Order.SAME and stamp in self._models:
-            return []  # the model held: a retained copy after a reconnect
-        self._models[stamp] = taken.value
-        for old in sorted(self._models)[:-2]:
-            del self._models[old]
-        out: list[object] = [SaveMarks(self.feed.marks)]
-        out.append(self._relay(topics.global_model(self.fleet.fleet), data))
-        out += self._maybe_open(now)
-        out.append(ModelTaken(stamp.run, stamp.version, taken.value))
-        return out
-
     def _on_schedule(self, data: bytes, now: float) -> list[object]:
         try:
             taken = self.feed.take_schedule(data)
@@ -205,23 +192,24 @@ class GatewayMachine:
             return []
         self._schedule_stamp = stamp
         out: list[object] = [SaveMarks(self.feed.marks)]
-        out.append(self._relay(topics.round_schedule(self.fleet.fleet), data))
-        self._pending = (taken.envelope.run, s)
+        self._pending = (taken.envelope.run, s, data)  # relayed once its model is here
+        out += passed_down(self, self.follower.on_schedule(taken.envelope.run, s), None)
         return out + self._maybe_open(now)
 
     def _maybe_open(self, now: float) -> list[object]:
         """Open the pending schedule's round once its model is here."""
         if self._pending is None:
             return []
-        run, s = self._pending
+        run, s, data = self._pending
         if (run, s.round, s.deadline) <= self._last_opened:
             return []
-        model = self._models.get(Stamp(run, s.model_version))
+        model = self.follower.model(Stamp(run, s.model_version))
         if model is None:
             return []  # the schedule overtook its model: open when the model arrives
         self._pending = None
         self._last_opened = (run, s.round, s.deadline)
-        out: list[object] = []
+        # Below, the schedule goes out only now: a device answering at once finds the round open.
+        out: list[object] = [self._relay(topics.round_schedule(self.fleet.fleet), data)]
         if self.round is not None:
             out += self._close(now)  # superseded by a newer round
         peers = peers_of(self.fleet, self.id, s)

@@ -1,6 +1,7 @@
 """Parts of the gateway's round machine (`tern.rounds.gateway`) kept apart to keep it
-small: relaying a kernel, folding and sending a plain round's partial, and the failure a
-gateway sends its parent in place of a partial."""
+small: relaying a kernel, folding and sending a plain round's partial (in the schedule's
+`partials` codec, with the gateway's error feedback: `tern.rounds.uplink`), and the
+failure a gateway sends its parent in place of a partial."""
 
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def close_plain(
     result = rnd.close()
     collector = rnd.collector
     failed = dict(sorted(collector.failed.items()))
-    message = cohort_message(collector.spec, result, failed)
+    encoded = g.uplink.encode(rnd.run, s, collector.terms, result) if result.count else None
+    message = cohort_message(collector.spec, result, failed, encoded)
     if message is None:
         return [], b"", result.count, failed
     sent, data = send_up(g, rnd.run, s, *message)
@@ -105,7 +107,11 @@ def close_secagg(
         actions = g.member.contribute(ints)  # masked into the parent's cohort
         data = g.member.client.last or b""
         return actions, data, count, failed
-    message = cohort_message(rnd.terms.spec, decode_sum(rnd.terms.spec, ints, sa), failed)
+    # Not a member of its parent's cohort (its parent is the coordinator): the exact sum,
+    # decoded, goes up in the schedule's partials codec like a plain round's fold.
+    result = decode_sum(rnd.terms.spec, ints, sa)
+    encoded = g.uplink.encode(rnd.run, s, rnd.terms, result) if result.count else None
+    message = cohort_message(rnd.terms.spec, result, failed, encoded)
     if message is None:
         return [], b"", count, failed
     sent, data = send_up(g, rnd.run, s, *message)

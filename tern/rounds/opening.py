@@ -17,6 +17,7 @@ from tern.fleet import Fleet
 from tern.messages import Bounds, KernelFile, KernelRef, RoundSchedule, TrainConfig
 from tern.policy import Policy
 from tern.privacy.terms import DpTerms
+from tern.rounds.uplink import partials_conflict
 from tern.secagg.terms import SecAggTerms
 from tern.spec import ModelSpec
 from tern.strategies import ServerState, Strategy
@@ -65,6 +66,22 @@ class RoundSettings:
     dp_epsilon: float | None = None  # the budget: no round opens that would pass it
     dp_delta: float = 1e-5
     scale_gain: float = DEFAULT_SCALE_GAIN
+    # The codec gateways send their partials in (float32: the exact sum, the library's
+    # default; tern.rounds.uplink) and the share of entries a sparse codec keeps (given
+    # exactly when the devices' codec or the partials' is sparse).
+    partials: CodecName = CodecName.FLOAT32
+    density: float | None = None
+    # How models go down (tern.downlink): deltas in this codec, with the coordinator's
+    # error feedback; None: full models only (the library's default: exact).
+    downlink: CodecName | None = None
+
+    def __post_init__(self) -> None:
+        codecs = (self.codec, self.partials, self.downlink)
+        if (CodecName.SPARSE in codecs) != (self.density is not None):
+            raise ValueError("a density is given exactly when a codec is sparse")
+        conflict = partials_conflict(self.partials, self.dp)
+        if conflict is not None:
+            raise ValueError(conflict)
 
     def kernel_ref(self, kernel: KernelFile) -> KernelRef:
         return KernelRef(kernel.sha256, kernel.abi, self.kernel_fuel, self.kernel_memory)
@@ -149,4 +166,9 @@ def schedule_for(
         policy=settings.policy,
         secagg=secagg if secagg is not None else settings.secagg,
         dp=settings.dp,
+        partials=settings.partials,
+        density=settings.density
+        if CodecName.SPARSE in (settings.codec, settings.partials)
+        else None,
+        downlink=settings.downlink,
     )
