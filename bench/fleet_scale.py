@@ -298,9 +298,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if min(args.rounds, args.devices_per_gateway, args.limit_rounds) < 1:
         ap.error("--rounds, --devices-per-gateway and --limit-rounds must be >= 1")
+    names = ("coordinator", "gateway", "broker", "bench.round", "amqtt", "transitions",
+             "websockets")  # fmt: skip
+    saved = {name: logging.getLogger(name).level for name in names}
     quiet_third_party_logs()
-    for name in ("coordinator", "gateway", "broker", "bench.round"):
+    for name in names[:4]:
         logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        return _bench(args)
+    finally:  # a caller's logging (a test's caplog) is as it was
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _bench(args: argparse.Namespace) -> int:
     mosquitto = find_mosquitto()
     notes: list[str] = []
     if mosquitto is None and (args.mosquitto or args.find_limit):
